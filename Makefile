@@ -1,0 +1,39 @@
+# `make test` and `make demo` work on a fresh machine with only Python 3.11+:
+# they create .venv and install meshctl into it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The seed uses port 80; as a non-root user the demo moves to 8000.
+PORT   ?= $(shell [ "$$(id -u)" = 0 ] && echo 80 || echo 8000)
+
+.PHONY: install test lint demo demo-down bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+demo: $(STAMP)
+	PORT=$(PORT) $(BIN)/meshctl up examples/seed/direct.yaml -d
+	$(BIN)/meshctl ps -p seed
+	@echo; echo '$$ curl -s 127.0.0.1:8080'; curl -s 127.0.0.1:8080 || true
+	@echo; echo '$$ meshctl traffic a --n 1000'
+	$(BIN)/meshctl traffic a --n 1000 -p seed
+	$(BIN)/meshctl down -p seed
+
+demo-down: $(STAMP)
+	$(BIN)/meshctl down -p seed
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,90 @@
+"""The control plane: an HTTP API on a unix socket (mode 0600) in the state dir.
+
+A unix socket rather than a TCP port: only the owner can talk to the
+supervisor, and no address of the loopback range is spent on it. The CLI side
+uses a tiny synchronous client so that ``meshctl ps`` does not pay for an
+event loop.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from meshctl.supervisor import Supervisor
+
+
+def build_app(sup: Supervisor) -> web.Application:
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(sup.status())
+
+    async def restart(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        procs = sup.find_processes(name, request.query.get("role"))
+        if not procs:
+            return web.json_response({"error": f"no pod or replica named {name!r}"}, status=404)
+        await sup.restart(procs)
+        return web.json_response({"restarted": [p.key for p in procs]})
+
+    async def down(_: web.Request) -> web.Response:
+        sup.request_stop()
+        return web.json_response({"stopping": True})
+
+    app = web.Application()
+    app.router.add_get("/v1/status", status)
+    app.router.add_post("/v1/restart/{name}", restart)
+    app.router.add_post("/v1/down", down)
+    return app
+
+
+async def serve(sup: Supervisor, path: Path) -> web.AppRunner:
+    path.unlink(missing_ok=True)
+    runner = web.AppRunner(build_app(sup), access_log=None, handle_signals=False)
+    await runner.setup()
+    old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
+    try:
+        site = web.UnixSite(runner, str(path))
+        await site.start()
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return runner
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class ControlError(Exception):
+    pass
+
+
+def call(path: Path, method: str, url: str, timeout: float = 10.0) -> dict[str, Any]:
+    """One request to the supervisor; raises ControlError with a readable reason."""
+    conn = _UnixConnection(str(path), timeout)
+    try:
+        conn.request(method, url)
+        resp = conn.getresponse()
+        body = json.loads(resp.read() or b"{}")
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise ControlError(f"cannot reach the supervisor at {path}: {exc}") from None
+    finally:
+        conn.close()
+    if resp.status >= 400:
+        raise ControlError(body.get("error", f"HTTP {resp.status}"))
+    return body

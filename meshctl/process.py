@@ -1,0 +1,333 @@
+"""One supervised process: spawn, readiness, exit, restart with backoff, stop.
+
+Each process runs in its own session/process group so that a stop reaches its
+whole tree, and with PR_SET_PDEATHSIG so that it dies with the supervisor even
+before the reaper acts. Exit is noticed through a pidfd on the event loop (no
+threads, no SIGCHLD games). stdout and stderr are merged into one pipe that the
+supervisor reads line by line into the log file and the printer, so the order
+of a process's output is preserved and no line is lost on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+import psutil
+
+from meshctl.logfile import RotatingLog
+from meshctl.probes import probe
+from pods.replica import ProcessPlan
+
+PR_SET_PDEATHSIG = 1
+BACKOFF_BASE_S = 0.2
+BACKOFF_CAP_S = 10.0
+#: A run at least this long counts as stable and resets the backoff.
+STABLE_RUN_S = 10.0
+#: This many quick failures in a row make a crash loop.
+CRASHLOOP_AFTER = 3
+PROBE_INTERVAL_S = 0.05
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _child_setup() -> None:
+    """Runs in the child between fork and exec: die with the supervisor."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    CRASHLOOP = "crashloop"
+    EXITED = "exited"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+LineSink = Callable[["ManagedProcess", str], None]
+EventSink = Callable[["ManagedProcess", str], None]
+
+
+class _LogPipe(asyncio.Protocol):
+    """Splits a process's output into lines for the log file and the printer."""
+
+    def __init__(self, proc: ManagedProcess) -> None:
+        self.proc = proc
+        self.partial = b""
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        data = self.partial + data
+        cut = data.rfind(b"\n") + 1
+        self.partial = data[cut:]
+        if len(self.partial) > 65536:  # a runaway line: flush it rather than grow forever
+            cut, self.partial = len(data), b""
+        if cut:
+            self.proc.emit_output(data[:cut])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.partial:
+            self.proc.emit_output(self.partial + b"\n")
+            self.partial = b""
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class ManagedProcess:
+    def __init__(self, plan: ProcessPlan, log: RotatingLog, on_line: LineSink | None,
+                 on_event: EventSink, on_change: Callable[[ManagedProcess], None]) -> None:
+        self.plan = plan
+        self.log = log
+        self.on_line = on_line
+        self.on_event = on_event
+        self.on_change = on_change
+        self.state = State.PENDING
+        self.ready = False
+        self.pid: int | None = None
+        self.create_time: float | None = None
+        self.started_at: float | None = None
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.failures = 0  # consecutive quick failures
+        self.error: str | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._psutil: psutil.Process | None = None
+        self._stop = False
+        self._wake = asyncio.Event()
+        self._exited: asyncio.Future[int] | None = None
+        self._pipe: _LogPipe | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.plan.key
+
+    # -- output ---------------------------------------------------------
+    def emit_output(self, chunk: bytes) -> None:
+        self.log.write(chunk)
+        if self.on_line is not None:
+            for line in chunk.decode("utf-8", "replace").splitlines():
+                self.on_line(self, line)
+
+    # -- lifecycle ------------------------------------------------------
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._supervise(), name=self.key)
+
+    async def _spawn(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            popen = subprocess.Popen(
+                self.plan.argv, env=self.plan.env, cwd=self.plan.cwd, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_child_setup, close_fds=True)
+        except OSError as exc:
+            self.error = f"cannot start {self.plan.argv[0]!r}: {exc.strerror or exc}"
+            self.on_event(self, self.error)
+            return False
+        self._popen = popen
+        self.pid = popen.pid
+        try:
+            self._psutil = psutil.Process(popen.pid)
+            self.create_time = self._psutil.create_time()
+        except psutil.Error:
+            self._psutil, self.create_time = None, time.time()
+        if self._psutil is not None:
+            try:
+                self._psutil.cpu_percent(None)  # prime: later calls measure since now
+            except psutil.Error:
+                pass
+        self.started_at = time.monotonic()
+        assert popen.stdout is not None
+        _, self._pipe = await loop.connect_read_pipe(lambda: _LogPipe(self), popen.stdout)
+        self._exited = loop.create_future()
+        pidfd = os.pidfd_open(popen.pid)
+
+        def on_exit() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            code = popen.wait()
+            if self._exited is not None and not self._exited.done():
+                self._exited.set_result(code)
+
+        loop.add_reader(pidfd, on_exit)
+        return True
+
+    async def _supervise(self) -> None:
+        while not self._stop:
+            self.error = None
+            self.ready = False
+            self._set(State.STARTING)
+            if not await self._spawn():
+                self._set(State.FAILED)
+                return
+            self.on_event(self, f"started (pid {self.pid})")
+            self.on_change(self)
+            code = await self._run_until_exit()
+            await self._drain()
+            self.last_exit = code
+            self.ready = False
+            if self._stop:
+                break
+            ran = time.monotonic() - (self.started_at or 0)
+            self.failures = 0 if ran >= STABLE_RUN_S else self.failures + 1
+            if not self._should_restart(code):
+                self.on_event(self, f"exited with {describe_exit(code)}")
+                self._set(State.EXITED)
+                return
+            delay = min(BACKOFF_BASE_S * 2 ** max(self.failures - 1, 0), BACKOFF_CAP_S)
+            crashloop = self.failures >= CRASHLOOP_AFTER
+            self._set(State.CRASHLOOP if crashloop else State.BACKOFF)
+            self.on_event(self, f"exited with {describe_exit(code)}; restarting in {delay:.1f}s"
+                          + (" (crash loop)" if crashloop else ""))
+            if await self._sleep_unless_stopped(delay):
+                break
+            self.restarts += 1
+        self._set(State.STOPPED)
+
+    async def _run_until_exit(self) -> int:
+        assert self._exited is not None
+        if self.plan.ready is None:
+            self._mark_ready()
+            return await self._exited
+        prober = asyncio.ensure_future(self._probe_until_ready())
+        try:
+            return await self._exited
+        finally:
+            prober.cancel()
+
+    async def _probe_until_ready(self) -> None:
+        assert self.plan.ready is not None
+        while True:
+            if await probe(self.plan.ready, self.plan.replica.ip, self.plan.env, str(self.plan.cwd)):
+                self._mark_ready()
+                return
+            await asyncio.sleep(PROBE_INTERVAL_S)
+
+    def _mark_ready(self) -> None:
+        self.ready = True
+        self._set(State.RUNNING)
+        self.on_event(self, "ready")
+
+    async def _drain(self) -> None:
+        """Collect the last output; kill leftovers of the group that hold the pipe open."""
+        if self.pid is not None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._pipe is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._pipe.closed), 2.0)
+            except TimeoutError:
+                pass
+
+    def _should_restart(self, code: int) -> bool:
+        policy = self.plan.restart
+        return policy == "always" or (policy == "on-failure" and code != 0)
+
+    async def _sleep_unless_stopped(self, delay: float) -> bool:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay)
+        except TimeoutError:
+            pass
+        return self._stop
+
+    def _set(self, state: State) -> None:
+        self.state = state
+        self.on_change(self)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM the group (and descendants that left it), wait, then SIGKILL."""
+        self._stop = True
+        self._wake.set()
+        grace = self.plan.stop_grace_s if grace_s is None else grace_s
+        if self._exited is not None and not self._exited.done() and self.pid is not None:
+            self._set(State.STOPPING)
+            tree = self._descendants()
+            self._signal(signal.SIGTERM, tree)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited), grace)
+            except TimeoutError:
+                self.on_event(self, f"did not stop within {grace:g}s; killing")
+            self._signal(signal.SIGKILL, tree)
+        if self.task is not None:
+            await self.task
+        self.ready = False
+
+    async def restart(self) -> None:
+        """Stop and start again (a manual restart counts in RESTARTS, as in Kubernetes)."""
+        await self.stop()
+        self._stop = False
+        self.failures = 0
+        self.restarts += 1
+        self.start()
+
+    def _descendants(self) -> list[psutil.Process]:
+        if self._psutil is None:
+            return []
+        try:
+            return self._psutil.children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def _signal(self, sig: int, tree: list[psutil.Process]) -> None:
+        if self.pid is not None:
+            try:
+                os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for child in tree:
+            try:
+                child.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    # -- reporting ------------------------------------------------------
+    def is_alive(self) -> bool:
+        return self._exited is not None and not self._exited.done()
+
+    def status(self) -> dict[str, Any]:
+        cpu = rss = None
+        alive = self.is_alive()
+        if alive and self._psutil is not None:
+            try:
+                with self._psutil.oneshot():
+                    cpu = self._psutil.cpu_percent(None)
+                    rss = self._psutil.memory_info().rss
+            except psutil.Error:
+                pass
+        r = self.plan.replica
+        return {
+            "pod": r.pod, "replica": r.name, "ip": r.ip, "role": self.plan.role,
+            "pid": self.pid if alive else None, "pgid": self.pid if alive else None,
+            "create_time": self.create_time if alive else None,
+            "state": self.state.value, "ready": self.ready, "restarts": self.restarts,
+            "last_exit": self.last_exit, "error": self.error,
+            "uptime_s": round(time.monotonic() - self.started_at, 3) if alive and self.started_at else None,
+            "cpu_percent": cpu, "rss_bytes": rss,
+        }
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"

@@ -1,0 +1,144 @@
+"""The state directory of a mesh: logs, hosts files, pid records, control socket.
+
+Everything a later ``meshctl`` command (or a later ``up`` after a crash) needs
+to find the mesh lives here, so the CLI stays stateless. Records are written
+atomically (tmp + rename): a reader never sees half a file, even if the
+supervisor is killed mid-write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HOME_ENV = "MESHCTL_HOME"
+#: AF_UNIX paths are limited to 108 bytes on Linux.
+MAX_SOCKET_PATH = 107
+
+
+def meshctl_home() -> Path:
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".meshctl")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def process_alive(pid: int, create_time: float) -> bool:
+    """True when ``pid`` still is the process we started (pid reuse is checked via create time)."""
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - create_time) < 0.05 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    @classmethod
+    def for_mesh(cls, mesh: str) -> StateDir:
+        return cls(meshctl_home() / mesh)
+
+    @property
+    def mesh(self) -> str:
+        return self.root.name
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def hosts(self) -> Path:
+        return self.root / "hosts"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.root / "control.sock"
+
+    @property
+    def record_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.root / "supervisor.log"
+
+    def log_path(self, replica: str, role: str) -> Path:
+        return self.logs / f"{replica}.{role}.log"
+
+    def create(self) -> None:
+        """Make the directory private: it holds the control socket and logs."""
+        for d in (self.root, self.logs, self.hosts):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        if len(str(self.control_socket)) > MAX_SOCKET_PATH:
+            raise OSError(f"state dir path too long for a unix socket: {self.control_socket} "
+                          f"(set {HOME_ENV} to a shorter directory)")
+
+    def read_record(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.record_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        write_json_atomic(self.record_file, record)
+
+    def supervisor_alive(self) -> int | None:
+        """The pid of this mesh's live supervisor, or None."""
+        rec = self.read_record()
+        if not rec or "supervisor" not in rec:
+            return None
+        sup = rec["supervisor"]
+        if process_alive(sup["pid"], sup["create_time"]):
+            return sup["pid"]
+        return None
+
+
+_MESH_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def all_meshes() -> list[StateDir]:
+    home = meshctl_home()
+    if not home.is_dir():
+        return []
+    return sorted(StateDir(d) for d in home.iterdir() if d.is_dir() and _MESH_NAME.match(d.name)
+                  and (d / "state.json").exists())
+
+
+def running_meshes() -> list[StateDir]:
+    return [s for s in all_meshes() if s.supervisor_alive()]
+
+
+def aliases_in_use(exclude: str | None = None) -> set[str]:
+    """Addresses other meshes hold, plus loopback addresses with listening sockets.
+
+    Checking the sockets too means meshes under another MESHCTL_HOME (or any
+    other program bound to an alias) are avoided as well.
+    """
+    taken: set[str] = set()
+    for s in running_meshes():
+        if s.mesh == exclude:
+            continue
+        rec = s.read_record() or {}
+        taken.update(rec.get("aliases", []))
+    try:
+        for c in psutil.net_connections(kind="inet4"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.ip.startswith("127."):
+                taken.add(c.laddr.ip)
+    except (psutil.AccessDenied, OSError):
+        pass
+    return taken

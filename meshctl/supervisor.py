@@ -1,0 +1,256 @@
+"""The supervisor: runs a mesh plan and keeps it running until told to stop.
+
+One asyncio loop owns every process, the publish forwarders and the control
+socket. It records what it started (pid + create time) in the state dir, and
+keeps a reaper process informed, so that neither a crash of the supervisor nor
+a ``kill -9`` leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from meshctl.control import serve
+from meshctl.forwarder import Forwarder
+from meshctl.logfile import RotatingLog
+from meshctl.printer import Printer
+from meshctl.process import ManagedProcess, State
+from meshctl.reaper import kill_run
+from meshctl.state import StateDir, aliases_in_use, process_alive
+from pods.hosts import write_hosts_atomic
+from pods.replica import MeshPlan, plan_mesh
+from pods.topology import Topology
+
+FAILED_STATES = (State.CRASHLOOP, State.EXITED, State.FAILED)
+
+
+def reap_record(state: StateDir) -> int:
+    """Stop what a dead supervisor left behind; returns how many processes were found."""
+    rec = state.read_record()
+    if not rec or state.supervisor_alive():
+        return 0
+    alive = [p for p in rec.get("processes", []) if p.get("pid") and process_alive(p["pid"], p["create_time"])]
+    kill_run({p["pgid"] for p in alive}, rec.get("run_id", ""), grace_s=2.0)
+    rec["processes"] = []
+    rec.pop("supervisor", None)
+    state.write_record(rec)
+    return len(alive)
+
+
+class Supervisor:
+    def __init__(self, topology: Topology, state: StateDir, printer: Printer | None = None) -> None:
+        self.topology = topology
+        self.state = state
+        self.printer = printer
+        self.plan: MeshPlan | None = None
+        self.processes: list[ManagedProcess] = []
+        self.forwarders: list[Forwarder] = []
+        self.run_id = uuid.uuid4().hex
+        self.started = time.monotonic()
+        self._stop = asyncio.Event()
+        self._force = False
+        self._reaper: subprocess.Popen[bytes] | None = None
+        self._reported_pgids: dict[str, int] = {}
+        self._record_dirty = False
+        self._all_ready_reported = False
+        self._forwarder_pods: list[tuple[str, Forwarder]] = []
+        self.startup_error: str | None = None
+        self.exit_code = 0
+
+    # -- events from processes ----------------------------------------------
+    def _on_line(self, proc: ManagedProcess, line: str) -> None:
+        if self.printer is not None:
+            self.printer.line(proc.key, line)
+
+    def _on_event(self, proc: ManagedProcess, text: str) -> None:
+        if self.printer is not None:
+            self.printer.event(f"{proc.key} {text}", error="exited" in text or "cannot" in text)
+
+    def _on_change(self, proc: ManagedProcess) -> None:
+        pgid = proc.pid if proc.is_alive() else None
+        old = self._reported_pgids.get(proc.key)
+        if pgid != old:
+            if old is not None:
+                self._tell_reaper(f"-{old}")
+            if pgid is not None:
+                self._tell_reaper(f"+{pgid}")
+                self._reported_pgids[proc.key] = pgid
+            else:
+                self._reported_pgids.pop(proc.key, None)
+            self._schedule_record()
+        if (not self._all_ready_reported and self.processes
+                and all(p.ready for p in self.processes)):
+            self._all_ready_reported = True
+            if self.printer is not None:
+                self.printer.event(f"mesh {self.topology.name} ready: {len(self.plan.all_replicas())} "
+                                   f"replicas, {len(self.processes)} processes in "
+                                   f"{time.monotonic() - self.started:.2f}s")
+
+    def _tell_reaper(self, line: str) -> None:
+        if self._reaper is not None and self._reaper.stdin is not None:
+            try:
+                self._reaper.stdin.write(line.encode() + b"\n")
+                self._reaper.stdin.flush()
+            except OSError:
+                pass
+
+    def _schedule_record(self) -> None:
+        if not self._record_dirty:
+            self._record_dirty = True
+            asyncio.get_running_loop().call_soon(self._write_record)
+
+    def _write_record(self) -> None:
+        self._record_dirty = False
+        me = psutil.Process()
+        self.state.write_record({
+            "mesh": self.topology.name,
+            "file": str(self.topology.path),
+            "run_id": self.run_id,
+            "supervisor": {"pid": me.pid, "create_time": me.create_time()},
+            "aliases": [r.ip for r in self.plan.all_replicas()] if self.plan else [],
+            "processes": [{"key": p.key, "pid": p.pid, "pgid": p.pid, "create_time": p.create_time}
+                          for p in self.processes if p.is_alive()],
+        })
+
+    # -- queries --------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "mesh": self.topology.name,
+            "file": str(self.topology.path),
+            "supervisor": {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3)},
+            "stopping": self._stop.is_set(),
+            "publish": [{"host": f"{f.host_ip}:{f.host_port}", "pod_port": f.pod_port,
+                         "pod": pod} for pod, f in self._forwarder_pods],
+            "processes": [p.status() for p in self.processes],
+        }
+
+    def find_processes(self, name: str, role: str | None = None) -> list[ManagedProcess]:
+        assert self.plan is not None
+        names = {r.name for r in self.plan.find(name)}
+        return [p for p in self.processes if p.plan.replica.name in names and (role is None or p.plan.role == role)]
+
+    async def restart(self, procs: list[ManagedProcess]) -> None:
+        await asyncio.gather(*(p.restart() for p in procs))
+
+    def request_stop(self, force: bool = False) -> None:
+        self._force = self._force or force
+        self._stop.set()
+
+    # -- run --------------------------------------------------------------------
+    async def run(self) -> int:
+        self.state.create()
+        left = reap_record(self.state)
+        if left and self.printer is not None:
+            self.printer.event(f"cleaned up {left} processes left by a previous supervisor")
+        self.plan = plan_mesh(self.topology, self.state.hosts,
+                              taken=aliases_in_use(exclude=self.topology.name)).with_run_id(self.run_id)
+        for replica in self.plan.all_replicas():
+            write_hosts_atomic(self.plan.hosts_path(replica), self.plan.hosts_text(replica))
+        self._start_reaper()
+        self._write_record()
+        runner = await serve(self, self.state.control_socket)
+        try:
+            if await self._start_forwarders():
+                self._start_processes()
+                await self._stop.wait()
+            else:
+                self.exit_code = 1
+        finally:
+            await self._shutdown()
+            await runner.cleanup()
+            self.state.control_socket.unlink(missing_ok=True)
+        return self.exit_code
+
+    def _start_reaper(self) -> None:
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-m", "meshctl.reaper", self.run_id], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+    async def _start_forwarders(self) -> bool:
+        assert self.plan is not None
+        for pod in self.topology.pods.values():
+            for pub in pod.publish:
+                fwd = Forwarder(pub.host_ip, pub.host_port, pub.pod_port, self._targets_of(pod.name))
+                try:
+                    await fwd.start()
+                except OSError as exc:
+                    msg = (f"{self.topology.path}:{pub.line}: cannot publish {pub.host_ip}:{pub.host_port} "
+                           f"for pod '{pod.name}': {exc.strerror or exc}")
+                    self.startup_error = msg
+                    if self.printer is not None:
+                        self.printer.event(msg, error=True)
+                    else:
+                        print(msg, file=sys.stderr, flush=True)
+                    return False
+                self.forwarders.append(fwd)
+                self._forwarder_pods.append((pod.name, fwd))
+        return True
+
+    def _targets_of(self, pod: str) -> Callable[[], tuple[list[str], list[str]]]:
+        def targets() -> tuple[list[str], list[str]]:
+            procs = [p for p in self.processes if p.plan.replica.pod == pod]
+            ready = sorted({p.plan.replica.ip for p in procs if p.ready}
+                           - {p.plan.replica.ip for p in procs if not p.ready})
+            return ready, [r.ip for r in self.plan.replicas[pod]]  # type: ignore[union-attr]
+        return targets
+
+    def _start_processes(self) -> None:
+        assert self.plan is not None
+        for plan in self.plan.process_plans():
+            log = RotatingLog(self.state.log_path(plan.replica.name, plan.role))
+            proc = ManagedProcess(plan, log, self._on_line, self._on_event, self._on_change)
+            if self.printer is not None:
+                self.printer.register(proc.key)
+            self.processes.append(proc)
+        for proc in self.processes:
+            proc.start()
+
+    async def _shutdown(self) -> None:
+        if self.printer is not None and self.processes:
+            self.printer.event("stopping" + (" (forced)" if self._force else ""))
+        for fwd in self.forwarders:
+            await fwd.close()
+        grace = 0.0 if self._force else None
+        stops = [asyncio.ensure_future(p.stop(grace)) for p in self.processes]
+        if stops:
+            done, pending = await asyncio.wait(stops, timeout=None if not self._force else 5)
+            for t in pending:
+                t.cancel()
+        for p in self.processes:
+            p.log.close()
+        self._write_record()
+        self._tell_reaper("bye")
+        if self._reaper is not None:
+            if self._reaper.stdin is not None:
+                self._reaper.stdin.close()
+            try:
+                self._reaper.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+        rec = self.state.read_record() or {}
+        rec.pop("supervisor", None)
+        rec["processes"] = []
+        self.state.write_record(rec)
+        if self.printer is not None and self.processes:
+            self.printer.event(f"stopped {len(self.processes)} processes")
+
+    def force_now(self) -> None:
+        """Second Ctrl-C: do not wait for grace periods."""
+        self._force = True
+        for p in self.processes:
+            if p.pid is not None and p.is_alive():
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self._stop.set()

@@ -1,0 +1,173 @@
+"""What each pod replica runs: its alias, its hosts file, its process plans.
+
+This is still the model: it says *what* to start (argv, env, probe, policy),
+never starts anything. The supervisor in ``meshctl/`` turns plans into
+processes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from pods.addressing import allocate
+from pods.hosts import HostEntry, render_hosts
+from pods.loopback import expand_placeholders, localize
+from pods.topology import PodSpec, ProcessSpec, ReadyProbe, Topology
+
+#: ``python`` in a command means meshctl's own interpreter, so demo services
+#: find the packages meshctl was installed with (no venv activation needed).
+PYTHON_ALIASES = ("python", "python3")
+#: Marks every process of a mesh run; lets the reaper find descendants that left
+#: their process group (setsid) after the supervisor died.
+MARKER_ENV = "MESHCTL_RUN_ID"
+
+
+@dataclass(frozen=True)
+class Replica:
+    pod: str
+    index: int
+    ip: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.pod}-{self.index}"
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    replica: Replica
+    role: str  # "service" | "sidecar"
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: Path
+    ready: ReadyProbe | None
+    restart: str
+    stop_grace_s: float
+    line: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.replica.name}/{self.role}"
+
+
+@dataclass
+class MeshPlan:
+    """A topology with addresses assigned: everything needed to run it."""
+
+    topology: Topology
+    replicas: dict[str, list[Replica]]
+    hosts_dir: Path
+    run_id: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mesh(self) -> str:
+        return self.topology.name
+
+    def all_replicas(self) -> list[Replica]:
+        return [r for reps in self.replicas.values() for r in reps]
+
+    def find(self, name: str) -> list[Replica]:
+        """Replicas named by ``name``: a pod name (all replicas) or a replica name (b-1)."""
+        if name in self.replicas:
+            return list(self.replicas[name])
+        return [r for r in self.all_replicas() if r.name == name]
+
+    def hosts_path(self, replica: Replica) -> Path:
+        return self.hosts_dir / f"{replica.name}.hosts"
+
+    def hosts_entries(self, replica: Replica) -> list[HostEntry]:
+        """The replica's view of names: itself (as localhost too), every pod, its add_hosts."""
+        spec = self.topology.pods[replica.pod]
+        entries = [HostEntry(replica.ip, ("localhost", replica.name, replica.pod))]
+        for reps in self.replicas.values():
+            for other in reps:
+                if other == replica:
+                    continue
+                entries.append(HostEntry(other.ip, (other.name, other.pod)))
+        for host, value in spec.add_hosts:
+            for ip in self.resolve_add_host(value, replica):
+                entries.append(HostEntry(ip, (host,)))
+        return entries
+
+    def resolve_add_host(self, value: str, replica: Replica) -> list[str]:
+        """An add_hosts value as addresses: a pod name means all its replicas."""
+        if value in self.replicas:
+            return [r.ip for r in self.replicas[value]]
+        return [localize(value, replica.ip)]
+
+    def hosts_text(self, replica: Replica) -> str:
+        header = (f"meshctl hosts for {replica.name} (mesh {self.mesh}); "
+                  "inside the pod, localhost is the pod's alias")
+        return render_hosts(self.hosts_entries(replica), header=header)
+
+    def service_plan(self, replica: Replica) -> ProcessPlan:
+        spec = self.topology.pods[replica.pod]
+        return self.process_plan(replica, "service", spec.service)
+
+    def process_plan(self, replica: Replica, role: str, proc: ProcessSpec,
+                     extra_env: Mapping[str, str] | None = None) -> ProcessPlan:
+        """Apply pod-local loopback and placeholders to one process of a replica."""
+        values = {"POD_IP": replica.ip, "POD_NAME": replica.pod, "REPLICA": str(replica.index),
+                  "MESH": self.mesh}
+
+        def render(value: str) -> str:
+            return localize(expand_placeholders(value, values), replica.ip)
+
+        argv = [render(a) for a in proc.command]
+        if argv and argv[0] in PYTHON_ALIASES:
+            argv[0] = sys.executable
+        env = {
+            "POD_NAME": replica.pod,
+            "POD_IP": replica.ip,
+            "POD_REPLICA": str(replica.index),
+            "REPLICA_NAME": replica.name,
+            "MESH_NAME": self.mesh,
+            "MESH_HOSTS": str(self.hosts_path(replica)),
+            "PYTHONUNBUFFERED": "1",
+        }
+        if self.run_id:
+            env[MARKER_ENV] = self.run_id
+        env.update(self.extra_env)
+        env.update({k: render(v) for k, v in proc.env.items()})
+        if extra_env:
+            env.update(extra_env)
+        return ProcessPlan(replica=replica, role=role, argv=tuple(argv), env=env, cwd=proc.workdir,
+                           ready=proc.ready, restart=proc.restart, stop_grace_s=proc.stop_grace_s,
+                           line=proc.line)
+
+    def process_plans(self) -> list[ProcessPlan]:
+        return [self.service_plan(r) for r in self.all_replicas()]
+
+    def with_run_id(self, run_id: str) -> MeshPlan:
+        return replace(self, run_id=run_id)
+
+
+def plan_mesh(topology: Topology, hosts_dir: Path, taken: Iterable[str] = ()) -> MeshPlan:
+    """Assign aliases (avoiding ``taken``) and build the mesh plan."""
+    aliases = allocate({name: (pod.ip, pod.replicas) for name, pod in topology.pods.items()}, taken)
+    replicas = {name: [Replica(name, i, ip) for i, ip in enumerate(aliases[name])]
+                for name in topology.pods}
+    return MeshPlan(topology=topology, replicas=replicas, hosts_dir=hosts_dir)
+
+
+def pod_ports(pod: PodSpec) -> list[tuple[int, int]]:
+    """(port, line) pairs the pod listens on or publishes, for up-front privilege checks."""
+    out = [(c.port, c.line) for c in pod.port_claims()]
+    if pod.service.ready is not None and pod.service.ready.port:
+        out.append((pod.service.ready.port, pod.service.ready.line))
+    for p in pod.publish:
+        out.append((p.pod_port, p.line))
+        out.append((p.host_port, p.line))
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

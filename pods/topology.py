@@ -1,0 +1,706 @@
+"""The topology file: which pods exist, what they run, how they are reached.
+
+This is the contract between the user and meshctl, so it is validated up front
+and completely: every problem is reported at once as ``FILE:LINE: message``,
+because a supervisor that fails on the third pod after starting two is much
+harder to reason about than a file that is rejected before anything starts.
+Nothing here starts processes or touches the network.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pods.addressing import LOOPBACK, alias_problem, replica_aliases
+from pods.source import Entry, Map, Node, Problem, Report, Scalar, Seq, describe, report_duplicates, to_python
+from pods.source import build as build_tree
+from pods.source import compose as compose_yaml
+
+__all__ = [
+    "RESTART_POLICIES", "MetricsSpec", "PodSpec", "PortClaim", "Problem", "ProcessSpec", "PublishSpec",
+    "ReadyProbe", "Topology", "TopologyError", "load_topology", "parse_topology",
+]
+
+RESTART_POLICIES = ("always", "on-failure", "never")
+MAX_REPLICAS = 200
+DEFAULT_STOP_GRACE_S = 10.0
+DEFAULT_METRICS_PATH = "/metrics"
+
+TOP_KEYS = ("name", "pods", "prometheus")
+POD_KEYS = ("replicas", "ip", "service", "publish", "add_hosts", "sidecar", "metrics")
+SERVICE_KEYS = ("command", "env", "ready", "restart", "stop_grace_period", "workdir")
+READY_KEYS = ("tcp", "http", "port", "exec")
+METRICS_KEYS = ("port", "path")
+
+_MESH_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+_POD_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_LOCALHOST_VALUES = ("localhost", "127.0.0.1")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ReadyProbe:
+    kind: str  # "tcp" | "http" | "exec"
+    port: int | None = None
+    path: str | None = None
+    command: tuple[str, ...] = ()
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    command: tuple[str, ...]
+    env: dict[str, str]
+    ready: ReadyProbe | None
+    restart: str
+    stop_grace_s: float
+    workdir: Path
+    line: int
+    #: Line of every env entry, so that relational errors (port clashes) can
+    #: point at the right line of a block-style env mapping.
+    env_lines: dict[str, int] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class PublishSpec:
+    host_ip: str
+    host_port: int
+    pod_port: int
+    line: int
+
+
+@dataclass(frozen=True)
+class MetricsSpec:
+    port: int
+    path: str
+    line: int
+
+
+@dataclass(frozen=True)
+class PortClaim:
+    port: int
+    owner: str
+    line: int
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    name: str
+    replicas: int
+    ip: str | None
+    service: ProcessSpec
+    publish: tuple[PublishSpec, ...]
+    add_hosts: tuple[tuple[str, str], ...]
+    sidecar: dict | None
+    sidecar_line: int
+    metrics: MetricsSpec | None
+    line: int
+
+    def port_claims(self) -> list[PortClaim]:
+        """Ports the pod's processes will bind on its alias.
+
+        All processes of a pod share one address, so two of them wanting the
+        same port is a certain bind failure at start-up. Services learn their
+        ports through ``*_PORT`` env variables (the containers convention), so
+        those are the claims; the sidecar adds its listeners here later.
+        """
+        claims = []
+        for key, value in self.service.env.items():
+            port = _port_value(value) if key.endswith("_PORT") else None
+            if port is not None:
+                claims.append(PortClaim(port, key, self.service.env_lines.get(key, self.service.line)))
+        return claims
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    path: Path
+    pods: dict[str, PodSpec]
+    warnings: list[Problem]
+    prometheus: dict | None = None
+
+
+class TopologyError(Exception):
+    """The file is not a usable topology; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_topology(path: str | Path, environ: Mapping[str, str] | None = None) -> Topology:
+    """Read and validate the topology file at ``path``."""
+    shown = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TopologyError([Problem(shown, 0, "no such file")]) from None
+    except IsADirectoryError:
+        raise TopologyError([Problem(shown, 0, "is a directory, not a topology file")]) from None
+    except UnicodeDecodeError as exc:
+        message = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise TopologyError([Problem(shown, 0, message)]) from None
+    except OSError as exc:
+        raise TopologyError([Problem(shown, 0, f"cannot read: {exc.strerror or exc}")]) from None
+    return parse_topology(text, path, environ)
+
+
+def parse_topology(text: str, path: str | Path, environ: Mapping[str, str] | None = None) -> Topology:
+    """Validate topology ``text``; ``path`` names it in messages and anchors relative workdirs."""
+    report = Report(str(path))
+    env = os.environ if environ is None else environ
+    root = compose_yaml(text, report)
+    topology = None
+    if root is None and not report.problems:
+        report.error(1, "topology file is empty (expected a mapping with a 'pods' key)")
+    elif root is not None:
+        tree = build_tree(root, report, env, skip_top_level=lambda key: key.startswith("x-"))
+        topology = _Validator(report, Path(path)).topology(tree)
+    if report.errors or topology is None:
+        raise TopologyError(report.sorted())
+    return topology
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Validator:
+    """Walks the located tree; each ``_check_*``/``_parse_*`` handles one part of the schema."""
+
+    def __init__(self, report: Report, path: Path) -> None:
+        self.report = report
+        self.path = path
+        self.base = Path(os.path.abspath(path)).parent
+
+    # ---- generic helpers
+
+    def error(self, node: Node | int, message: str) -> None:
+        """Report against a value, unless interpolation already failed on it."""
+        if isinstance(node, int):
+            self.report.error(node, message)
+        elif not (isinstance(node, Scalar) and node.broken):
+            self.report.error(node.line, message)
+
+    def keys(self, mapping: Map, allowed: Iterable[str], where: str, noun: str = "key") -> None:
+        """Unknown and duplicate keys, pointed at the key's own line."""
+        allowed = tuple(allowed)
+        for key, line, first in mapping.duplicates:
+            self.report.error(line, f"duplicate {noun} {key!r}{where} (first defined at line {first})")
+        for key, entry in mapping.entries.items():
+            if key not in allowed:
+                self.report.error(entry.key_line, f"unknown key {key!r}{where}{_did_you_mean(key, allowed)}")
+
+    def mapping(self, node: Node, where: str) -> Map | None:
+        if isinstance(node, Map):
+            return node
+        self.error(node, f"{where} must be a mapping, got {describe(node)}")
+        return None
+
+    def integer(self, node: Node, where: str, low: int, high: int) -> int | None:
+        value = _int_value(node)
+        if value is None:
+            self.error(node, f"{where} must be an integer, got {describe(node)}")
+        elif value < low:
+            self.error(node, f"{where} must be at least {low}, got {value}")
+        elif value > high:
+            self.error(node, f"{where} must be at most {high}, got {value}")
+        else:
+            return value
+        return None
+
+    def port(self, node: Node, where: str) -> int | None:
+        value = _int_value(node)
+        if value is None or not 1 <= value <= 65535:
+            shown = describe(node) if value is None else str(value)
+            self.error(node, f"{where} must be a port number (1..65535), got {shown}")
+            return None
+        return value
+
+    def string(self, node: Node, where: str) -> str | None:
+        if isinstance(node, Scalar) and isinstance(node.value, str):
+            return node.value
+        self.error(node, f"{where} must be a string, got {describe(node)}")
+        return None
+
+    def command(self, node: Node, where: str) -> tuple[str, ...] | None:
+        """A list of words, or one string split like a shell would (but never run by one)."""
+        if isinstance(node, Scalar) and isinstance(node.value, str):
+            try:
+                words = tuple(shlex.split(node.value))
+            except ValueError as exc:
+                self.error(node, f"{where} cannot be split into words: {exc}")
+                return None
+        elif isinstance(node, Seq):
+            words = ()
+            for item in node.items:
+                if not isinstance(item, Scalar) or item.value is None:
+                    self.error(item, f"{where} items must be strings, got {describe(item)}")
+                    return None
+                words += (_env_text(item.value),)
+        else:
+            self.error(node, f"{where} must be a list of strings or a string, got {describe(node)}")
+            return None
+        if not words or not words[0]:
+            self.error(node, f"{where} is empty")
+            return None
+        return words
+
+    # ---- top level
+
+    def topology(self, tree: Node) -> Topology | None:
+        if not isinstance(tree, Map):
+            self.error(tree, f"top level must be a mapping with a 'pods' key, got {describe(tree)}")
+            return None
+        self.keys(tree, TOP_KEYS, " at top level")
+        name = self._mesh_name(tree)
+        prometheus = None
+        if (entry := tree.entries.get("prometheus")) is not None:
+            report_duplicates(entry.value, self.report, "prometheus")
+            if self.mapping(entry.value, "prometheus") is not None:
+                prometheus = to_python(entry.value)
+        pods = self._pods(tree)
+        if pods is None:
+            return None
+        self._check_aliases(pods.values())
+        self._check_port_claims(pods.values())
+        self._check_publish_clashes(pods.values())
+        return Topology(name, Path(os.path.abspath(self.path)), pods, self.report.warnings, prometheus)
+
+    def _mesh_name(self, tree: Map) -> str:
+        entry = tree.entries.get("name")
+        if entry is None:
+            return _default_mesh_name(self.path)
+        name = self.string(entry.value, "name")
+        if name is not None and not _MESH_NAME.fullmatch(name):
+            self.error(entry.value, f"name {name!r} is not a valid mesh name (lowercase letters, digits, "
+                                    "'_', '.', '-', starting with a letter or digit, at most 63 chars)")
+        return name or _default_mesh_name(self.path)
+
+    def _pods(self, tree: Map) -> dict[str, PodSpec] | None:
+        entry = tree.entries.get("pods")
+        if entry is None:
+            self.report.error(tree.line, "missing required key 'pods'")
+            return None
+        pods_map = self.mapping(entry.value, "pods")
+        if pods_map is None:
+            return None
+        if not pods_map.entries:
+            self.error(entry.key_line, "pods must not be empty")
+            return None
+        for key, line, first in pods_map.duplicates:
+            self.report.error(line, f"duplicate pod {key!r} (first defined at line {first})")
+        names = tuple(pods_map.entries)
+        pods = {}
+        for name, pod_entry in pods_map.entries.items():
+            pod = self._pod(pod_entry, names)
+            if pod is not None:
+                pods[name] = pod
+        return pods
+
+    # ---- pods
+
+    def _pod(self, entry: Entry, pod_names: tuple[str, ...]) -> PodSpec | None:
+        name = entry.key
+        if not _POD_NAME.fullmatch(name):
+            self.report.error(entry.key_line, f"pod name {name!r} is not a DNS label (lowercase letters, "
+                                              "digits and '-', no '-' at either end, at most 63 chars)")
+        node = self.mapping(entry.value, f"pod {name!r}")
+        if node is None:
+            return None
+        self.keys(node, POD_KEYS, f" in pod {name!r}")
+        where = f"pods.{name}"
+        replicas = 1
+        if (value := node.get("replicas")) is not None:
+            replicas = self.integer(value, f"{where}.replicas", 1, MAX_REPLICAS) or 1
+        ip = self._ip(node.get("ip"), where, replicas)
+        service = self._service(node.entries.get("service"), entry, where)
+        sidecar, sidecar_line = None, 0
+        if (side := node.entries.get("sidecar")) is not None:
+            sidecar_line = side.key_line
+            report_duplicates(side.value, self.report, f"{where}.sidecar")
+            if self.mapping(side.value, f"{where}.sidecar") is not None:
+                sidecar = to_python(side.value)
+        return PodSpec(
+            name=name,
+            replicas=replicas,
+            ip=ip,
+            service=service,
+            publish=self._publish(node.get("publish"), name),
+            add_hosts=self._add_hosts(node.get("add_hosts"), name, pod_names),
+            sidecar=sidecar,
+            sidecar_line=sidecar_line,
+            metrics=self._metrics(node.entries.get("metrics"), where),
+            line=entry.key_line,
+        )
+
+    def _ip(self, node: Node | None, where: str, replicas: int) -> str | None:
+        if node is None:
+            return None
+        ip = self.string(node, f"{where}.ip")
+        if ip is None:
+            return None
+        if (problem := alias_problem(ip)) is not None:
+            self.error(node, f"{where}.ip: {problem}")
+            return None
+        try:
+            replica_aliases(ip, replicas)
+        except ValueError as exc:
+            self.error(node, f"{where}.ip: {exc}")
+            return None
+        return ip
+
+    def _service(self, entry: Entry | None, pod: Entry, where: str) -> ProcessSpec:
+        """The pod's main process; a broken one still yields a spec so relational checks can run."""
+        placeholder = ProcessSpec((), {}, None, "always", DEFAULT_STOP_GRACE_S, self.base, pod.key_line)
+        if entry is None:
+            self.report.error(pod.key_line, f"pod {pod.key!r} has no service "
+                                            "(add 'service:' with at least a 'command')")
+            return placeholder
+        where = f"{where}.service"
+        node = self.mapping(entry.value, where)
+        if node is None:
+            return placeholder
+        self.keys(node, SERVICE_KEYS, f" in {where}")
+        command: tuple[str, ...] = ()
+        if (value := node.get("command")) is None:
+            self.report.error(entry.key_line, f"{where} has no command")
+        else:
+            command = self.command(value, f"{where}.command") or ()
+        env, env_lines = self._env(node.get("env"), f"{where}.env")
+        return ProcessSpec(
+            command=command,
+            env=env,
+            ready=self._ready(node.entries.get("ready"), f"{where}.ready"),
+            restart=self._restart(node.get("restart"), f"{where}.restart"),
+            stop_grace_s=self._duration(node.get("stop_grace_period"), f"{where}.stop_grace_period"),
+            workdir=self._workdir(node.get("workdir"), f"{where}.workdir"),
+            line=entry.key_line,
+            env_lines=env_lines,
+        )
+
+    def _env(self, node: Node | None, where: str) -> tuple[dict[str, str], dict[str, int]]:
+        env: dict[str, str] = {}
+        lines: dict[str, int] = {}
+        if node is None or (mapping := self.mapping(node, where)) is None:
+            return env, lines
+        for key, line, first in mapping.duplicates:
+            self.report.error(line, f"duplicate key {key!r} in {where} (first defined at line {first})")
+        for key, entry in mapping.entries.items():
+            if not _ENV_NAME.fullmatch(key):
+                self.report.error(entry.key_line, f"{where}: {key!r} is not a valid variable name")
+                continue
+            if not isinstance(entry.value, Scalar):
+                self.error(entry.value, f"{where}.{key} must be a string, number or boolean, "
+                                        f"got {describe(entry.value)}")
+                continue
+            env[key] = _env_text(entry.value.value)
+            lines[key] = entry.value.line
+        return env, lines
+
+    def _ready(self, entry: Entry | None, where: str) -> ReadyProbe | None:
+        if entry is None or (node := self.mapping(entry.value, where)) is None:
+            return None
+        self.keys(node, READY_KEYS, f" in {where}")
+        kinds = [k for k in ("tcp", "http", "exec") if k in node.entries]
+        if len(kinds) != 1:
+            found = ", ".join(kinds) if kinds else "none"
+            self.report.error(entry.key_line, f"{where} needs exactly one of tcp, http, exec (found {found})")
+            return None
+        kind = kinds[0]
+        value = node.get(kind)
+        port_node = node.get("port")
+        line = entry.key_line
+        if kind != "http" and port_node is not None:
+            self.report.error(node.entries["port"].key_line, f"{where}: 'port' only goes with 'http'")
+        if kind == "tcp":
+            port = self.port(value, f"{where}.tcp")
+            return ReadyProbe("tcp", port=port, line=line) if port else None
+        if kind == "exec":
+            command = self.command(value, f"{where}.exec")
+            return ReadyProbe("exec", command=command, line=line) if command else None
+        path = self.string(value, f"{where}.http")
+        if path is not None and not path.startswith("/"):
+            self.error(value, f"{where}.http must be a URL path starting with '/', got {path!r}")
+            path = None
+        if port_node is None:
+            self.report.error(line, f"{where}: an http probe needs 'port'")
+            return None
+        port = self.port(port_node, f"{where}.port")
+        return ReadyProbe("http", port=port, path=path, line=line) if port and path else None
+
+    def _restart(self, node: Node | None, where: str) -> str:
+        if node is None:
+            return "always"
+        value = node.value if isinstance(node, Scalar) else None
+        if value in RESTART_POLICIES:
+            return value
+        hint = _did_you_mean(value, RESTART_POLICIES) if isinstance(value, str) else ""
+        self.error(node, f"{where} must be one of {', '.join(RESTART_POLICIES)}, got {describe(node)}{hint}")
+        return "always"
+
+    def _duration(self, node: Node | None, where: str) -> float:
+        if node is None:
+            return DEFAULT_STOP_GRACE_S
+        seconds = _duration_value(node)
+        if seconds is None:
+            self.error(node, f"{where} must be a duration like 10s, 500ms, 1.5s, 2m or a number of seconds, "
+                             f"got {describe(node)}")
+            return DEFAULT_STOP_GRACE_S
+        return seconds
+
+    def _workdir(self, node: Node | None, where: str) -> Path:
+        if node is None:
+            return self.base
+        text = self.string(node, where)
+        if not text:
+            if text == "":
+                self.error(node, f"{where} must not be empty")
+            return self.base
+        return Path(os.path.abspath(self.base / os.path.expanduser(text)))
+
+    def _metrics(self, entry: Entry | None, where: str) -> MetricsSpec | None:
+        where = f"{where}.metrics"
+        if entry is None or (node := self.mapping(entry.value, where)) is None:
+            return None
+        self.keys(node, METRICS_KEYS, f" in {where}")
+        port = None
+        if (port_node := node.get("port")) is None:
+            self.report.error(entry.key_line, f"{where} needs 'port'")
+        else:
+            port = self.port(port_node, f"{where}.port")
+        path: str | None = DEFAULT_METRICS_PATH
+        if (path_node := node.get("path")) is not None:
+            path = self.string(path_node, f"{where}.path")
+            if path is not None and not path.startswith("/"):
+                self.error(path_node, f"{where}.path must start with '/', got {path!r}")
+                path = None
+        return MetricsSpec(port, path, entry.key_line) if port and path else None
+
+    # ---- publish / add_hosts
+
+    def _publish(self, node: Node | None, pod: str) -> tuple[PublishSpec, ...]:
+        if node is None:
+            return ()
+        if not isinstance(node, Seq):
+            self.error(node, f"pods.{pod}.publish must be a list, got {describe(node)}")
+            return ()
+        out = []
+        for item in node.items:
+            if not isinstance(item, Scalar) or not isinstance(item.value, str):
+                self.error(item, f"bad publish {describe(item)} in pod {pod!r}: expected a string "
+                                 "HOST_PORT:POD_PORT or IP:HOST_PORT:POD_PORT")
+                continue
+            try:
+                host_ip, host_port, pod_port = _parse_publish(item.value)
+            except ValueError as exc:
+                self.error(item, f"bad publish {item.value!r} in pod {pod!r}: {exc}")
+                continue
+            out.append(PublishSpec(host_ip, host_port, pod_port, item.line))
+        return tuple(out)
+
+    def _add_hosts(
+        self, node: Node | None, pod: str, pod_names: tuple[str, ...]
+    ) -> tuple[tuple[str, str], ...]:
+        """Extra /etc/hosts entries, in either of podman's spellings."""
+        if node is None:
+            return ()
+        where = f"add_hosts in pod {pod!r}"
+        pairs: list[tuple[str, Node, int]] = []  # (host, value node, host line)
+        if isinstance(node, Map):
+            for key, line, first in node.duplicates:
+                self.report.error(line, f"{where}: host {key!r} is listed twice (first at line {first})")
+            pairs = [(key, entry.value, entry.key_line) for key, entry in node.entries.items()]
+        elif isinstance(node, Seq):
+            seen: dict[str, int] = {}
+            for item in node.items:
+                text = item.value if isinstance(item, Scalar) else None
+                if not isinstance(text, str) or ":" not in text:
+                    self.error(item, f"{where}: expected 'name:value', got {describe(item)}")
+                    continue
+                host, value = text.split(":", 1)
+                if host in seen:
+                    self.error(item, f"{where}: host {host!r} is listed twice (first at line {seen[host]})")
+                    continue
+                seen[host] = item.line
+                pairs.append((host, Scalar(value.strip(), item.line, item.broken), item.line))
+        else:
+            self.error(node, f"pods.{pod}.add_hosts must be a mapping or a list of 'name:value', "
+                             f"got {describe(node)}")
+            return ()
+        out = []
+        for host, value_node, line in pairs:
+            if not _is_host_name(host):
+                self.report.error(line, f"{where}: {host!r} is not a valid host name")
+                continue
+            value = self.string(value_node, f"pods.{pod}.add_hosts.{host}")
+            if value is None:
+                continue
+            if not (_is_ip(value) or value in pod_names or value in _LOCALHOST_VALUES):
+                self.error(value_node, f"{where}: {value!r} is neither an IP address nor a pod of this "
+                                       f"topology{_did_you_mean(value, pod_names)}")
+                continue
+            out.append((host, value))
+        return tuple(out)
+
+    # ---- relations between pods
+
+    def _check_aliases(self, pods: Iterable[PodSpec]) -> None:
+        """Explicit addresses are honoured as written, so two ranges that overlap are a real clash."""
+        owners: dict[str, str] = {}
+        for pod in pods:
+            if pod.ip is None:
+                continue
+            for alias in replica_aliases(pod.ip, pod.replicas):
+                if alias in owners and owners[alias] != pod.name:
+                    self.report.error(pod.line, f"pod {pod.name!r} alias {alias} clashes with pod "
+                                                f"{owners[alias]!r}")
+                    break
+            for alias in replica_aliases(pod.ip, pod.replicas):
+                owners.setdefault(alias, pod.name)
+
+    def _check_port_claims(self, pods: Iterable[PodSpec]) -> None:
+        for pod in pods:
+            first: dict[int, PortClaim] = {}
+            for claim in pod.port_claims():
+                earlier = first.setdefault(claim.port, claim)
+                if earlier is not claim and earlier.owner != claim.owner:
+                    self.report.error(claim.line, f"port {claim.port} is claimed twice in pod {pod.name!r}: "
+                                                  f"{earlier.owner} (line {earlier.line}) and "
+                                                  f"{claim.owner} (line {claim.line})")
+
+    def _check_publish_clashes(self, pods: Iterable[PodSpec]) -> None:
+        """One host address can be bound once; publishing it twice would fail at start."""
+        seen: dict[tuple[str, int], tuple[str, int]] = {}
+        for pod in pods:
+            for pub in pod.publish:
+                key = (pub.host_ip, pub.host_port)
+                if key in seen:
+                    other, line = seen[key]
+                    self.report.error(pub.line, f"host port {pub.host_ip}:{pub.host_port} is published "
+                                                f"twice: by pod {other!r} (line {line}) and pod {pod.name!r}")
+                else:
+                    seen[key] = (pod.name, pub.line)
+
+
+# --------------------------------------------------------------------------- value helpers
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _int_value(node: Node) -> int | None:
+    """An int, or a string of digits: interpolated values (``"${PORT:-80}"``) are always strings."""
+    if not isinstance(node, Scalar):
+        return None
+    value = node.value
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        return int(value.strip())
+    return None
+
+
+def _port_value(text: str) -> int | None:
+    text = text.strip()
+    if text.isdigit() and text.isascii() and 1 <= int(text) <= 65535:
+        return int(text)
+    return None
+
+
+def _env_text(value: object) -> str:
+    """Env values are strings in the end; spell YAML scalars the way a shell user would expect."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _duration_value(node: Node) -> float | None:
+    if not isinstance(node, Scalar) or isinstance(node.value, bool):
+        return None
+    value = node.value
+    if isinstance(value, int | float):
+        return float(value) if value >= 0 and value == value and value != float("inf") else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = None
+    if seconds is not None:
+        return seconds if 0 <= seconds < float("inf") else None
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if not m:
+            return None
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return total if text else None
+
+
+def _parse_publish(text: str) -> tuple[str, int, int]:
+    """``[IP:]HOST_PORT:POD_PORT[/tcp]`` -> (host ip, host port, pod port); ValueError says what is wrong."""
+    spec, _, proto = text.strip().partition("/")
+    if proto and proto != "tcp":
+        raise ValueError(f"only tcp can be published, got {proto!r}")
+    parts = spec.split(":")
+    if len(parts) == 2:
+        host_ip, host_port, pod_port = "127.0.0.1", parts[0], parts[1]
+    elif len(parts) == 3:
+        host_ip, host_port, pod_port = parts
+    else:
+        raise ValueError("expected HOST_PORT:POD_PORT or IP:HOST_PORT:POD_PORT")
+    if not (host_port.isdigit() and pod_port.isdigit()):
+        raise ValueError("expected HOST_PORT:POD_PORT or IP:HOST_PORT:POD_PORT")
+    for port in (host_port, pod_port):
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {int(port)} is out of range 1..65535")
+    try:
+        addr = ipaddress.IPv4Address(host_ip)
+    except ValueError:
+        raise ValueError(f"host IP {host_ip!r} is not an IPv4 address") from None
+    if addr not in LOOPBACK:
+        raise ValueError(f"host IP {host_ip} is not in 127.0.0.0/8 (meshctl publishes on loopback only)")
+    return str(addr), int(host_port), int(pod_port)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host_name(host: str) -> bool:
+    return 0 < len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
+
+
+def _default_mesh_name(path: Path) -> str:
+    """The file stem, made into a valid mesh name, so ``Seed Direct.yaml`` still works without ``name:``."""
+    name = re.sub(r"[^a-z0-9_.-]+", "-", path.stem.lower()).lstrip("_.-")[:63]
+    return name or "mesh"
