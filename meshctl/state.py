@@ -44,7 +44,7 @@ def process_alive(pid: int, create_time: float) -> bool:
         return False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class StateDir:
     root: Path
 
