@@ -55,20 +55,34 @@ def _unprivileged_port_start() -> int:
         return 1024
 
 
+CAP_NET_BIND_SERVICE = 10
+
+
+def _can_bind_privileged() -> bool:
+    """Root is not enough (capabilities can be dropped) and not needed (the capability is)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_BIND_SERVICE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
 def _preflight(topo: Topology) -> None:
     """Problems we can see before starting anything: missing programs, privileged ports."""
     from pods.replica import PYTHON_ALIASES, pod_ports
 
     problems = []
     limit = _unprivileged_port_start()
-    root = os.geteuid() == 0
+    root = _can_bind_privileged()
     for pod in topo.pods.values():
         prog = pod.service.command[0] if pod.service.command else ""
         if prog and prog not in PYTHON_ALIASES and "${" not in prog:
             found = shutil.which(prog, path=os.environ.get("PATH")) if "/" not in prog else (
                 str(pod.service.workdir / prog) if os.access(pod.service.workdir / prog, os.X_OK) else None)
             if not found:
-                problems.append(f"{topo.path}:{pod.service.line}: pod '{pod.name}': command "
+                problems.append(f"{topo.path}:{pod.service.command_line}: pod '{pod.name}': command "
                                 f"'{prog}' not found on PATH")
         if not root:
             for port, line in sorted(set(pod_ports(pod))):

@@ -72,6 +72,8 @@ class ProcessSpec:
     #: Line of every env entry, so that relational errors (port clashes) can
     #: point at the right line of a block-style env mapping.
     env_lines: dict[str, int] = field(default_factory=dict, compare=False)
+    #: Line of the command, for "not found on PATH" errors found at start time.
+    command_line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -393,6 +395,7 @@ class _Validator:
             workdir=self._workdir(node.get("workdir"), f"{where}.workdir"),
             line=entry.key_line,
             env_lines=env_lines,
+            command_line=node.entries["command"].key_line if "command" in node.entries else entry.key_line,
         )
 
     def _env(self, node: Node | None, where: str) -> tuple[dict[str, str], dict[str, int]]:

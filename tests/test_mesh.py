@@ -213,7 +213,7 @@ def test_foreign_service_and_pod_env(meshctl):
             ip: 127.0.110.1
             add_hosts: {{web.local: web, self.local: 127.0.0.1, ext: 10.1.2.3}}
             service:
-              command: [python, -c, "import os, time; [print(k, '=', os.environ[k]) for k in sorted(os.environ)]; time.sleep(300)"]
+              command: [sh, -c, "env; exec sleep 300"]
               env:
                 URL: http://localhost:9001/x
                 BIND: 0.0.0.0:80
@@ -228,12 +228,12 @@ def test_foreign_service_and_pod_env(meshctl):
         return out if "URL" in out else None
 
     logs = wait_for(env_logged, 5)
-    assert "URL = http://127.0.110.1:9001/x" in logs
-    assert "BIND = 127.0.110.1:80" in logs
-    assert "KEEP = 127.0.0.10" in logs
-    assert "NAME = env-0@fs" in logs
-    assert "POD_IP = 127.0.110.1" in logs and "POD_NAME = env" in logs and "POD_REPLICA = 0" in logs
-    assert "MESH_NAME = fs" in logs and "MESH_HOSTS = " in logs
+    assert "URL=http://127.0.110.1:9001/x" in logs
+    assert "BIND=127.0.110.1:80" in logs
+    assert "KEEP=127.0.0.10" in logs
+    assert "NAME=env-0@fs" in logs
+    assert "POD_IP=127.0.110.1" in logs and "POD_NAME=env" in logs and "POD_REPLICA=0" in logs
+    assert "MESH_NAME=fs" in logs and "MESH_HOSTS=" in logs
     hosts = meshctl("hosts", "env", "-p", "fs").stdout
     lines = [line.split() for line in hosts.splitlines() if line and not line.startswith("#")]
     assert ["127.0.109.1", "web.local"] in lines
