@@ -2,8 +2,10 @@
 
 Processes in our pods share the host's /etc/hosts and DNS, so names like
 ``b.service`` (which podman injected with ``--add-host``) exist only in the
-replica's own hosts file (``MESH_HOSTS``). These resolvers give Python
-services the same "files, then dns" order that glibc gives a container.
+replica's own hosts file (``MESH_HOSTS``). This resolver gives Python
+code the same "files, then dns" order that glibc gives a container. It has no
+aiohttp dependency so the sidecar (which must stay small) can use it; the
+aiohttp flavour is in ``pods.aio_resolver``.
 """
 
 from __future__ import annotations
@@ -13,21 +15,13 @@ import os
 import socket
 import time
 
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
-
 from pods.hosts import read_hosts
 
 # Re-checking the file on every lookup would cost a stat() per connection; a
 # short interval bounds both the cost and how stale a scaled-out pod list is.
 _RECHECK_INTERVAL = 0.5
 
-# What aiohttp's own resolvers report: the host/port are already numeric, so
-# the connector must not resolve them again.
-_NUMERIC_FLAGS = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
-
-
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -72,57 +66,10 @@ class HostsResolver:
         return list(self._table.get(host.lower().rstrip("."), ()))
 
     def resolve(self, host: str, port: int = 0) -> list[str]:
-        if _is_ip(host):
+        if is_ip(host):
             return [host]
         ips = self.lookup(host)
         if ips:
             return ips
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         return list(dict.fromkeys(info[4][0] for info in infos))
-
-
-def _family_of(ip: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
-
-
-class MeshResolver(AbstractResolver):
-    """aiohttp resolver: the pod's hosts file first, aiohttp's ThreadedResolver for other names.
-
-    All replicas of a name are returned, in file order; aiohttp's DNS cache
-    rotates through them across new connections, and happy-eyeballs falls over
-    to the next one when a replica is down.
-    """
-
-    def __init__(self, path: str | None = None) -> None:
-        self._hosts = HostsResolver(path)
-        # ThreadedResolver binds to the running loop at construction, and a
-        # resolver is usually built before the loop runs, so create it lazily.
-        self._fallback: ThreadedResolver | None = None
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        ips = [host] if _is_ip(host) else self._hosts.lookup(host)
-        if family in (socket.AF_INET, socket.AF_INET6):
-            ips = [ip for ip in ips if _family_of(ip) == family]
-        if ips:
-            return [
-                ResolveResult(
-                    hostname=host,
-                    host=ip,
-                    port=port,
-                    family=_family_of(ip),
-                    proto=socket.IPPROTO_TCP,
-                    flags=_NUMERIC_FLAGS,
-                )
-                for ip in ips
-            ]
-        # Like nsswitch "files dns": a name the file lacks (for this family) goes
-        # to the system resolver.
-        if self._fallback is None:
-            self._fallback = ThreadedResolver()
-        return await self._fallback.resolve(host, port, family)
-
-    async def close(self) -> None:
-        if self._fallback is not None:
-            await self._fallback.close()

@@ -21,7 +21,7 @@ from aiohttp.helpers import get_env_proxy_for_url
 from prometheus_client import Counter
 from yarl import URL
 
-from pods.resolver import MeshResolver
+from pods.aio_resolver import MeshResolver
 from services import gohttp, serve
 
 REQUESTS = Counter("service_a_requests", "The total number of requests received by Service A.", ["status"])

@@ -12,8 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from pods.aio_resolver import MeshResolver
 from pods.hosts import HostEntry, parse_hosts, read_hosts, render_hosts, write_hosts_atomic
-from pods.resolver import HostsResolver, MeshResolver
+from pods.resolver import HostsResolver
 
 
 def test_render_parse_round_trip():
