@@ -71,9 +71,13 @@ def _can_bind_privileged() -> bool:
 
 def _preflight(topo: Topology) -> None:
     """Problems we can see before starting anything: missing programs, privileged ports."""
+    from meshctl.sidecars import check_sidecars
     from pods.replica import PYTHON_ALIASES, pod_ports
 
-    problems = []
+    problems, warnings = check_sidecars(topo)
+    for w in warnings:
+        click.echo(w, err=True)
+    launches = {} if problems else sidecar_launches_preview(topo)
     limit = _unprivileged_port_start()
     root = _can_bind_privileged()
     for pod in topo.pods.values():
@@ -85,7 +89,11 @@ def _preflight(topo: Topology) -> None:
                 problems.append(f"{topo.path}:{pod.service.command_line}: pod '{pod.name}': command "
                                 f"'{prog}' not found on PATH")
         if not root:
-            for port, line in sorted(set(pod_ports(pod))):
+            ports = set(pod_ports(pod))
+            if pod.name in launches:
+                lp = launches[pod.name]
+                ports.update((p, pod.sidecar_line) for p in (*lp.listener_ports, lp.admin_port) if p)
+            for port, line in sorted(ports):
                 if port < limit:
                     problems.append(
                         f"{topo.path}:{line}: pod '{pod.name}' uses port {port}, which needs root here "
@@ -95,6 +103,16 @@ def _preflight(topo: Topology) -> None:
         for p in problems:
             click.echo(p, err=True)
         sys.exit(USAGE_ERROR)
+
+
+def sidecar_launches_preview(topo: Topology) -> dict[str, Any]:
+    """Sidecar ports without writing anything (validate must not touch the state dir)."""
+    import tempfile
+
+    from meshctl.sidecars import sidecar_launches
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return sidecar_launches(topo, Path(tmp))
 
 
 def _pick_mesh(project: str | None, need_running: bool = True) -> StateDir:

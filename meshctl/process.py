@@ -88,8 +88,12 @@ class _LogPipe(asyncio.Protocol):
 
 class ManagedProcess:
     def __init__(self, plan: ProcessPlan, log: RotatingLog, on_line: LineSink | None,
-                 on_event: EventSink, on_change: Callable[[ManagedProcess], None]) -> None:
+                 on_event: EventSink, on_change: Callable[[ManagedProcess], None],
+                 after: ManagedProcess | None = None) -> None:
         self.plan = plan
+        #: Started only once this one is ready (the service waits for its sidecar).
+        self.after = after
+        self.ready_event = asyncio.Event()
         self.log = log
         self.on_line = on_line
         self.on_event = on_event
@@ -166,6 +170,16 @@ class ManagedProcess:
         return True
 
     async def _supervise(self) -> None:
+        if self.after is not None and not self.after.ready:
+            self._set(State.PENDING)
+            waiter = asyncio.ensure_future(self.after.ready_event.wait())
+            stopper = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if self._stop:
+                self._set(State.STOPPED)
+                return
         while not self._stop:
             self.error = None
             self.ready = False
@@ -179,6 +193,7 @@ class ManagedProcess:
             await self._drain()
             self.last_exit = code
             self.ready = False
+            self.ready_event.clear()
             if self._stop:
                 break
             ran = time.monotonic() - (self.started_at or 0)
@@ -218,6 +233,7 @@ class ManagedProcess:
 
     def _mark_ready(self) -> None:
         self.ready = True
+        self.ready_event.set()
         self._set(State.RUNNING)
         self.on_event(self, "ready")
 

@@ -26,6 +26,7 @@ from meshctl.logfile import RotatingLog
 from meshctl.printer import Printer
 from meshctl.process import ManagedProcess, State
 from meshctl.reaper import kill_run
+from meshctl.sidecars import sidecar_launches
 from meshctl.state import StateDir, aliases_in_use, process_alive
 from pods.hosts import write_hosts_atomic
 from pods.replica import MeshPlan, plan_mesh
@@ -154,6 +155,7 @@ class Supervisor:
             self.printer.event(f"cleaned up {left} processes left by a previous supervisor")
         self.plan = plan_mesh(self.topology, self.state.hosts,
                               taken=aliases_in_use(exclude=self.topology.name)).with_run_id(self.run_id)
+        self.plan.sidecars = sidecar_launches(self.topology, self.state.root / "sidecar")
         for replica in self.plan.all_replicas():
             write_hosts_atomic(self.plan.hosts_path(replica), self.plan.hosts_text(replica))
         self._start_reaper()
@@ -206,9 +208,13 @@ class Supervisor:
 
     def _start_processes(self) -> None:
         assert self.plan is not None
+        sidecars: dict[str, ManagedProcess] = {}
         for plan in self.plan.process_plans():
             log = RotatingLog(self.state.log_path(plan.replica.name, plan.role))
-            proc = ManagedProcess(plan, log, self._on_line, self._on_event, self._on_change)
+            after = sidecars.get(plan.replica.name) if plan.role == "service" else None
+            proc = ManagedProcess(plan, log, self._on_line, self._on_event, self._on_change, after=after)
+            if plan.role == "sidecar":
+                sidecars[plan.replica.name] = proc
             if self.printer is not None:
                 self.printer.register(proc.key)
             self.processes.append(proc)

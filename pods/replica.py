@@ -54,6 +54,16 @@ class ProcessPlan:
         return f"{self.replica.name}/{self.role}"
 
 
+@dataclass(frozen=True)
+class SidecarLaunch:
+    """How a pod's sidecar starts; compiled by meshctl from the pod's ``sidecar:`` section."""
+
+    args: tuple[str, ...]  # after ``python -m sidecar``
+    admin_port: int | None
+    listener_ports: tuple[int, ...]
+    egress_port: int | None
+
+
 @dataclass
 class MeshPlan:
     """A topology with addresses assigned: everything needed to run it."""
@@ -63,6 +73,7 @@ class MeshPlan:
     hosts_dir: Path
     run_id: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
+    sidecars: dict[str, SidecarLaunch] = field(default_factory=dict)
 
     @property
     def mesh(self) -> str:
@@ -107,7 +118,37 @@ class MeshPlan:
 
     def service_plan(self, replica: Replica) -> ProcessPlan:
         spec = self.topology.pods[replica.pod]
-        return self.process_plan(replica, "service", spec.service)
+        extra: dict[str, str] = {}
+        launch = self.sidecars.get(replica.pod)
+        if launch is not None and launch.egress_port is not None:
+            # Services that honour the standard proxy variables reach the mesh through the egress
+            # listener without code changes; pod-local names stay direct.
+            proxy = f"http://{replica.ip}:{launch.egress_port}"
+            no_proxy = ",".join(("localhost", "127.0.0.1", replica.ip, replica.name))
+            for name in ("HTTP_PROXY", "http_proxy"):
+                if name not in spec.service.env:
+                    extra[name] = proxy
+            for name in ("NO_PROXY", "no_proxy"):
+                if name not in spec.service.env:
+                    extra[name] = no_proxy
+        plan = self.process_plan(replica, "service", spec.service)
+        if extra:
+            plan = replace(plan, env={**plan.env, **{k: v for k, v in extra.items() if k not in plan.env}})
+        return plan
+
+    def sidecar_plan(self, replica: Replica) -> ProcessPlan | None:
+        spec = self.topology.pods[replica.pod]
+        launch = self.sidecars.get(replica.pod)
+        if launch is None:
+            return None
+        if launch.admin_port is not None:
+            ready = ReadyProbe("http", port=launch.admin_port, path="/ready", line=spec.sidecar_line)
+        else:
+            ready = ReadyProbe("tcp", port=launch.listener_ports[0], line=spec.sidecar_line)
+        proc = ProcessSpec(command=("python", "-m", "sidecar", *launch.args, "--pod-ip", "${POD_IP}"), env={},
+                           ready=ready, restart="always", stop_grace_s=spec.service.stop_grace_s,
+                           workdir=spec.service.workdir, line=spec.sidecar_line)
+        return self.process_plan(replica, "sidecar", proc)
 
     def process_plan(self, replica: Replica, role: str, proc: ProcessSpec,
                      extra_env: Mapping[str, str] | None = None) -> ProcessPlan:
@@ -141,7 +182,14 @@ class MeshPlan:
                            line=proc.line)
 
     def process_plans(self) -> list[ProcessPlan]:
-        return [self.service_plan(r) for r in self.all_replicas()]
+        """Sidecar before service in each replica: the service starts once its sidecar is ready."""
+        out = []
+        for r in self.all_replicas():
+            sidecar = self.sidecar_plan(r)
+            if sidecar is not None:
+                out.append(sidecar)
+            out.append(self.service_plan(r))
+        return out
 
     def with_run_id(self, run_id: str) -> MeshPlan:
         return replace(self, run_id=run_id)

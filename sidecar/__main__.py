@@ -1,0 +1,86 @@
+"""``python -m sidecar``: run one pod's sidecar proxy.
+
+Configured either from an Envoy static bootstrap (``--envoy``) or from the
+topology's short form (``--config``, YAML or JSON). Warnings go to stderr one
+line each; a configuration we cannot honour exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+
+import yaml
+
+from sidecar.config import Bootstrap, ConfigError
+from sidecar.envoy_config import load_envoy
+from sidecar.short_config import compile_short
+
+
+def load(args: argparse.Namespace, pod_ip: str) -> Bootstrap:
+    if args.envoy:
+        return load_envoy(args.envoy, pod_ip, public_admin=args.public_admin)
+    try:
+        with open(args.config) as f:
+            text = f.read()
+        section = json.loads(text) if args.config.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{args.config}: cannot read: {exc}") from None
+    return compile_short(section or {}, pod_ip, public_admin=args.public_admin, source=args.config)
+
+
+async def serve(config: Bootstrap, pod_ip: str, hosts: str | None, source: str) -> int:
+    from sidecar.app import Sidecar
+
+    sidecar = Sidecar(config, pod_ip, hosts, source)
+    try:
+        await sidecar.start()
+    except OSError as exc:
+        print(f"sidecar: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        await sidecar.shutdown()
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sidecar.request_stop)
+    names = ", ".join(f"{lst.name}={lst.address}:{lst.port}" for lst in config.listeners)
+    admin = f"; admin {config.admin.address}:{config.admin.port}" if config.admin else ""
+    print(f"sidecar: live: {names}{admin}", file=sys.stderr, flush=True)
+    await sidecar.serve()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sidecar", description=__doc__)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--envoy", help="Envoy static bootstrap (YAML/JSON)")
+    src.add_argument("--config", help="meshctl short form (YAML/JSON)")
+    parser.add_argument("--pod-ip", default=os.environ.get("POD_IP", "127.0.0.1"),
+                        help="the pod alias: what 0.0.0.0/127.0.0.1/localhost mean (default $POD_IP)")
+    parser.add_argument("--hosts", default=os.environ.get("MESH_HOSTS"), help="hosts file (default $MESH_HOSTS)")
+    parser.add_argument("--public-admin", action="store_true", help="let the admin bind a non-pod address")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args, args.pod_ip)
+    except ConfigError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        sys.exit(2)
+    for warning in config.warnings:
+        print(f"sidecar: warning: {warning}", file=sys.stderr)
+    if args.check:
+        return
+    try:
+        import uvloop
+
+        code = uvloop.run(serve(config, args.pod_ip, args.hosts, args.envoy or args.config))
+    except ImportError:
+        code = asyncio.run(serve(config, args.pod_ip, args.hosts, args.envoy or args.config))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

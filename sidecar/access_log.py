@@ -1,0 +1,448 @@
+"""Envoy-format access logs that never block the event loop.
+
+Why a writer thread: a log destination may be slow or stalled (stdout is a
+pipe to the supervisor; if nobody reads it, a ``write`` blocks). The data
+path therefore only *formats* a line and appends it to a ``deque`` (atomic
+under the GIL: no lock on the hot path). A daemon thread per destination wakes
+every ``FLUSH_INTERVAL_S`` (or as soon as ``FLUSH_BYTES`` of new lines were
+queued), joins what is queued and ``os.write``s it; a write that blocks only
+blocks that thread. ``close()`` drains everything, so nothing is lost at
+shutdown. Loggers writing to the same path share one writer, so lines from two
+listeners logging to /dev/stdout never interleave mid-line.
+
+Formats are compiled once into a generated Python function (one ``"".join``
+of attribute reads), and START_TIME caches the formatted seconds so per
+request only the milliseconds are formatted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import errno
+import os
+import re
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from sidecar.request_info import RequestInfo
+
+DEFAULT_FORMAT = (
+    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
+    "%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% "
+    '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" '
+    '"%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%"\n'
+)
+
+FLUSH_INTERVAL_S = 0.05
+FLUSH_BYTES = 64 * 1024
+#: Lines queued beyond this (destination stalled for long) are dropped and counted, to bound memory (~25 MB RSS).
+MAX_QUEUED_LINES = 20_000
+_WRITE_CHUNK = 256 * 1024
+
+Formatter = Callable[[RequestInfo], str]
+
+# --- format compilation ---------------------------------------------------------------------------------------------
+
+# %NAME%, %NAME(ARG)%, %NAME(ARG):N% ; ARG may itself contain '%' (START_TIME's strftime), never ')'.
+_RE_OP = re.compile(r"%([A-Z][A-Z0-9_]*)(?:\(([^)]*)\))?(?::(\d+))?%")
+
+# Simple operators: a Python expression over ``info`` ("-" when missing). Ints are left to the f-string to format.
+_SIMPLE: dict[str, str] = {
+    "PROTOCOL": "(info.protocol or '-')",
+    "RESPONSE_CODE": "info.response_code",
+    "RESPONSE_FLAGS": "info.flags_text",
+    "BYTES_RECEIVED": "info.bytes_received",
+    "BYTES_SENT": "info.bytes_sent",
+    "DURATION": "info.duration_ms",
+    "UPSTREAM_HOST": "(info.upstream_host or '-')",
+    "UPSTREAM_CLUSTER": "(info.upstream_cluster or '-')",
+    "DOWNSTREAM_REMOTE_ADDRESS": "(info.downstream_remote or '-')",
+    "DOWNSTREAM_LOCAL_ADDRESS": "(info.downstream_local or '-')",
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": "(info.downstream_remote or '-')",
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": "_noport(info.downstream_remote)",
+    "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": "_noport(info.downstream_local)",
+    "ROUTE_NAME": "(info.route_name or '-')",
+    "UPSTREAM_REQUEST_ATTEMPT_COUNT": "info.attempts",
+    "HOSTNAME": "_hostname",
+}
+#: Envoy operators we accept but have no data for: always "-".
+_ALWAYS_MISSING = frozenset({
+    "REQUEST_DURATION", "RESPONSE_DURATION", "RESPONSE_TX_DURATION", "REQUEST_TX_DURATION", "RESPONSE_CODE_DETAILS",
+    "CONNECTION_TERMINATION_DETAILS", "UPSTREAM_TRANSPORT_FAILURE_REASON", "UPSTREAM_LOCAL_ADDRESS",
+    "REQUESTED_SERVER_NAME", "CONNECTION_ID", "UPSTREAM_WIRE_BYTES_SENT", "UPSTREAM_WIRE_BYTES_RECEIVED",
+})
+
+# Pseudo / special headers mapped onto RequestInfo fields (``rq``/``rs``: the request/response header dicts).
+_REQ_SPECIAL = {
+    ":method": "(info.method or None)",
+    ":path": "(info.path or None)",
+    ":authority": "(info.authority or rq.get('host'))",
+    "host": "(info.authority or rq.get('host'))",
+    "x-envoy-original-path": "info.original_path",
+    ":protocol": "None",
+    ":scheme": "None",
+}
+_RESP_SPECIAL = {
+    "x-envoy-upstream-service-time": ("(rs.get('x-envoy-upstream-service-time') or "
+                                      "(None if info.upstream_service_time_ms is None "
+                                      "else str(info.upstream_service_time_ms)))"),
+    ":status": "(str(info.response_code) if info.response_code else None)",
+}
+
+#: "000Z".."999Z": the per-request part of the default START_TIME is one tuple index.
+_MS_Z = tuple(f"{i:03d}Z" for i in range(1000))
+
+
+def _noport(addr: str) -> str:
+    if not addr:
+        return "-"
+    if addr.startswith("["):
+        return addr[1:addr.find("]")]
+    i = addr.rfind(":")
+    return addr[:i] if i > 0 and addr.count(":") == 1 else addr
+
+
+class _StartTime:
+    """START_TIME with a custom strftime: the formatted whole-second part is cached, only sub-seconds vary.
+
+    The format is split at Envoy's sub-second specifiers (``%E3S``: seconds
+    with 3 decimals, ``%3f``/``%f``: fractional digits, ``%s``: epoch
+    seconds); the rest goes through ``time.strftime`` once per distinct
+    second. Always UTC, like Envoy. (The default format has its own inlined
+    fast path in ``compile_format``.)
+    """
+
+    __slots__ = ("pieces", "sec", "cached")
+
+    _RE_SUB = re.compile(r"%E(\d)S|%(\d)?f|%s")
+
+    def __init__(self, fmt: str) -> None:
+        # pieces: str (strftime chunk), int n >= 0 (n fractional digits) or -1 (epoch seconds)
+        pieces: list[str | int] = []
+        pos = 0
+        for m in self._RE_SUB.finditer(fmt):
+            pieces.append(fmt[pos:m.start()])
+            if m.group(1) is not None:  # %E<n>S
+                pieces.append("%S" + ("." if int(m.group(1)) else ""))
+                pieces.append(int(m.group(1)))
+            elif m.group(0) == "%s":
+                pieces.append(-1)
+            else:
+                pieces.append(int(m.group(2) or 9))
+            pos = m.end()
+        pieces.append(fmt[pos:])
+        self.pieces = [p for p in pieces if p != ""]
+        self.sec = -1
+        self.cached: list[str] = []
+
+    def __call__(self, t: float) -> str:
+        us = int(t * 1_000_000 + 0.5)
+        sec, frac = divmod(us, 1_000_000)
+        if sec != self.sec:
+            tm = time.gmtime(sec)
+            self.cached = [time.strftime(p, tm) if isinstance(p, str) else "" for p in self.pieces]
+            self.sec = sec
+        out = []
+        for p, c in zip(self.pieces, self.cached, strict=True):
+            if isinstance(p, str):
+                out.append(c)
+            elif p == -1:
+                out.append(str(sec))
+            elif p:
+                out.append((f"{frac:06d}" + "000")[:p])  # up to ns; we only know microseconds
+        return "".join(out)
+
+
+def _header_expr(arg: str, special: dict[str, str], headers: str, env: dict[str, object]) -> str:
+    """Expression for REQ(A?B) / RESP(A?B): the first present of A, B, else None.
+
+    Header names are bound as constants in ``env`` (never spliced into source).
+    """
+    exprs = []
+    for name in arg.split("?"):
+        name = name.strip().lower()
+        if not name:
+            raise ValueError(f"empty header name in %{'REQ' if headers == 'rq' else 'RESP'}({arg})%")
+        if name in special:
+            exprs.append(special[name])
+        else:
+            const = f"_h{len(env)}"
+            env[const] = name
+            exprs.append(f"{headers}.get({const})")
+    out = exprs[-1]
+    for e in reversed(exprs[:-1]):
+        var = f"_v{len(env)}"
+        env[var] = None  # reserve the name
+        out = f"({var} if ({var} := {e}) is not None else {out})"
+    return out
+
+
+def compile_format(fmt: str) -> Formatter:
+    """Compile an Envoy access log format string into ``f(info) -> line``.
+
+    Parsed once into a generated function that is a single f-string (one
+    BUILD_STRING of attribute reads), so formatting a request costs about
+    what a hand-written f-string would. Missing values print ``-`` (Envoy).
+    ``:N`` truncates an operator's value to N characters. Raises
+    ``ValueError`` naming an unknown operator.
+    """
+    pieces: list[str] = []
+    prelude: list[str] = []
+    env: dict[str, object] = {"_noport": _noport, "_hostname": socket.gethostname() or "-", "_MS_Z": _MS_Z,
+                              "_gmtime": time.gmtime, "_strftime": time.strftime}
+    pos = 0
+    default_time = False
+    for m in _RE_OP.finditer(fmt):
+        if m.start() > pos:
+            pieces.append(repr(fmt[pos:m.start()]))
+        pos = m.end()
+        name, arg, maxlen = m.group(1), m.group(2), m.group(3)
+        if name in ("REQ", "RESP"):
+            if arg is None:
+                raise ValueError(f"access log operator %{name}% needs a header name: %{name}(X-HEADER)%")
+            if name == "REQ":
+                e = _header_expr(arg, _REQ_SPECIAL, "rq", env)
+            else:
+                e = _header_expr(arg, _RESP_SPECIAL, "rs", env)
+            e = f"({e} or '-')"
+        elif name == "START_TIME":
+            if arg:
+                const = f"_st{len(env)}"
+                env[const] = _StartTime(arg)
+                e = f"{const}(info.start_time)"
+            else:  # Envoy's default 2026-11-28T19:00:00.123Z, inlined: cached seconds + one tuple index
+                if not default_time:
+                    default_time = True
+                    env["_sec_cache"] = [-1, ""]
+                    prelude += [
+                        "_ms = int(info.start_time * 1000.0 + 0.0005)",
+                        "_s = _ms // 1000",
+                        "if _s != _sec_cache[0]:",
+                        "    _sec_cache[1] = _strftime('%Y-%m-%dT%H:%M:%S.', _gmtime(_s))",
+                        "    _sec_cache[0] = _s",
+                        "_st = _sec_cache[1] + _MS_Z[_ms - _s * 1000]",
+                    ]
+                e = "_st"
+        elif name in _SIMPLE and arg is None:
+            e = _SIMPLE[name]
+        elif name in _ALWAYS_MISSING and arg is None:
+            e = "'-'"
+        else:
+            raise ValueError(f"unknown access log operator %{name}{'(' + arg + ')' if arg is not None else ''}% "
+                             f"in format {fmt!r}")
+        if maxlen is not None:
+            e = f"str({e})[:{int(maxlen)}]"
+        pieces.append('f"{' + e + '}"')
+    if pos < len(fmt):
+        pieces.append(repr(fmt[pos:]))
+    body = " ".join(pieces) if pieces else "''"
+    lines = ["def _format(info):"]
+    if "rq." in body or "rq." in "".join(prelude):
+        lines.append("    rq = info.request_headers")
+    if "rs." in body:
+        lines.append("    rs = info.response_headers")
+    lines += ["    " + p for p in prelude]
+    lines.append(f"    return {body}")
+    code = compile("\n".join(lines) + "\n", f"<access log format {fmt[:60]!r}>", "exec")
+    exec(code, env)  # noqa: S102 - source built from our own templates; literals repr()'d, header names as constants
+    fn = env["_format"]
+    fn.__doc__ = f"Access log format {fmt!r}"
+    return fn  # type: ignore[return-value]
+
+
+# --- writing --------------------------------------------------------------------------------------------------------
+
+
+class _Sink:
+    """One destination (fd) with its queue and writer thread; shared by all loggers of that path."""
+
+    def __init__(self, key: str, path: str) -> None:
+        self.key = key
+        self.path = path
+        if path == "/dev/stdout":
+            self.fd, self.owns_fd = 1, False
+        elif path == "/dev/stderr":
+            self.fd, self.owns_fd = 2, False
+        else:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.owns_fd = True
+        self.queue: collections.deque[str] = collections.deque()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.refs = 0
+        self.dropped = 0
+        self.write_errors = 0
+        self.idle = threading.Event()  # set when the writer has nothing queued nor in flight
+        self.idle.set()
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=f"access-log {self.path}", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait(FLUSH_INTERVAL_S)
+            self.wake.clear()
+            self.drain()
+            if self.stopping and not self.queue:
+                return
+
+    def drain(self) -> None:
+        """Write everything queued (in chunks), from whichever thread owns writing."""
+        q = self.queue
+        while q:
+            self.idle.clear()
+            parts = []
+            size = 0
+            try:
+                while size < _WRITE_CHUNK:
+                    s = q.popleft()
+                    parts.append(s)
+                    size += len(s)
+            except IndexError:
+                pass
+            self._write("".join(parts).encode("utf-8", "replace"))
+        self.idle.set()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            except BlockingIOError:  # someone made the fd non-blocking: wait for room, off the loop
+                select.select([], [self.fd], [], 1.0)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                self.write_errors += 1
+                if e.errno not in (errno.EPIPE, errno.EBADF, errno.ENOSPC, errno.EIO):
+                    raise
+                return  # destination gone: drop this batch rather than spin
+
+    def stop(self, timeout: float | None) -> None:
+        self.stopping = True
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+        else:
+            self.drain()
+        if self.owns_fd and self.fd >= 0 and (self.thread is None or not self.thread.is_alive()):
+            fd, self.fd = self.fd, -1  # idempotent: never close a number the process may have reused
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_sinks: dict[str, _Sink] = {}
+_sinks_lock = threading.Lock()  # creation/close only, never on the logging path
+
+
+def _close_all_at_exit() -> None:
+    """Safety net: writer threads are daemons, so flush what is queued if nobody called close()."""
+    with _sinks_lock:
+        sinks = list(_sinks.values())
+        _sinks.clear()
+    for sink in sinks:
+        sink.stop(2.0)
+
+
+atexit.register(_close_all_at_exit)
+
+
+def _sink_key(path: str) -> str:
+    if path in ("/dev/stdout", "/dev/stderr"):
+        return path
+    return os.path.abspath(path)
+
+
+class AccessLogger:
+    """One configured access log (path + format) of one connection manager.
+
+    ``log()`` is the only method on the request path: format + ``deque.append``.
+    Call ``await start()`` once the loop runs (lines logged before that are
+    kept) and ``close()`` at shutdown to flush.
+    """
+
+    __slots__ = ("path", "format", "_fmt", "_sink", "_queue", "_pending", "_closed")
+
+    def __init__(self, path: str, fmt: str | None = None) -> None:
+        self.path = path
+        self.format = fmt if fmt is not None else DEFAULT_FORMAT
+        self._fmt = compile_format(self.format)
+        key = _sink_key(path)
+        with _sinks_lock:
+            sink = _sinks.get(key)
+            if sink is None or sink.stopping:
+                sink = _sinks[key] = _Sink(key, path)
+            sink.refs += 1
+        self._sink = sink
+        self._queue = sink.queue
+        self._pending = 0  # bytes queued since the last wake-up we gave the writer (only touched by the loop)
+        self._closed = False
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped because the destination was stalled with ``MAX_QUEUED_LINES`` already queued."""
+        return self._sink.dropped
+
+    def log(self, info: RequestInfo) -> None:
+        """Format ``info`` and queue the line; never blocks, never raises on a stalled destination."""
+        line = self._fmt(info)
+        q = self._queue
+        if len(q) >= MAX_QUEUED_LINES:
+            self._sink.dropped += 1
+            return
+        q.append(line)
+        self._pending += len(line)
+        if self._pending >= FLUSH_BYTES:
+            self._pending = 0
+            sink = self._sink
+            if sink.thread is None:
+                sink.start()
+            sink.wake.set()
+
+    async def start(self) -> None:
+        """Start the destination's writer thread (idempotent; shared by loggers of the same path)."""
+        self._sink.start()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Block until everything queued so far is written (tests, admin); True if it was."""
+        sink = self._sink
+        if sink.thread is None or not sink.thread.is_alive():
+            sink.drain()
+            return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sink.wake.set()
+            if not sink.queue and sink.idle.wait(0.01) and not sink.queue:
+                return True
+            time.sleep(0.001)
+        return False
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Flush every queued line, then stop the writer when its last logger closes.
+
+        Blocks (up to ``timeout`` s, None: forever) while the destination is
+        stalled: at SIGTERM we would rather wait for the reader than lose lines.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        sink = self._sink
+        with _sinks_lock:
+            sink.refs -= 1
+            last = sink.refs <= 0
+            if last and _sinks.get(sink.key) is sink:
+                del _sinks[sink.key]
+        if last:
+            sink.stop(timeout)
+        else:
+            self.flush(timeout if timeout is not None else 1e9)

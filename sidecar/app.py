@@ -1,0 +1,139 @@
+"""The sidecar process: builds the runtime from a Bootstrap and serves until told to stop.
+
+Start-up order matters to the supervisor: clusters resolve first, then the
+listeners bind, and only then does /ready say LIVE, so a service started
+after its sidecar is ready never sees a refused egress connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from pods.resolver import HostsResolver
+from sidecar.access_log import AccessLogger
+from sidecar.admin import Admin
+from sidecar.cluster import ClusterRuntime
+from sidecar.config import Bootstrap
+from sidecar.router import HcmRuntime
+from sidecar.server import DownstreamProtocol, Stream
+from sidecar.stats import ClusterStats, HcmStats, ListenerStats, ServerStats, Store
+
+DRAIN_S = 5.0
+
+
+class Sidecar:
+    def __init__(self, config: Bootstrap, pod_ip: str | None = None, hosts_path: str | None = None,
+                 source: str = "") -> None:
+        self.config = config
+        self.pod_ip = pod_ip
+        self.source = source
+        self.resolver = HostsResolver(hosts_path)
+        self.store = Store()
+        self.server_stats = ServerStats(self.store)
+        self.clusters: dict[str, ClusterRuntime] = {}
+        self.loggers: dict[str, AccessLogger] = {}
+        self.servers: list[asyncio.AbstractServer] = []
+        self.connections: set[DownstreamProtocol] = set()
+        self.state = "PRE_INITIALIZING"
+        self.started = time.monotonic()
+        self._stop = asyncio.Event()
+
+    def _logger(self, path: str, fmt: str | None) -> AccessLogger:
+        key = f"{path}\0{fmt}"
+        if key not in self.loggers:
+            self.loggers[key] = AccessLogger(path, fmt)
+        return self.loggers[key]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for c in self.config.clusters:
+            runtime = ClusterRuntime(c, ClusterStats(self.store, c.name), self.resolver, self.pod_ip)
+            await runtime.start()
+            self.clusters[c.name] = runtime
+        for lst in self.config.listeners:
+            hcm_cfg = lst.hcm
+            loggers = [self._logger(a.path, a.format) for a in hcm_cfg.access_logs]
+            hstats = HcmStats(self.store, hcm_cfg.stat_prefix)
+            lstats = ListenerStats(self.store, f"{lst.address}_{lst.port}", hcm_cfg.stat_prefix)
+            hcm = HcmRuntime(hcm_cfg, self.clusters, hstats, lstats, loggers)
+            server = await loop.create_server(
+                self._protocol_factory(hcm, hstats, lstats), lst.address, lst.port,
+                reuse_address=True, backlog=2048)
+            self.servers.append(server)
+        if self.config.admin is not None:
+            admin = Admin(self)
+            a = self.config.admin
+            self.servers.append(await loop.create_server(
+                lambda: DownstreamProtocol(admin.handle), a.address, a.port, reuse_address=True))
+        for logger in self.loggers.values():
+            await logger.start()
+        self.state = "LIVE"
+
+    def _protocol_factory(self, hcm: HcmRuntime, hstats: HcmStats, lstats: ListenerStats):  # noqa: ANN202
+        max_header = hcm.cfg.max_request_headers_kb * 1024
+        connections = self.connections
+        server_stats = self.server_stats
+
+        def protocol_error(stream: Stream, status: int) -> None:
+            hstats.downstream_cx_protocol_error.value += 1
+            hstats.downstream_rq_total.value += 1
+            hstats.downstream_rq_active.value += 1
+            hcm.stream_done(stream)
+
+        def factory() -> DownstreamProtocol:
+            proto: DownstreamProtocol
+
+            def opened() -> None:
+                connections.add(proto)
+                hstats.downstream_cx_total.value += 1
+                hstats.downstream_cx_active.value += 1
+                lstats.downstream_cx_total.value += 1
+                lstats.downstream_cx_active.value += 1
+                server_stats.total_connections.value += 1
+
+            def closed() -> None:
+                connections.discard(proto)
+                hstats.downstream_cx_active.value -= 1
+                hstats.downstream_cx_destroy.value += 1
+                lstats.downstream_cx_active.value -= 1
+                lstats.downstream_cx_destroy.value += 1
+
+            proto = DownstreamProtocol(hcm.handle, opened, closed, max_header, protocol_error, hcm.stream_done)
+            return proto
+
+        return factory
+
+    def refresh_server_stats(self) -> None:
+        self.server_stats.refresh(time.monotonic() - self.started, self.state)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), flush the access logs."""
+        self.state = "DRAINING"
+        for s in self.servers:
+            s.close()
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline and any(c.active is not None for c in self.connections):
+            await asyncio.sleep(0.02)
+        for c in list(self.connections):
+            c.close()
+        for cluster in self.clusters.values():
+            cluster.close()
+        for logger in self.loggers.values():
+            logger.close()
+
+    @property
+    def rss_bytes(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0

@@ -1,0 +1,164 @@
+"""The sidecar's one internal configuration model, in Envoy's vocabulary.
+
+Both front ends compile into it: ``sidecar.envoy_config`` (Envoy static
+bootstrap YAML, v2 and v3) and ``sidecar.short_config`` (the topology's short
+form). The data path only ever sees these objects, so a behaviour is
+implemented once whichever way it was configured.
+
+Addresses here are already pod-local: 0.0.0.0 / 127.0.0.1 / localhost were
+rewritten to the pod's alias by the front end (``original_address`` keeps
+what the user wrote, e.g. to tell an egress listener from an ingress one).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+#: Envoy's retry_on conditions that we implement.
+RETRY_ON = frozenset({"5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx",
+                      "retriable-status-codes", "refused-stream"})
+
+
+class ConfigError(Exception):
+    """A configuration we cannot run faithfully (message names the field)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retry_on: frozenset[str] = frozenset()
+    num_retries: int = 1  # Envoy's default when a policy exists
+    per_try_timeout_s: float | None = None
+    retriable_status_codes: frozenset[int] = frozenset()
+    backoff_base_s: float = 0.025
+    backoff_max_s: float | None = None  # None: 10 x base, as in Envoy
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    name: str  # lower-case
+    exact: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+    regex: re.Pattern[str] | None = None
+    present: bool | None = None
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    prefix: str | None = None
+    path: str | None = None
+    regex: re.Pattern[str] | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    case_sensitive: bool = True
+
+
+@dataclass(frozen=True)
+class DirectResponse:
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class Route:
+    match: RouteMatch
+    cluster: str | None = None
+    direct_response: DirectResponse | None = None
+    timeout_s: float = 15.0  # Envoy's default route timeout; 0 disables
+    retry_policy: RetryPolicy | None = None  # None: inherit the virtual host's
+    prefix_rewrite: str | None = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+    retry_policy: RetryPolicy | None = None
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+
+
+@dataclass(frozen=True)
+class AccessLog:
+    path: str  # a file path, /dev/stdout or /dev/stderr
+    format: str | None = None  # None: Envoy's default format
+
+
+@dataclass(frozen=True)
+class HttpConnectionManager:
+    stat_prefix: str
+    route_config: RouteConfig
+    access_logs: tuple[AccessLog, ...] = ()
+    codec_type: str = "AUTO"
+    use_remote_address: bool = False
+    max_request_headers_kb: int = 60
+    stream_idle_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    hcm: HttpConnectionManager
+    original_address: str = ""
+
+    @property
+    def is_egress(self) -> bool:
+        """Pod-local listeners (written as 127.0.0.1/localhost) carry the service's outbound calls."""
+        return self.original_address in ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str  # an IP or a name (strict_dns / logical_dns)
+    port: int
+
+
+@dataclass(frozen=True)
+class CircuitBreakers:
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    type: str  # STATIC | STRICT_DNS | LOGICAL_DNS
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout_s: float = 5.0
+    lb_policy: str = "ROUND_ROBIN"  # ROUND_ROBIN | LEAST_REQUEST | RANDOM
+    circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
+    dns_refresh_rate_s: float = 5.0
+    per_connection_buffer_limit_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Admin:
+    address: str
+    port: int
+    access_log_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    listeners: tuple[Listener, ...]
+    clusters: tuple[Cluster, ...]
+    admin: Admin | None = None
+    warnings: tuple[str, ...] = ()
+
+    def cluster(self, name: str) -> Cluster | None:
+        return next((c for c in self.clusters if c.name == name), None)
+
+    @property
+    def egress_listener(self) -> Listener | None:
+        return next((lst for lst in self.listeners if lst.is_egress), None)

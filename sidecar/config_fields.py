@@ -1,0 +1,251 @@
+"""Field parsing shared by the two config front ends (Envoy YAML and the short form).
+
+Both front ends must agree on what a duration, a retry policy, an lb_policy or
+a circuit breaker means, otherwise the same behaviour written two ways would
+run differently. The only thing that differs is how strict they are about
+unknown input: Envoy files carry many fields we do not implement, so those
+become warnings naming the field, while the short form is ours, so an unknown
+key there is almost always a typo and is an error with a suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pods.loopback import is_pod_local
+from sidecar.config import RETRY_ON, CircuitBreakers, ConfigError, RetryPolicy
+
+LB_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+@dataclass
+class Ctx:
+    """Where we are and how unknown input is treated; collects warnings.
+
+    ``strict`` (the short form) turns unknown keys into errors; ``sep`` joins
+    the source to the field path so messages read the way users address the
+    field ("envoy.yaml: static_resources..." vs "sidecar.egress...").
+    """
+
+    source: str
+    strict: bool = False
+    sep: str = ": "
+    warnings: list[str] = field(default_factory=list)
+    clusters: set[str] | None = None  # defined cluster names, once known, so routes can be checked in place
+
+    def loc(self, path: str) -> str:
+        return f"{self.source}{self.sep}{path}" if path else self.source
+
+    def error(self, path: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.loc(path)}: {msg}")
+
+    def warn(self, path: str, msg: str) -> None:
+        self.warnings.append(f"{self.loc(path)}: {msg}")
+
+
+def sub(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def check_keys(ctx: Ctx, obj: Mapping[str, Any], path: str, known: Iterable[str],
+               errors: Mapping[str, str] | None = None, silent: Iterable[str] = ()) -> None:
+    """Report every key we would otherwise drop on the floor.
+
+    ``errors`` maps keys whose absence would change behaviour to the reason;
+    ``silent`` lists purely cosmetic keys (names, type URLs).
+    """
+    known = set(known)
+    silent = set(silent) | {"@type"}
+    for key in obj:
+        if key in known or key in silent:
+            continue
+        kpath = sub(path, str(key))
+        if errors and key in errors:
+            raise ctx.error(kpath, errors[key])
+        if ctx.strict:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(known))})"
+            raise ctx.error(kpath, f"unknown key{hint}")
+        ctx.warn(kpath, "not implemented, ignored")
+
+
+# --- scalar types -----------------------------------------------------------
+
+def as_dict(ctx: Ctx, value: Any, path: str, allow_none: bool = True) -> dict[str, Any]:
+    if value is None and allow_none:
+        return {}
+    if not isinstance(value, dict):
+        raise ctx.error(path, f"expected a mapping, got {_kind(value)}")
+    return value
+
+
+def as_list(ctx: Ctx, value: Any, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ctx.error(path, f"expected a list, got {_kind(value)}")
+    return value
+
+
+def as_str(ctx: Ctx, value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ctx.error(path, f"expected a non-empty string, got {_kind(value)}")
+    return value
+
+
+def as_int(ctx: Ctx, value: Any, path: str, lo: int = 0, hi: int | None = None) -> int:
+    # protobuf JSON encodes 64-bit ints as strings; YAML users sometimes quote numbers.
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.error(path, f"expected an integer, got {_kind(value)}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ctx.error(path, f"{value} is out of range ({rng})")
+    return value
+
+
+def as_bool(ctx: Ctx, value: Any, path: str) -> bool:
+    if isinstance(value, dict) and set(value) == {"value"}:  # protobuf BoolValue written out
+        value = value["value"]
+    if not isinstance(value, bool):
+        raise ctx.error(path, f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def as_port(ctx: Ctx, value: Any, path: str) -> int:
+    return as_int(ctx, value, path, 1, 65535)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {value!r}"
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    return f"{type(value).__name__} {value!r}"
+
+
+def duration(ctx: Ctx, value: Any, path: str) -> float:
+    """Seconds from Envoy's "1.5s", our "100ms", protobuf-JSON {seconds, nanos} or a bare number.
+
+    A bare number is seconds: that is what the protobuf Duration means, and
+    guessing milliseconds for small numbers would silently change timeouts.
+    """
+    if isinstance(value, bool):
+        raise ctx.error(path, f"expected a duration such as '0.25s', got {_kind(value)}")
+    if isinstance(value, (int, float)):
+        secs = float(value)
+    elif isinstance(value, str):
+        m = _DURATION.match(value)
+        if not m:
+            raise ctx.error(path, f"invalid duration {value!r} (expected e.g. '0.25s', '15s' or '100ms')")
+        secs = float(m.group(1)) * _UNITS[m.group(2)]
+    elif isinstance(value, dict):
+        check_keys(ctx, value, path, ("seconds", "nanos"))
+        try:
+            secs = float(value.get("seconds", 0)) + float(value.get("nanos", 0)) / 1e9
+        except (TypeError, ValueError):
+            raise ctx.error(path, f"invalid duration {value!r}") from None
+    else:
+        raise ctx.error(path, f"expected a duration such as '0.25s', got {_kind(value)}")
+    if secs < 0:
+        raise ctx.error(path, f"duration must not be negative, got {value!r}")
+    return secs
+
+
+# --- composite fields shared by both front ends --------------------------------
+
+def retry_policy(ctx: Ctx, value: Any, path: str) -> RetryPolicy:
+    """Envoy's RetryPolicy; unknown retry_on conditions are named, not silently kept or lost."""
+    obj = as_dict(ctx, value, path)
+    check_keys(ctx, obj, path, ("retry_on", "num_retries", "per_try_timeout", "retriable_status_codes",
+                                "retry_back_off"))
+    conditions: set[str] = set()
+    raw_on = obj.get("retry_on", "")
+    if isinstance(raw_on, list):  # a YAML list is a natural way to write the comma list
+        raw_on = ",".join(str(x) for x in raw_on)
+    if not isinstance(raw_on, str):
+        raise ctx.error(sub(path, "retry_on"), f"expected a comma-separated string, got {_kind(raw_on)}")
+    for cond in (c.strip() for c in raw_on.split(",")):
+        if not cond:
+            continue
+        if cond in RETRY_ON:
+            conditions.add(cond)
+        elif ctx.strict:
+            close = difflib.get_close_matches(cond, sorted(RETRY_ON), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (supported: {', '.join(sorted(RETRY_ON))})"
+            raise ctx.error(sub(path, "retry_on"), f"unknown retry condition '{cond}'{hint}")
+        else:
+            ctx.warn(sub(path, "retry_on"), f"retry condition '{cond}' not implemented, ignored")
+    num = as_int(ctx, obj.get("num_retries", 1), sub(path, "num_retries"))
+    per_try = None
+    if obj.get("per_try_timeout") is not None:
+        per_try = duration(ctx, obj["per_try_timeout"], sub(path, "per_try_timeout")) or None
+    codes: set[int] = set()
+    for i, code in enumerate(as_list(ctx, obj.get("retriable_status_codes"), sub(path, "retriable_status_codes"))):
+        codes.add(as_int(ctx, code, sub(sub(path, "retriable_status_codes"), i), 100, 599))
+    base, cap = 0.025, None
+    if obj.get("retry_back_off") is not None:
+        bpath = sub(path, "retry_back_off")
+        back = as_dict(ctx, obj["retry_back_off"], bpath)
+        check_keys(ctx, back, bpath, ("base_interval", "max_interval"))
+        if "base_interval" not in back:
+            raise ctx.error(sub(bpath, "base_interval"), "required when retry_back_off is given")
+        base = duration(ctx, back["base_interval"], sub(bpath, "base_interval"))
+        if base <= 0:
+            raise ctx.error(sub(bpath, "base_interval"), "must be greater than 0")
+        if back.get("max_interval") is not None:
+            cap = duration(ctx, back["max_interval"], sub(bpath, "max_interval"))
+            if cap < base:
+                raise ctx.error(sub(bpath, "max_interval"), "must not be less than base_interval")
+    return RetryPolicy(retry_on=frozenset(conditions), num_retries=num, per_try_timeout_s=per_try,
+                       retriable_status_codes=frozenset(codes), backoff_base_s=base, backoff_max_s=cap)
+
+
+def lb_policy(ctx: Ctx, value: Any, path: str) -> str:
+    """An lb_policy we implement; Envoy files fall back to ROUND_ROBIN with a warning."""
+    name = as_str(ctx, value, path).upper()
+    if name in LB_POLICIES:
+        return name
+    if ctx.strict:
+        lower = [p.lower() for p in LB_POLICIES]
+        close = difflib.get_close_matches(str(value).lower(), lower, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (one of {', '.join(lower)})"
+        raise ctx.error(path, f"unknown lb_policy {value!r}{hint}")
+    ctx.warn(path, f"lb_policy {value} not implemented, using ROUND_ROBIN")
+    return "ROUND_ROBIN"
+
+
+def circuit_breaker_threshold(ctx: Ctx, value: Any, path: str) -> CircuitBreakers:
+    """One thresholds entry (Envoy) or the short form's flat mapping."""
+    obj = as_dict(ctx, value, path)
+    names = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
+    check_keys(ctx, obj, path, names if ctx.strict else (*names, "priority"))
+    defaults = CircuitBreakers()
+    return CircuitBreakers(**{n: as_int(ctx, obj.get(n, getattr(defaults, n)), sub(path, n)) for n in names})
+
+
+# --- addresses ------------------------------------------------------------------
+
+def local_host(host: str, pod_ip: str) -> str:
+    """Inside a pod, the wildcard and loopback addresses are the pod's own alias."""
+    return pod_ip if is_pod_local(host) or host in ("::", "::1") else host
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,599 @@
+"""Front end for Envoy static bootstrap files (v2 and v3) -> ``sidecar.config.Bootstrap``.
+
+We run a subset of Envoy. The contract with users is that a file either runs
+the way Envoy would run it, or we say exactly which field we did not honour:
+fields whose absence only loses a feature (stats, tracing, outlier detection)
+become one warning each naming the field path; fields whose absence would make
+traffic behave differently (TLS, other HTTP filters, dynamic config, match
+conditions we cannot evaluate) are errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.config import (
+    AccessLog,
+    Admin,
+    Bootstrap,
+    CircuitBreakers,
+    Cluster,
+    ConfigError,
+    DirectResponse,
+    Endpoint,
+    HeaderMatch,
+    HttpConnectionManager,
+    Listener,
+    Route,
+    RouteConfig,
+    RouteMatch,
+    VirtualHost,
+)
+from sidecar.config_fields import (
+    Ctx,
+    as_bool,
+    as_dict,
+    as_int,
+    as_list,
+    as_port,
+    as_str,
+    check_keys,
+    circuit_breaker_threshold,
+    duration,
+    is_ip,
+    lb_policy,
+    local_host,
+    retry_policy,
+    sub,
+)
+
+HCM_NAMES = ("envoy.filters.network.http_connection_manager", "envoy.http_connection_manager")
+HCM_TYPES = (
+    "type.googleapis.com/envoy.config.filter.network.http_connection_manager.v2.HttpConnectionManager",
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+)
+ROUTER_NAMES = ("envoy.filters.http.router", "envoy.router")
+FILE_LOGGERS = ("envoy.access_loggers.file", "envoy.file_access_log")
+STD_LOGGERS = {"envoy.access_loggers.stdout": "/dev/stdout", "envoy.access_loggers.stderr": "/dev/stderr"}
+CLUSTER_TYPES = ("STATIC", "STRICT_DNS", "LOGICAL_DNS")
+
+_TLS = "TLS is not supported: serving or calling without it would change behaviour"
+_DYNAMIC = "dynamic configuration (xDS) is not supported; use static_resources"
+
+
+def load_envoy(path: str | Path, pod_ip: str, public_admin: bool = False) -> Bootstrap:
+    """Read an Envoy bootstrap file (YAML, or JSON by extension) and compile it."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text) if source.endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid {'JSON' if source.endswith('.json') else 'YAML'}: {exc}") from None
+    return compile_envoy(doc, pod_ip, public_admin=public_admin, source=source)
+
+
+def compile_envoy(doc: dict, pod_ip: str, public_admin: bool = False, source: str = "envoy.yaml") -> Bootstrap:
+    """Compile a parsed Envoy bootstrap; raises ConfigError naming the first field we cannot honour."""
+    ctx = Ctx(source)
+    if not isinstance(doc, dict):
+        raise ctx.error("", f"expected an Envoy bootstrap mapping at the top level, got {type(doc).__name__}")
+    check_keys(ctx, doc, "", ("static_resources", "admin", "dynamic_resources"))
+    if doc.get("dynamic_resources"):
+        raise ctx.error("dynamic_resources", _DYNAMIC)
+    if "dynamic_resources" in doc:
+        ctx.warn("dynamic_resources", "empty, ignored")
+
+    static = as_dict(ctx, doc.get("static_resources"), "static_resources")
+    check_keys(ctx, static, "static_resources", ("listeners", "clusters"))
+    clusters = [_cluster(ctx, c, f"static_resources.clusters[{i}]", pod_ip)
+                for i, c in enumerate(as_list(ctx, static.get("clusters"), "static_resources.clusters"))]
+    ctx.clusters = {c.name for c in clusters}
+    listeners = [_listener(ctx, lst, f"static_resources.listeners[{i}]", i, pod_ip)
+                 for i, lst in enumerate(as_list(ctx, static.get("listeners"), "static_resources.listeners"))]
+    admin = _admin(ctx, doc["admin"], "admin", pod_ip, public_admin) if doc.get("admin") is not None else None
+
+    _cross_check(ctx, listeners, clusters, admin)
+    return Bootstrap(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin,
+                     warnings=tuple(ctx.warnings))
+
+
+# --- addresses ------------------------------------------------------------------------
+
+def _socket_address(ctx: Ctx, value: Any, path: str) -> tuple[str, int]:
+    """(address, port) as written; pipes and UDP cannot carry our HTTP."""
+    addr = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, addr, path, ("socket_address",),
+               errors={"pipe": "unix domain sockets are not supported",
+                       "envoy_internal_address": "internal addresses are not supported"})
+    spath = sub(path, "socket_address")
+    sock = as_dict(ctx, addr.get("socket_address"), spath, allow_none=False)
+    check_keys(ctx, sock, spath, ("address", "port_value", "protocol"),
+               errors={"named_port": "named ports are not supported; use port_value"})
+    if str(sock.get("protocol", "TCP")).upper() != "TCP":
+        raise ctx.error(sub(spath, "protocol"), "only TCP is supported")
+    if "address" not in sock:
+        raise ctx.error(sub(spath, "address"), "required")
+    if "port_value" not in sock:
+        raise ctx.error(sub(spath, "port_value"), "required")
+    host = as_str(ctx, sock["address"], sub(spath, "address"))
+    return host, as_port(ctx, sock["port_value"], sub(spath, "port_value"))
+
+
+# --- listeners ----------------------------------------------------------------------------
+
+def _listener(ctx: Ctx, value: Any, path: str, index: int, pod_ip: str) -> Listener:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("name", "address", "filter_chains", "listener_filters"),
+               silent=("traffic_direction",),
+               errors={"use_original_dst": "original-destination listeners are not supported",
+                       "transparent": "transparent listeners are not supported",
+                       "default_filter_chain": "filter chain matching is not supported",
+                       "udp_listener_config": "UDP listeners are not supported",
+                       "api_listener": "API listeners are not supported"})
+    if obj.get("listener_filters"):
+        names = [str(f.get("name", "?")) if isinstance(f, dict) else "?" for f in obj["listener_filters"]]
+        raise ctx.error(sub(path, "listener_filters"),
+                        f"listener filters ({', '.join(names)}) are not supported; without them "
+                        "connections would be handled differently")
+    if "address" not in obj:
+        raise ctx.error(sub(path, "address"), "required")
+    written, port = _socket_address(ctx, obj["address"], sub(path, "address"))
+    name = as_str(ctx, obj["name"], sub(path, "name")) if "name" in obj else f"{written}_{port}"
+
+    fpath = sub(path, "filter_chains")
+    chains = as_list(ctx, obj.get("filter_chains"), fpath)
+    if len(chains) != 1:
+        raise ctx.error(fpath, f"exactly one filter chain is supported, got {len(chains)}")
+    hcm = _filter_chain(ctx, chains[0], sub(fpath, 0))
+    return Listener(name=name, address=local_host(written, pod_ip), port=port, hcm=hcm, original_address=written)
+
+
+def _filter_chain(ctx: Ctx, value: Any, path: str) -> HttpConnectionManager:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("filters",), silent=("name",),
+               errors={"transport_socket": _TLS, "tls_context": _TLS,
+                       "filter_chain_match": "filter chain matching is not supported",
+                       "use_proxy_proto": "the PROXY protocol is not supported"})
+    fpath = sub(path, "filters")
+    filters = as_list(ctx, obj.get("filters"), fpath)
+    if len(filters) != 1:
+        raise ctx.error(fpath, f"exactly one network filter (the http_connection_manager) is supported, "
+                               f"got {len(filters)}")
+    f = as_dict(ctx, filters[0], sub(fpath, 0), allow_none=False)
+    name = f.get("name")
+    if name not in HCM_NAMES:
+        raise ctx.error(sub(sub(fpath, 0), "name"),
+                        f"network filter {name!r} is not supported; only the http_connection_manager is")
+    check_keys(ctx, f, sub(fpath, 0), ("typed_config", "config"), silent=("name",))
+    key = "typed_config" if "typed_config" in f else "config"
+    cpath = sub(sub(fpath, 0), key)
+    cfg = as_dict(ctx, f.get(key), cpath, allow_none=False)
+    if key == "typed_config" and cfg.get("@type") not in HCM_TYPES:
+        raise ctx.error(sub(cpath, "@type"), f"unsupported type {cfg.get('@type')!r}; expected the v2 or v3 "
+                                             "HttpConnectionManager")
+    return _hcm(ctx, cfg, cpath)
+
+
+def _hcm(ctx: Ctx, cfg: dict[str, Any], path: str) -> HttpConnectionManager:
+    check_keys(ctx, cfg, path, ("codec_type", "stat_prefix", "access_log", "route_config", "http_filters",
+                                "use_remote_address", "max_request_headers_kb", "stream_idle_timeout"),
+               errors={"rds": _DYNAMIC, "scoped_routes": _DYNAMIC,
+                       "http2_protocol_options": "HTTP/2 is not supported; we speak HTTP/1.1",
+                       "http3_protocol_options": "HTTP/3 is not supported; we speak HTTP/1.1"})
+    codec = str(cfg.get("codec_type", "AUTO")).upper()
+    if codec not in ("AUTO", "HTTP1"):
+        raise ctx.error(sub(path, "codec_type"), f"{cfg['codec_type']} is not supported; we speak HTTP/1.1 "
+                                                 "(use AUTO or HTTP1)")
+    if "stat_prefix" not in cfg:
+        raise ctx.error(sub(path, "stat_prefix"), "required")
+    stat_prefix = as_str(ctx, cfg["stat_prefix"], sub(path, "stat_prefix"))
+    if "route_config" not in cfg:
+        raise ctx.error(sub(path, "route_config"), "required (rds is not supported)")
+    route_config = _route_config(ctx, cfg["route_config"], sub(path, "route_config"))
+    _http_filters(ctx, cfg.get("http_filters"), sub(path, "http_filters"))
+    logs = [log for i, a in enumerate(as_list(ctx, cfg.get("access_log"), sub(path, "access_log")))
+            if (log := _access_log(ctx, a, sub(sub(path, "access_log"), i))) is not None]
+    kw: dict[str, Any] = {}
+    if "use_remote_address" in cfg:
+        kw["use_remote_address"] = as_bool(ctx, cfg["use_remote_address"], sub(path, "use_remote_address"))
+    if "max_request_headers_kb" in cfg:
+        kw["max_request_headers_kb"] = as_int(ctx, cfg["max_request_headers_kb"], sub(path, "max_request_headers_kb"),
+                                              1, 8192)
+    if "stream_idle_timeout" in cfg:
+        kw["stream_idle_timeout_s"] = duration(ctx, cfg["stream_idle_timeout"], sub(path, "stream_idle_timeout"))
+    return HttpConnectionManager(stat_prefix=stat_prefix, route_config=route_config, access_logs=tuple(logs),
+                                 codec_type=codec, **kw)
+
+
+def _http_filters(ctx: Ctx, value: Any, path: str) -> None:
+    """Only the router: any other HTTP filter would transform traffic in ways we would silently skip."""
+    for i, f in enumerate(as_list(ctx, value, path)):
+        fpath = sub(path, i)
+        f = as_dict(ctx, f, fpath, allow_none=False)
+        name = f.get("name")
+        if name not in ROUTER_NAMES:
+            raise ctx.error(sub(fpath, "name"), f"http filter {name!r} is not supported; running without it "
+                                                "would change behaviour (only envoy.filters.http.router is)")
+        check_keys(ctx, f, fpath, ("typed_config", "config"), silent=("name",))
+        for key in ("typed_config", "config"):
+            cfg = as_dict(ctx, f.get(key), sub(fpath, key))
+            check_keys(ctx, cfg, sub(fpath, key), ())
+
+
+def _access_log(ctx: Ctx, value: Any, path: str) -> AccessLog | None:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("typed_config", "config", "filter"), silent=("name",))
+    name = obj.get("name")
+    if "filter" in obj:
+        ctx.warn(sub(path, "filter"), "not implemented, ignored (every request is logged)")
+    key = "typed_config" if "typed_config" in obj else "config"
+    cpath = sub(path, key)
+    cfg = as_dict(ctx, obj.get(key), cpath)
+    if name in STD_LOGGERS:
+        check_keys(ctx, cfg, cpath, ("log_format",))
+        return AccessLog(path=STD_LOGGERS[name], format=_log_format(ctx, cfg, cpath))
+    if name not in FILE_LOGGERS:
+        ctx.warn(sub(path, "name"), f"access logger {name!r} not implemented, ignored")
+        return None
+    check_keys(ctx, cfg, cpath, ("path", "log_format", "format"))
+    if "path" not in cfg:
+        raise ctx.error(sub(cpath, "path"), "required")
+    return AccessLog(path=as_str(ctx, cfg["path"], sub(cpath, "path")), format=_log_format(ctx, cfg, cpath))
+
+
+def _log_format(ctx: Ctx, cfg: dict[str, Any], path: str) -> str | None:
+    if "format" in cfg:  # v2 FileAccessLog.format
+        return as_str(ctx, cfg["format"], sub(path, "format"))
+    if "log_format" not in cfg:
+        return None
+    lpath = sub(path, "log_format")
+    lf = as_dict(ctx, cfg["log_format"], lpath)
+    check_keys(ctx, lf, lpath, ("text_format", "text_format_source"),
+               errors={"json_format": "JSON access log format is not supported",
+                       "typed_json_format": "JSON access log format is not supported"})
+    if "text_format" in lf:
+        return as_str(ctx, lf["text_format"], sub(lpath, "text_format"))
+    if "text_format_source" in lf:
+        spath = sub(lpath, "text_format_source")
+        src = as_dict(ctx, lf["text_format_source"], spath)
+        check_keys(ctx, src, spath, ("inline_string",),
+                   errors={"filename": "only inline_string is supported", "inline_bytes": "only inline_string is "
+                           "supported"})
+        return as_str(ctx, src.get("inline_string"), sub(spath, "inline_string"))
+    return None
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+def _route_config(ctx: Ctx, value: Any, path: str) -> RouteConfig:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("name", "virtual_hosts"), errors={"vhds": _DYNAMIC})
+    vpath = sub(path, "virtual_hosts")
+    vhosts = [_virtual_host(ctx, v, sub(vpath, i)) for i, v in enumerate(as_list(ctx, obj.get("virtual_hosts"), vpath))]
+    seen: dict[str, str] = {}
+    for i, vh in enumerate(vhosts):
+        for d in vh.domains:
+            if d.lower() in seen:
+                raise ctx.error(sub(sub(vpath, i), "domains"),
+                                f"domain {d!r} is already used by virtual host {seen[d.lower()]!r}")
+            seen[d.lower()] = vh.name
+    name = as_str(ctx, obj["name"], sub(path, "name")) if "name" in obj else ""
+    return RouteConfig(name=name, virtual_hosts=tuple(vhosts))
+
+
+def _virtual_host(ctx: Ctx, value: Any, path: str) -> VirtualHost:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("name", "domains", "routes", "retry_policy", "require_tls"))
+    if str(obj.get("require_tls", "NONE")).upper() != "NONE":
+        raise ctx.error(sub(path, "require_tls"), _TLS)
+    if "name" not in obj:
+        raise ctx.error(sub(path, "name"), "required")
+    dpath = sub(path, "domains")
+    domains = tuple(as_str(ctx, d, sub(dpath, i)) for i, d in enumerate(as_list(ctx, obj.get("domains"), dpath)))
+    if not domains:
+        raise ctx.error(dpath, "at least one domain is required")
+    rpath = sub(path, "routes")
+    routes = tuple(_route(ctx, r, sub(rpath, i)) for i, r in enumerate(as_list(ctx, obj.get("routes"), rpath)))
+    policy = retry_policy(ctx, obj["retry_policy"], sub(path, "retry_policy")) if "retry_policy" in obj else None
+    return VirtualHost(name=as_str(ctx, obj["name"], sub(path, "name")), domains=domains, routes=routes,
+                       retry_policy=policy)
+
+
+def _route(ctx: Ctx, value: Any, path: str) -> Route:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("name", "match", "route", "direct_response"),
+               errors={"redirect": "redirect routes are not supported",
+                       "filter_action": "filter_action routes are not supported"})
+    actions = [k for k in ("route", "direct_response") if k in obj]
+    if len(actions) != 1:
+        raise ctx.error(path, "exactly one of route or direct_response is required")
+    if "match" not in obj:
+        raise ctx.error(sub(path, "match"), "required")
+    match = _match(ctx, obj["match"], sub(path, "match"))
+    name = as_str(ctx, obj["name"], sub(path, "name")) if "name" in obj else ""
+    if "direct_response" in obj:
+        return Route(match=match, direct_response=_direct(ctx, obj["direct_response"], sub(path, "direct_response")),
+                     name=name)
+    apath = sub(path, "route")
+    act = as_dict(ctx, obj["route"], apath, allow_none=False)
+    check_keys(ctx, act, apath, ("cluster", "timeout", "retry_policy", "prefix_rewrite"),
+               errors={"weighted_clusters": "weighted_clusters is not supported; use one cluster",
+                       "cluster_header": "cluster_header is not supported; use a fixed cluster",
+                       "cluster_specifier_plugin": "cluster_specifier_plugin is not supported",
+                       "regex_rewrite": "regex_rewrite is not supported; use prefix_rewrite"})
+    if "cluster" not in act:
+        raise ctx.error(sub(apath, "cluster"), "required")
+    cluster = as_str(ctx, act["cluster"], sub(apath, "cluster"))
+    if ctx.clusters is not None and cluster not in ctx.clusters:
+        raise ctx.error(sub(apath, "cluster"), f"unknown cluster {cluster!r} (not in static_resources.clusters)")
+    kw: dict[str, Any] = {}
+    if "timeout" in act:
+        kw["timeout_s"] = duration(ctx, act["timeout"], sub(apath, "timeout"))
+    if "retry_policy" in act:
+        kw["retry_policy"] = retry_policy(ctx, act["retry_policy"], sub(apath, "retry_policy"))
+    if "prefix_rewrite" in act:
+        if not isinstance(act["prefix_rewrite"], str):
+            raise ctx.error(sub(apath, "prefix_rewrite"), "expected a string")
+        kw["prefix_rewrite"] = act["prefix_rewrite"]
+    return Route(match=match, cluster=cluster, name=name, **kw)
+
+
+def _regex(ctx: Ctx, value: Any, path: str, flags: int = 0) -> re.Pattern[str]:
+    """Envoy's safe_regex {google_re2, regex}, or a bare legacy regex string."""
+    if isinstance(value, dict):
+        check_keys(ctx, value, path, ("regex",), silent=("google_re2",))
+        value, path = value.get("regex"), sub(path, "regex")
+    pattern = as_str(ctx, value, path)
+    try:
+        return re.compile(pattern, flags)
+    except re.error as exc:
+        raise ctx.error(path, f"invalid regex {pattern!r}: {exc}") from None
+
+
+def _match(ctx: Ctx, value: Any, path: str) -> RouteMatch:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    unsupported = "match condition not supported; ignoring it would route requests it should not"
+    check_keys(ctx, obj, path, ("prefix", "path", "safe_regex", "regex", "headers", "case_sensitive"),
+               errors={k: unsupported for k in ("query_parameters", "grpc", "runtime_fraction", "tls_context",
+                                                "dynamic_metadata", "connect_matcher", "path_separated_prefix",
+                                                "path_match_policy", "filter_state")})
+    specs = [k for k in ("prefix", "path", "safe_regex", "regex") if k in obj]
+    if len(specs) != 1:
+        raise ctx.error(path, "exactly one of prefix, path or safe_regex is required")
+    kw: dict[str, Any] = {}
+    spec = specs[0]
+    if spec in ("prefix", "path"):
+        if not isinstance(obj[spec], str):
+            raise ctx.error(sub(path, spec), "expected a string")
+        kw[spec] = obj[spec]
+    else:
+        kw["regex"] = _regex(ctx, obj[spec], sub(path, spec))
+    if "case_sensitive" in obj:
+        kw["case_sensitive"] = as_bool(ctx, obj["case_sensitive"], sub(path, "case_sensitive"))
+    hpath = sub(path, "headers")
+    kw["headers"] = tuple(_header(ctx, h, sub(hpath, i)) for i, h in enumerate(as_list(ctx, obj.get("headers"), hpath)))
+    return RouteMatch(**kw)
+
+
+def _header(ctx: Ctx, value: Any, path: str) -> HeaderMatch:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("name", "exact_match", "string_match", "prefix_match", "suffix_match",
+                                "safe_regex_match", "regex_match", "present_match", "invert_match"),
+               errors={"range_match": "range_match is not supported", "contains_match": "contains_match is not "
+                       "supported; use string_match.contains"})
+    if "name" not in obj:
+        raise ctx.error(sub(path, "name"), "required")
+    name = as_str(ctx, obj["name"], sub(path, "name")).lower()
+    invert = as_bool(ctx, obj["invert_match"], sub(path, "invert_match")) if "invert_match" in obj else False
+    specs = [k for k in ("exact_match", "string_match", "prefix_match", "suffix_match", "safe_regex_match",
+                         "regex_match", "present_match") if k in obj]
+    if len(specs) > 1:
+        raise ctx.error(path, f"only one match specifier is allowed, got {', '.join(specs)}")
+    if not specs:  # Envoy: a header matcher without a specifier matches on presence
+        return HeaderMatch(name=name, present=True, invert=invert)
+    spec = specs[0]
+    spath = sub(path, spec)
+    if spec == "present_match":
+        return HeaderMatch(name=name, present=as_bool(ctx, obj[spec], spath), invert=invert)
+    if spec in ("safe_regex_match", "regex_match"):
+        return HeaderMatch(name=name, regex=_regex(ctx, obj[spec], spath), invert=invert)
+    if spec != "string_match":
+        if not isinstance(obj[spec], str):
+            raise ctx.error(spath, "expected a string")
+        kind = {"exact_match": "exact", "prefix_match": "prefix", "suffix_match": "suffix"}[spec]
+        return HeaderMatch(name=name, invert=invert, **{kind: obj[spec]})
+    sm = as_dict(ctx, obj[spec], spath, allow_none=False)
+    check_keys(ctx, sm, spath, ("exact", "prefix", "suffix", "safe_regex", "contains", "ignore_case"))
+    kinds = [k for k in ("exact", "prefix", "suffix", "safe_regex", "contains") if k in sm]
+    if len(kinds) != 1:
+        raise ctx.error(spath, "exactly one of exact, prefix, suffix, contains or safe_regex is required")
+    kind = kinds[0]
+    if kind == "safe_regex":
+        return HeaderMatch(name=name, regex=_regex(ctx, sm[kind], sub(spath, kind)), invert=invert)
+    text = sm[kind]
+    if not isinstance(text, str):
+        raise ctx.error(sub(spath, kind), "expected a string")
+    ignore_case = as_bool(ctx, sm["ignore_case"], sub(spath, "ignore_case")) if "ignore_case" in sm else False
+    if kind == "contains" or ignore_case:
+        # The model has no case-insensitive or contains matchers; a full-match regex
+        # (Envoy's regex semantics) expresses both exactly.
+        esc = re.escape(text)
+        pattern = {"exact": esc, "prefix": esc + ".*", "suffix": ".*" + esc, "contains": ".*" + esc + ".*"}[kind]
+        return HeaderMatch(name=name, regex=re.compile(pattern, re.DOTALL | (re.IGNORECASE if ignore_case else 0)),
+                           invert=invert)
+    return HeaderMatch(name=name, invert=invert, **{kind: text})
+
+
+def _direct(ctx: Ctx, value: Any, path: str) -> DirectResponse:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("status", "body"))
+    if "status" not in obj:
+        raise ctx.error(sub(path, "status"), "required")
+    status = as_int(ctx, obj["status"], sub(path, "status"), 200, 599)
+    body = b""
+    if obj.get("body") is not None:
+        bpath = sub(path, "body")
+        b = as_dict(ctx, obj["body"], bpath)
+        check_keys(ctx, b, bpath, ("inline_string", "inline_bytes"),
+                   errors={"filename": "body from a file is not supported; use inline_string"})
+        if "inline_string" in b:
+            if not isinstance(b["inline_string"], str):
+                raise ctx.error(sub(bpath, "inline_string"), "expected a string")
+            body = b["inline_string"].encode()
+        elif "inline_bytes" in b:
+            try:
+                body = base64.b64decode(str(b["inline_bytes"]), validate=True)
+            except (binascii.Error, ValueError):
+                raise ctx.error(sub(bpath, "inline_bytes"), "expected base64") from None
+    return DirectResponse(status=status, body=body)
+
+
+# --- clusters ---------------------------------------------------------------------------------
+
+def _cluster(ctx: Ctx, value: Any, path: str, pod_ip: str) -> Cluster:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("name", "type", "connect_timeout", "lb_policy", "load_assignment", "hosts",
+                                "circuit_breakers", "dns_refresh_rate", "per_connection_buffer_limit_bytes",
+                                "http2_protocol_options", "dns_lookup_family"),
+               errors={"transport_socket": _TLS, "tls_context": _TLS,
+                       "eds_cluster_config": _DYNAMIC, "cluster_type": "custom cluster types are not supported",
+                       "transport_socket_matches": _TLS})
+    if "name" not in obj:
+        raise ctx.error(sub(path, "name"), "required")
+    name = as_str(ctx, obj["name"], sub(path, "name"))
+    ctype = as_str(ctx, obj.get("type", "STATIC"), sub(path, "type")).upper()
+    if ctype in ("EDS", "ORIGINAL_DST"):
+        raise ctx.error(sub(path, "type"), f"{ctype} clusters are not supported"
+                        + (f" ({_DYNAMIC})" if ctype == "EDS" else ""))
+    if ctype not in CLUSTER_TYPES:
+        raise ctx.error(sub(path, "type"), f"unknown cluster type {obj['type']!r} (one of {', '.join(CLUSTER_TYPES)})")
+    if "http2_protocol_options" in obj:
+        ctx.warn(sub(path, "http2_protocol_options"), "not implemented, ignored (we speak HTTP/1.1 upstream)")
+    family = str(obj.get("dns_lookup_family", "AUTO")).upper()
+    if family not in ("AUTO", "V4_ONLY", "V4_PREFERRED", "ALL"):
+        ctx.warn(sub(path, "dns_lookup_family"), f"{family} not implemented, ignored (IPv4 is used)")
+
+    endpoints = _endpoints(ctx, obj, path, pod_ip)
+    if ctype == "STATIC":
+        for ep, where in endpoints:
+            if not is_ip(ep.host):
+                raise ctx.error(where, f"STATIC clusters need IP addresses, got {ep.host!r} (use type STRICT_DNS)")
+    kw: dict[str, Any] = {}
+    if "connect_timeout" in obj:
+        kw["connect_timeout_s"] = duration(ctx, obj["connect_timeout"], sub(path, "connect_timeout"))
+    if "lb_policy" in obj:
+        kw["lb_policy"] = lb_policy(ctx, obj["lb_policy"], sub(path, "lb_policy"))
+    if "dns_refresh_rate" in obj:
+        kw["dns_refresh_rate_s"] = duration(ctx, obj["dns_refresh_rate"], sub(path, "dns_refresh_rate"))
+    if "per_connection_buffer_limit_bytes" in obj:
+        kw["per_connection_buffer_limit_bytes"] = as_int(ctx, obj["per_connection_buffer_limit_bytes"],
+                                                         sub(path, "per_connection_buffer_limit_bytes"), 1)
+    if obj.get("circuit_breakers") is not None:
+        kw["circuit_breakers"] = _circuit_breakers(ctx, obj["circuit_breakers"], sub(path, "circuit_breakers"))
+    return Cluster(name=name, type=ctype, endpoints=tuple(ep for ep, _ in endpoints), **kw)
+
+
+def _endpoints(ctx: Ctx, obj: dict[str, Any], path: str, pod_ip: str) -> list[tuple[Endpoint, str]]:
+    found: list[tuple[Endpoint, str]] = []
+
+    def add(addr: Any, apath: str) -> None:
+        host, port = _socket_address(ctx, addr, apath)
+        found.append((Endpoint(host=local_host(host, pod_ip), port=port), sub(apath, "socket_address.address")))
+
+    hpath = sub(path, "hosts")
+    for i, h in enumerate(as_list(ctx, obj.get("hosts"), hpath)):  # v2 legacy: hosts[] are Address messages
+        add(h, sub(hpath, i))
+    if obj.get("load_assignment") is None:
+        return found
+    lpath = sub(path, "load_assignment")
+    la = as_dict(ctx, obj["load_assignment"], lpath)
+    check_keys(ctx, la, lpath, ("endpoints",), silent=("cluster_name",))
+    epath = sub(lpath, "endpoints")
+    for i, group in enumerate(as_list(ctx, la.get("endpoints"), epath)):
+        gpath = sub(epath, i)
+        group = as_dict(ctx, group, gpath)
+        check_keys(ctx, group, gpath, ("lb_endpoints",))
+        lbpath = sub(gpath, "lb_endpoints")
+        for j, lbe in enumerate(as_list(ctx, group.get("lb_endpoints"), lbpath)):
+            bpath = sub(lbpath, j)
+            lbe = as_dict(ctx, lbe, bpath, allow_none=False)
+            check_keys(ctx, lbe, bpath, ("endpoint",))
+            ep = as_dict(ctx, lbe.get("endpoint"), sub(bpath, "endpoint"), allow_none=False)
+            check_keys(ctx, ep, sub(bpath, "endpoint"), ("address",), silent=("hostname",))
+            add(ep.get("address"), sub(sub(bpath, "endpoint"), "address"))
+    return found
+
+
+def _circuit_breakers(ctx: Ctx, value: Any, path: str) -> CircuitBreakers:
+    """The DEFAULT-priority thresholds; HIGH ones only apply to HIGH-priority routes, which we have none of."""
+    obj = as_dict(ctx, value, path)
+    check_keys(ctx, obj, path, ("thresholds",))
+    tpath = sub(path, "thresholds")
+    entries = as_list(ctx, obj.get("thresholds"), tpath)
+    for i, t in enumerate(entries):
+        if isinstance(t, dict) and str(t.get("priority", "DEFAULT")).upper() == "DEFAULT":
+            return circuit_breaker_threshold(ctx, t, sub(tpath, i))
+    return circuit_breaker_threshold(ctx, {}, tpath)
+
+
+# --- admin and cross-checks ---------------------------------------------------------------------
+
+def _admin(ctx: Ctx, value: Any, path: str, pod_ip: str, public_admin: bool) -> Admin:
+    obj = as_dict(ctx, value, path)
+    check_keys(ctx, obj, path, ("address", "access_log_path", "access_log"))
+    if "address" not in obj:
+        raise ctx.error(sub(path, "address"), "required")
+    written, port = _socket_address(ctx, obj["address"], sub(path, "address"))
+    if public_admin:
+        address = written if written in ("0.0.0.0", "::") else local_host(written, pod_ip)
+    else:
+        address = local_host(written, pod_ip)
+        if address != pod_ip:
+            address = pod_ip
+            ctx.warn(sub(path, "address.socket_address.address"),
+                     f"{written} not used; the admin interface is bound to the pod alias {pod_ip} "
+                     "(pass public_admin to expose it)")
+        elif written in ("0.0.0.0", "::"):
+            ctx.warn(sub(path, "address.socket_address.address"),
+                     f"{written} would expose the admin interface; bound to the pod alias {pod_ip} instead")
+    log_path = None
+    if obj.get("access_log_path") is not None:
+        log_path = as_str(ctx, obj["access_log_path"], sub(path, "access_log_path"))
+    logs = [log for i, a in enumerate(as_list(ctx, obj.get("access_log"), sub(path, "access_log")))
+            if (log := _access_log(ctx, a, sub(sub(path, "access_log"), i))) is not None]
+    if log_path is None and logs:
+        log_path = logs[0].path
+    return Admin(address=address, port=port, access_log_path=log_path)
+
+
+def _cross_check(ctx: Ctx, listeners: list[Listener], clusters: list[Cluster], admin: Admin | None) -> None:
+    """Whole-file checks Envoy also makes at startup, so a bad file fails before any process starts."""
+    seen: set[str] = set()
+    for i, c in enumerate(clusters):
+        if c.name in seen:
+            raise ctx.error(f"static_resources.clusters[{i}].name", f"duplicate cluster name {c.name!r}")
+        seen.add(c.name)
+    names: set[str] = set()
+    bound: dict[tuple[str, int], str] = {}
+    if admin is not None:
+        bound[(admin.address, admin.port)] = "the admin interface"
+    for i, lst in enumerate(listeners):
+        lpath = f"static_resources.listeners[{i}]"
+        if lst.name in names:
+            raise ctx.error(sub(lpath, "name"), f"duplicate listener name {lst.name!r}")
+        names.add(lst.name)
+        for key in ((lst.address, lst.port), ("0.0.0.0", lst.port)):
+            if key in bound:
+                raise ctx.error(sub(lpath, "address"), f"{lst.original_address}:{lst.port} is already used by "
+                                                       f"{bound[key]}")
+        bound[(lst.address, lst.port)] = f"listener {lst.name!r}"

@@ -1,0 +1,64 @@
+"""Request header filters applied to every proxied request, in order.
+
+Each is a small function (stream, headers) -> headers, so a feature is one
+entry in ``DEFAULT_REQUEST_FILTERS`` rather than a branch inside the router
+(the mitmproxy addon idea, at the size this proxy needs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from sidecar.http1 import HOP_BY_HOP, Headers, connection_tokens
+
+if TYPE_CHECKING:
+    from sidecar.server import Stream
+
+RequestFilter = Callable[["Stream", Headers], Headers]
+
+#: Headers that steer this proxy; they are consumed here, not sent upstream.
+CONTROL_HEADERS = frozenset({
+    b"x-envoy-retry-on", b"x-envoy-max-retries", b"x-envoy-retriable-status-codes",
+    b"x-envoy-upstream-rq-timeout-ms", b"x-envoy-upstream-rq-per-try-timeout-ms",
+})
+
+
+def strip_hop_by_hop(stream: Stream, headers: Headers) -> Headers:
+    """Connection-level headers belong to one hop (RFC 7230 6.1), as do our control headers."""
+    extra = connection_tokens(headers)
+    return [(n, v) for n, v in headers
+            if n not in HOP_BY_HOP and n not in extra and n not in CONTROL_HEADERS]
+
+
+def forwarded_for(stream: Stream, headers: Headers) -> Headers:
+    """Append the client's address so the upstream can see who asked."""
+    ip = stream.conn.remote.rpartition(":")[0].encode()
+    for i, (n, v) in enumerate(headers):
+        if n == b"x-forwarded-for":
+            headers[i] = (n, v + b", " + ip)
+            break
+    else:
+        headers.append((b"x-forwarded-for", ip))
+    if not any(n == b"x-forwarded-proto" for n, _ in headers):
+        headers.append((b"x-forwarded-proto", b"http"))
+    return headers
+
+
+def _uuid4() -> bytes:
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+
+
+def request_id(stream: Stream, headers: Headers) -> Headers:
+    """Keep a caller's x-request-id (tracing joins on it), make one up otherwise."""
+    if not any(n == b"x-request-id" for n, _ in headers):
+        headers.append((b"x-request-id", _uuid4()))
+    return headers
+
+
+DEFAULT_REQUEST_FILTERS: tuple[RequestFilter, ...] = (strip_hop_by_hop, forwarded_for, request_id)

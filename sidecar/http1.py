@@ -1,0 +1,66 @@
+"""HTTP/1.1 wire details shared by the downstream and upstream sides.
+
+Headers travel as lists of (name, value) byte pairs in arrival order, names
+lower-cased once at parse time: the proxy must keep repeated headers and
+their order, and lower-case names make the hop-by-hop checks a set lookup.
+"""
+
+from __future__ import annotations
+
+Headers = list[tuple[bytes, bytes]]
+
+#: RFC 7230 6.1 hop-by-hop headers, plus the legacy ones proxies strip too.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+
+STATUS_REASONS = {
+    100: b"Continue", 200: b"OK", 201: b"Created", 204: b"No Content", 301: b"Moved Permanently",
+    302: b"Found", 304: b"Not Modified", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict", 413: b"Payload Too Large",
+    414: b"URI Too Long", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def status_line(code: int) -> bytes:
+    line = _STATUS_LINES.get(code)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (code, STATUS_REASONS.get(code, b"Unknown"))
+        _STATUS_LINES[code] = line
+    return line
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    """Header names listed in Connection: they are hop-by-hop for this message only."""
+    out: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            out.update(t.strip().lower() for t in value.split(b","))
+    return out
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    extra = connection_tokens(headers)
+    if extra:
+        return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in extra]
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP]
+
+
+def serialize_headers(headers: Headers) -> bytes:
+    return b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers)
+
+
+def no_body_expected(method: bytes, status: int) -> bool:
+    return method == b"HEAD" or status in (204, 304) or 100 <= status < 200
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,76 @@
+"""Envoy's retry semantics for one request: which outcomes retry, how many times, how long to wait.
+
+The policy comes from the route (else its virtual host) and may be widened
+per request by the ``x-envoy-retry-on`` / ``x-envoy-max-retries`` /
+``x-envoy-retriable-status-codes`` headers, as Envoy allows.
+"""
+
+from __future__ import annotations
+
+import random
+
+from sidecar.config import RetryPolicy
+from sidecar.http1 import Headers
+
+#: Failures that happen before a response head arrives.
+CONNECT_FAILURE = "connect-failure"
+RESET = "reset"
+PER_TRY_TIMEOUT = "per-try-timeout"
+
+_GATEWAY_CODES = (502, 503, 504)
+
+
+class RetryState:
+    __slots__ = ("retry_on", "codes", "retries_left", "base", "max", "attempt_retries", "per_try_timeout_s")
+
+    def __init__(self, policy: RetryPolicy | None, headers: Headers) -> None:
+        retry_on: set[str] = set(policy.retry_on) if policy else set()
+        codes: set[int] = set(policy.retriable_status_codes) if policy else set()
+        num = policy.num_retries if policy else 0
+        self.per_try_timeout_s = policy.per_try_timeout_s if policy else None
+        for name, value in headers:
+            if name == b"x-envoy-retry-on":
+                retry_on.update(t.strip() for t in value.decode("latin-1").split(",") if t.strip())
+                if policy is None:
+                    num = 1
+            elif name == b"x-envoy-max-retries" and value.strip().isdigit():
+                num = int(value)
+            elif name == b"x-envoy-retriable-status-codes":
+                codes.update(int(t) for t in value.decode("latin-1").split(",") if t.strip().isdigit())
+            elif name == b"x-envoy-upstream-rq-per-try-timeout-ms" and value.strip().isdigit():
+                self.per_try_timeout_s = int(value) / 1000 or None
+        self.retry_on = frozenset(retry_on)
+        self.codes = frozenset(codes)
+        self.retries_left = num if self.retry_on else 0
+        self.base = policy.backoff_base_s if policy else 0.025
+        self.max = (policy.backoff_max_s if policy and policy.backoff_max_s else None) or self.base * 10
+        self.attempt_retries = 0
+
+    def status_retriable(self, status: int) -> bool:
+        on = self.retry_on
+        if not on:
+            return False
+        if status >= 500 and "5xx" in on:
+            return True
+        if status in _GATEWAY_CODES and "gateway-error" in on:
+            return True
+        if status == 409 and "retriable-4xx" in on:
+            return True
+        return "retriable-status-codes" in on and status in self.codes
+
+    def failure_retriable(self, kind: str) -> bool:
+        on = self.retry_on
+        if not on:
+            return False
+        if "5xx" in on or "gateway-error" in on:
+            return True  # Envoy: both include connect failures, resets and per-try timeouts
+        if kind == CONNECT_FAILURE:
+            return "connect-failure" in on or "reset" in on
+        if kind == RESET:
+            return "reset" in on
+        return False
+
+    def backoff_s(self) -> float:
+        """Full jitter: uniform in [0, min(max, base * (2^n - 1))] for the n-th retry."""
+        n = self.attempt_retries
+        return random.uniform(0, min(self.max, self.base * ((1 << n) - 1)))

@@ -1,0 +1,348 @@
+"""The downstream side: one protocol object per client connection, httptools callbacks.
+
+Shaped like uvicorn's httptools protocol: the parser drives callbacks, each
+request becomes a ``Stream``, streams of one connection are served strictly
+in order (pipelining), and flow control is end to end — when the client reads
+slowly, the upstream side is paused, never buffered without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import httptools
+
+from sidecar.http1 import LAST_CHUNK, Headers, chunk, no_body_expected, serialize_headers, status_line
+from sidecar.request_info import FLAG_DOWNSTREAM_PROTOCOL_ERROR, RequestInfo
+
+Handler = Callable[["Stream"], Coroutine[Any, Any, None]]
+
+#: A request body up to this size is buffered so it can be replayed on retry.
+BODY_BUFFER_LIMIT = 1024 * 1024
+MAX_URL_BYTES = 16 * 1024
+HIGH_WATER = 256 * 1024
+
+
+class Stream:
+    """One request and its response on a downstream connection."""
+
+    __slots__ = (
+        "conn", "method", "url", "headers", "http_version", "keep_alive", "body", "body_complete",
+        "streaming", "body_sink", "body_done_sink", "info", "head_sent", "chunked_response", "done",
+        "head_only", "task", "header_bytes", "content_length", "chunked_request", "expect_continue",
+        "response_close", "bytes_sent",
+    )
+
+    def __init__(self, conn: DownstreamProtocol) -> None:
+        self.conn = conn
+        self.method = b""
+        self.url = b""
+        self.headers: Headers = []
+        self.http_version = "1.1"
+        self.keep_alive = True
+        self.body = bytearray()
+        self.body_complete = False
+        self.streaming = False  # body larger than the buffer limit: forwarded as it comes, no replay
+        self.body_sink: Callable[[bytes], None] | None = None
+        self.body_done_sink: Callable[[], None] | None = None
+        now = time.time()
+        self.info = RequestInfo(start_time=now, start_monotonic=time.monotonic(),
+                                downstream_remote=conn.remote, downstream_local=conn.local)
+        self.head_sent = False
+        self.chunked_response = False
+        self.done = False
+        self.head_only = False
+        self.task: asyncio.Task[None] | None = None
+        self.header_bytes = 0
+        self.content_length: int | None = None
+        self.chunked_request = False
+        self.expect_continue = False
+        self.response_close = False
+        self.bytes_sent = 0
+
+    @property
+    def replayable(self) -> bool:
+        return self.body_complete and not self.streaming
+
+    def header(self, name: bytes) -> bytes | None:
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None
+
+    # -- response ---------------------------------------------------------------
+    def send_head(self, status: int, headers: Headers, content_length: int | None) -> None:
+        """Start the response; ``content_length`` None means the length is unknown (chunked)."""
+        if self.head_sent:
+            return
+        self.head_sent = True
+        self.info.response_code = status
+        self.head_only = no_body_expected(self.method, status)
+        out = [status_line(status), serialize_headers(headers)]
+        if not self.head_only or self.method == b"HEAD":
+            if content_length is not None:
+                out.append(b"content-length: %d\r\n" % content_length)
+            elif not self.head_only:
+                if self.http_version == "1.1":
+                    self.chunked_response = True
+                    out.append(b"transfer-encoding: chunked\r\n")
+                else:
+                    self.response_close = True
+        if not self.keep_alive or self.response_close:
+            out.append(b"connection: close\r\n")
+        out.append(b"\r\n")
+        self.conn.write(b"".join(out))
+
+    def send_body(self, data: bytes) -> None:
+        if self.head_only or not data or self.done:
+            return
+        self.bytes_sent += len(data)
+        self.conn.write(chunk(data) if self.chunked_response else data)
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.chunked_response and not self.head_only:
+            self.conn.write(LAST_CHUNK)
+        self.info.bytes_sent = self.bytes_sent
+        self.conn.stream_finished(self)
+
+    def reply(self, status: int, body: bytes = b"", headers: Headers | None = None,
+              content_type: bytes = b"text/plain") -> None:
+        """A complete response generated here (local reply, admin page)."""
+        hdrs = list(headers or [])
+        if body:
+            hdrs.append((b"content-type", content_type))
+        self.send_head(status, hdrs, len(body))
+        self.send_body(body)
+        self.finish()
+
+    def abort(self) -> None:
+        """Give up on a response already under way: the client sees a truncated reply."""
+        self.done = True
+        self.conn.stream_finished(self, broken=True)
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    def __init__(self, handler: Handler, on_open: Callable[[], None] | None = None,
+                 on_close: Callable[[], None] | None = None, max_header_bytes: int = 60 * 1024,
+                 on_protocol_error: Callable[[Stream, int], None] | None = None,
+                 on_stream_done: Callable[[Stream], None] | None = None) -> None:
+        self.handler = handler
+        self.on_stream_done = on_stream_done
+        self.on_open = on_open
+        self.on_close = on_close
+        self.on_protocol_error = on_protocol_error
+        self.max_header_bytes = max_header_bytes
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.remote = ""
+        self.local = ""
+        self.current: Stream | None = None  # being parsed
+        self.active: Stream | None = None  # being served
+        self.queue: deque[Stream] = deque()
+        self.closed = False
+        self.write_paused = False
+        self.drain_waiters: list[Callable[[], None]] = []
+        self.loop = asyncio.get_event_loop()
+
+    # -- connection ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        self.remote = f"{peer[0]}:{peer[1]}" if peer else ""
+        self.local = f"{sock[0]}:{sock[1]}" if sock else ""
+        if self.on_open:
+            self.on_open()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for s in (self.active, *self.queue):
+            if s is not None and s.task is not None and not s.task.done():
+                s.task.cancel()  # the client is gone: stop the upstream attempt too
+        self.queue.clear()
+        for w in self.drain_waiters:
+            w()
+        self.drain_waiters.clear()
+        if self.on_close:
+            self.on_close()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._protocol_error(400, b"upgrade not supported")
+        except httptools.HttpParserError:
+            self._protocol_error(400, b"malformed request")
+        except _Reject as rej:
+            self._protocol_error(rej.status, rej.body)
+
+    def _protocol_error(self, status: int, body: bytes) -> None:
+        stream = self.current or Stream(self)
+        stream.keep_alive = False
+        stream.info.response_flags.append(FLAG_DOWNSTREAM_PROTOCOL_ERROR)
+        stream.info.response_code = status
+        if self.on_protocol_error:
+            self.on_protocol_error(stream, status)
+        if self.active is None or self.active is stream:
+            hdrs: Headers = [(b"content-type", b"text/plain")]
+            self.write(status_line(status) + serialize_headers(hdrs)
+                       + b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for w in waiters:
+            w()
+
+    # -- parser callbacks ---------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.current = Stream(self)
+
+    def on_url(self, url: bytes) -> None:
+        s = self.current
+        assert s is not None
+        s.url += url
+        if len(s.url) > MAX_URL_BYTES:
+            raise _Reject(414, b"uri too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        s = self.current
+        assert s is not None
+        s.header_bytes += len(name) + len(value) + 4
+        if s.header_bytes > self.max_header_bytes:
+            raise _Reject(431, b"request header fields too large")
+        s.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        s = self.current
+        assert s is not None
+        p = self.parser
+        s.method = p.get_method()
+        s.http_version = p.get_http_version()
+        s.keep_alive = p.should_keep_alive()
+        te = cl = None
+        for name, value in s.headers:
+            if name == b"transfer-encoding":
+                te = value
+            elif name == b"content-length":
+                if cl is not None and cl != value:
+                    raise _Reject(400, b"conflicting content-length")
+                cl = value
+            elif name == b"expect" and value.lower() == b"100-continue":
+                s.expect_continue = True
+        if te is not None:
+            if cl is not None:  # request smuggling vector (RFC 7230 3.3.3): refuse outright
+                raise _Reject(400, b"content-length and transfer-encoding together")
+            if te.strip().lower() != b"chunked":
+                raise _Reject(501, b"unsupported transfer-encoding")
+            s.chunked_request = True
+        elif cl is not None:
+            s.content_length = int(cl)
+        if s.expect_continue and self.active is None:
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if not s.chunked_request and not s.content_length:
+            s.body_complete = True
+            self._ready(s)
+
+    def on_body(self, body: bytes) -> None:
+        s = self.current
+        assert s is not None
+        s.info.bytes_received += len(body)
+        if s.streaming:
+            if s.body_sink is not None:
+                s.body_sink(body)
+            else:
+                s.body += body
+            return
+        s.body += body
+        if len(s.body) > BODY_BUFFER_LIMIT:
+            s.streaming = True
+            self._ready(s)
+
+    def on_message_complete(self) -> None:
+        s = self.current
+        assert s is not None
+        self.current = None
+        if s.body_complete and not s.streaming:
+            return  # no body: already dispatched
+        s.body_complete = True
+        if s.streaming:
+            if s.body_done_sink is not None:
+                s.body_done_sink()
+        else:
+            self._ready(s)
+
+    # -- serving ----------------------------------------------------------------
+    def _ready(self, s: Stream) -> None:
+        if self.active is None:
+            self._start(s)
+        else:
+            self.queue.append(s)
+            if self.transport is not None:
+                self.transport.pause_reading()  # pipelined: don't read further ahead
+
+    def _start(self, s: Stream) -> None:
+        self.active = s
+        s.task = self.loop.create_task(self._run(s))
+
+    async def _run(self, s: Stream) -> None:
+        try:
+            await self.handler(s)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # a bug must cost one request, never the process
+            if not s.head_sent:
+                s.info.response_flags.append("LR")
+                s.keep_alive = False
+                s.reply(500, f"internal error: {type(exc).__name__}".encode())
+            elif not s.done:
+                s.abort()
+            import traceback
+
+            traceback.print_exc()
+
+    def stream_finished(self, s: Stream, broken: bool = False) -> None:
+        if s is not self.active:
+            return
+        self.active = None
+        if self.on_stream_done is not None:
+            self.on_stream_done(s)
+        if broken or not s.keep_alive or s.response_close or not s.body_complete:
+            self.close()
+            return
+        if self.queue:
+            self._start(self.queue.popleft())
+        elif self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        if not self.write_paused or self.closed:
+            callback()
+        else:
+            self.drain_waiters.append(callback)
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body

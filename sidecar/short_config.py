@@ -1,0 +1,224 @@
+"""Front end for the topology's short ``sidecar:`` form -> ``sidecar.config.Bootstrap``.
+
+The short form exists so the common pod (one ingress to its own service, a few
+named egress routes) needs no Envoy YAML. It compiles into exactly what the
+equivalent Envoy file would (same listener names, stat prefixes and clusters),
+so the data path, stats and access logs cannot tell the two apart. Being our
+own schema, it is strict: unknown keys are errors with a suggestion, since a
+misspelt ``retry_policy`` silently dropped is a retry that never happens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.config import (
+    AccessLog,
+    Admin,
+    Bootstrap,
+    Cluster,
+    Endpoint,
+    HttpConnectionManager,
+    Listener,
+    Route,
+    RouteConfig,
+    RouteMatch,
+    VirtualHost,
+)
+from sidecar.config_fields import (
+    Ctx,
+    as_dict,
+    as_list,
+    as_port,
+    as_str,
+    check_keys,
+    circuit_breaker_threshold,
+    duration,
+    is_ip,
+    lb_policy,
+    local_host,
+    retry_policy,
+    sub,
+)
+
+DEFAULT_ADMIN_PORT = 9901
+DEFAULT_ACCESS_LOG = "/dev/stdout"
+
+
+def compile_short(section: dict, pod_ip: str, public_admin: bool = False, source: str = "sidecar") -> Bootstrap:
+    """Compile a pod's ``sidecar:`` mapping; raises ConfigError naming the dotted path of the problem."""
+    ctx = Ctx(source, strict=True, sep=".")
+    obj = as_dict(ctx, section, "")
+    if "envoy" in obj:
+        raise ctx.error("envoy", "an Envoy file cannot be combined with the short form here "
+                                 "(sidecar.envoy is compiled by sidecar.envoy_config)")
+    check_keys(ctx, obj, "", ("admin", "access_log", "ingress", "egress"))
+
+    logs = _access_logs(ctx, obj.get("access_log", DEFAULT_ACCESS_LOG), "access_log")
+    admin = _admin(ctx, obj.get("admin"), "admin", pod_ip, public_admin)
+    listeners: list[Listener] = []
+    clusters: list[Cluster] = []
+    ports: dict[int, str] = {admin.port: "admin.port"}
+    for key, build in (("ingress", _ingress), ("egress", _egress)):
+        if obj.get(key) is None:
+            continue
+        listener, cl = build(ctx, obj[key], key, pod_ip, logs)
+        if listener.port in ports:
+            raise ctx.error(sub(key, "port"), f"port {listener.port} is already used by {ports[listener.port]}")
+        ports[listener.port] = sub(key, "port")
+        for c in cl:
+            if any(c.name == other.name for other in clusters):
+                raise ctx.error(key, f"cluster name {c.name!r} is also used by the ingress; rename the target")
+        listeners.append(listener)
+        clusters.extend(cl)
+    return Bootstrap(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin, warnings=tuple(ctx.warnings))
+
+
+def _access_logs(ctx: Ctx, value: Any, path: str) -> tuple[AccessLog, ...]:
+    if value is None or value is False:
+        return ()
+    return (AccessLog(path=as_str(ctx, value, path)),)
+
+
+def _admin(ctx: Ctx, value: Any, path: str, pod_ip: str, public_admin: bool) -> Admin:
+    obj = as_dict(ctx, value, path)
+    check_keys(ctx, obj, path, ("port", "address") if public_admin else ("port",),
+               errors={} if public_admin else {
+                   "address": "the admin interface is always bound to the pod alias (enable public admin to "
+                              "choose an address)"})
+    port = as_port(ctx, obj.get("port", DEFAULT_ADMIN_PORT), sub(path, "port"))
+    address = pod_ip
+    if public_admin and "address" in obj:
+        written = as_str(ctx, obj["address"], sub(path, "address"))
+        address = written if written in ("0.0.0.0", "::") else local_host(written, pod_ip)
+    return Admin(address=address, port=port)
+
+
+def _target(ctx: Ctx, value: Any, path: str, pod_ip: str, default_host: str | None = None) -> tuple[str, int]:
+    """``to``: "host:port", or a bare port when the host is implied (the pod's own service)."""
+    if isinstance(value, int) and not isinstance(value, bool) and default_host is not None:
+        return default_host, as_port(ctx, value, path)
+    if not isinstance(value, str) or ":" not in value:
+        want = "a port or 'host:port'" if default_host is not None else "'host:port'"
+        raise ctx.error(path, f"expected {want}, got {value!r}")
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise ctx.error(path, f"expected 'host:port', got {value!r}")
+    return local_host(host, pod_ip), as_port(ctx, int(port), path)
+
+
+def _cluster_type(host: str) -> str:
+    # Names go through the pod's hosts file at request time, as Envoy's STRICT_DNS re-resolves them.
+    return "STATIC" if is_ip(host) else "STRICT_DNS"
+
+
+def _route_kw(ctx: Ctx, obj: dict[str, Any], path: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if obj.get("timeout") is not None:
+        kw["timeout_s"] = duration(ctx, obj["timeout"], sub(path, "timeout"))
+    if obj.get("retry_policy") is not None:
+        kw["retry_policy"] = retry_policy(ctx, obj["retry_policy"], sub(path, "retry_policy"))
+    return kw
+
+
+def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str,
+             logs: tuple[AccessLog, ...]) -> tuple[Listener, list[Cluster]]:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("port", "to", "timeout", "retry_policy", "connect_timeout"))
+    for key in ("port", "to"):
+        if key not in obj:
+            raise ctx.error(sub(path, key), "required")
+    port = as_port(ctx, obj["port"], sub(path, "port"))
+    host, to_port = _target(ctx, obj["to"], sub(path, "to"), pod_ip, default_host=pod_ip)
+    cluster = Cluster(name="local_service", type=_cluster_type(host), endpoints=(Endpoint(host, to_port),),
+                      **_cluster_kw(ctx, obj, path))
+    route = Route(match=RouteMatch(prefix="/"), cluster=cluster.name, **_route_kw(ctx, obj, path))
+    vhost = VirtualHost(name="local_service", domains=("*",), routes=(route,))
+    hcm = HttpConnectionManager(stat_prefix="ingress_http", access_logs=logs,
+                                route_config=RouteConfig(name="ingress_route", virtual_hosts=(vhost,)))
+    return Listener(name="ingress", address=pod_ip, port=port, hcm=hcm, original_address="0.0.0.0"), [cluster]
+
+
+def _cluster_kw(ctx: Ctx, obj: dict[str, Any], path: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if obj.get("connect_timeout") is not None:
+        kw["connect_timeout_s"] = duration(ctx, obj["connect_timeout"], sub(path, "connect_timeout"))
+    if obj.get("lb_policy") is not None:
+        kw["lb_policy"] = lb_policy(ctx, obj["lb_policy"], sub(path, "lb_policy"))
+    if obj.get("circuit_breakers") is not None:
+        kw["circuit_breakers"] = circuit_breaker_threshold(ctx, obj["circuit_breakers"], sub(path, "circuit_breakers"))
+    return kw
+
+
+def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
+            logs: tuple[AccessLog, ...]) -> tuple[Listener, list[Cluster]]:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("port", "routes"))
+    if "port" not in obj:
+        raise ctx.error(sub(path, "port"), "required")
+    port = as_port(ctx, obj["port"], sub(path, "port"))
+    rpath = sub(path, "routes")
+    if "routes" not in obj:
+        raise ctx.error(rpath, "required")
+
+    parsed = []  # (path, hosts, (host, port), route kw, cluster kw)
+    for i, r in enumerate(as_list(ctx, obj["routes"], rpath)):
+        p = sub(rpath, i)
+        r = as_dict(ctx, r, p, allow_none=False)
+        check_keys(ctx, r, p, ("host", "hosts", "to", "timeout", "retry_policy", "connect_timeout", "lb_policy",
+                               "circuit_breakers"))
+        parsed.append((p, _hosts(ctx, r, p), _target_required(ctx, r, p, pod_ip), _route_kw(ctx, r, p),
+                       _cluster_kw(ctx, r, p)))
+
+    # One cluster per distinct target, named like the pod it reaches ("b"), or "b_80"
+    # when the same host is reached on several ports.
+    ports_by_host: dict[str, set[int]] = {}
+    for _, _, (host, tport), _, _ in parsed:
+        ports_by_host.setdefault(host, set()).add(tport)
+    clusters: dict[tuple[str, int], Cluster] = {}
+    cluster_paths: dict[tuple[str, int], str] = {}
+    vhosts: list[VirtualHost] = []
+    domains_seen: dict[str, str] = {}
+    for p, hosts, target, route_kw, cluster_kw in parsed:
+        host, tport = target
+        name = host if len(ports_by_host[host]) == 1 else f"{host}_{tport}"
+        cluster = Cluster(name=name, type=_cluster_type(host), endpoints=(Endpoint(host, tport),), **cluster_kw)
+        if target in clusters and clusters[target] != cluster:
+            raise ctx.error(p, f"routes to {host}:{tport} disagree on connect_timeout, lb_policy or "
+                               f"circuit_breakers (see {cluster_paths[target]})")
+        clusters.setdefault(target, cluster)
+        cluster_paths.setdefault(target, p)
+        domains: list[str] = []
+        for h in hosts:
+            for d in (h, f"{h}:*"):
+                if d.lower() in domains_seen:
+                    raise ctx.error(p, f"host {h!r} is already routed by {domains_seen[d.lower()]}")
+                domains_seen[d.lower()] = p
+                domains.append(d)
+        vname = name if name not in {v.name for v in vhosts} else f"{name}_{len(vhosts)}"
+        route = Route(match=RouteMatch(prefix="/"), cluster=name, **route_kw)
+        vhosts.append(VirtualHost(name=vname, domains=tuple(domains), routes=(route,)))
+    # No catch-all virtual host: a host nobody routed must get Envoy's 404 (NR), not a guess.
+    hcm = HttpConnectionManager(stat_prefix="egress_http", access_logs=logs,
+                                route_config=RouteConfig(name="egress_route", virtual_hosts=tuple(vhosts)))
+    listener = Listener(name="egress", address=pod_ip, port=port, hcm=hcm, original_address="127.0.0.1")
+    return listener, list(clusters.values())
+
+
+def _hosts(ctx: Ctx, r: dict[str, Any], path: str) -> list[str]:
+    if ("host" in r) == ("hosts" in r):
+        raise ctx.error(path, "exactly one of host or hosts is required")
+    if "host" in r:
+        return [as_str(ctx, r["host"], sub(path, "host"))]
+    hpath = sub(path, "hosts")
+    hosts = [as_str(ctx, h, sub(hpath, i)) for i, h in enumerate(as_list(ctx, r["hosts"], hpath))]
+    if not hosts:
+        raise ctx.error(hpath, "at least one host is required")
+    return hosts
+
+
+def _target_required(ctx: Ctx, r: dict[str, Any], path: str, pod_ip: str) -> tuple[str, int]:
+    if "to" not in r:
+        raise ctx.error(sub(path, "to"), "required")
+    return _target(ctx, r["to"], sub(path, "to"), pod_ip)
+

@@ -1,0 +1,186 @@
+"""The upstream side: keep-alive HTTP/1.1 connections to endpoints, pooled per endpoint.
+
+A connection carries one request at a time. The response head is handed to
+the attempt synchronously from the parser callback, so the decision "retry or
+forward" is taken before any body byte moves; body bytes then flow straight
+to the client (or are dropped for a retried attempt) without an extra queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+import httptools
+
+from sidecar.http1 import Headers
+
+
+class ResponseSink(Protocol):
+    def on_head(self, conn: UpstreamConnection, status: int, headers: Headers) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_complete(self, conn: UpstreamConnection) -> None: ...
+    def on_reset(self, conn: UpstreamConnection, reason: str) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("pool", "transport", "parser", "sink", "headers", "closed", "keep_alive", "head_only",
+                 "write_paused", "drain_waiters", "status", "close_delimited")
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sink: ResponseSink | None = None
+        self.headers: Headers = []
+        self.closed = False
+        self.keep_alive = True
+        self.head_only = False
+        self.write_paused = False
+        self.drain_waiters: list[Callable[[], None]] = []
+        self.status = 0
+        self.close_delimited = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.discard(self)
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            if self.status and self.close_delimited:
+                self.keep_alive = False
+                sink.on_complete(self)  # a body without framing ends with the connection
+            else:
+                sink.on_reset(self, "connection termination")
+        for w in self.drain_waiters:
+            w()
+        self.drain_waiters.clear()
+
+    def send(self, data: bytes, sink: ResponseSink, head_only: bool) -> None:
+        self.sink = sink
+        self.headers = []
+        self.head_only = head_only
+        self.status = 0
+        self.close_delimited = False
+        self.parser = httptools.HttpResponseParser(self)
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is None:
+            self.close()  # bytes nobody asked for: the connection is not reusable
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            sink, self.sink = self.sink, None
+            self.close()
+            if sink is not None:
+                sink.on_reset(self, "protocol error")
+        except httptools.HttpParserUpgrade:
+            sink, self.sink = self.sink, None
+            self.close()
+            if sink is not None:
+                sink.on_reset(self, "protocol error")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for w in waiters:
+            w()
+
+    # parser callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if 100 <= self.status < 200 and self.status != 101:
+            self.headers = []
+            return  # interim response (100 Continue): wait for the real one
+        self.keep_alive = self.parser.should_keep_alive()
+        if not self.head_only and self.status not in (204, 304):
+            self.close_delimited = not any(n in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
+        if self.sink is not None:
+            self.sink.on_head(self, self.status, self.headers)
+        if self.head_only:
+            return True  # type: ignore[return-value]  # tells httptools: no body follows
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self.status < 200 and self.status != 101:
+            return
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.on_complete(self)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+
+class Pool:
+    """Idle keep-alive connections to one endpoint (LIFO: the warmest first)."""
+
+    def __init__(self, host: str, port: int, source_ip: str | None, max_idle: int = 64) -> None:
+        self.host = host
+        self.port = port
+        self.source_ip = source_ip
+        self.idle: list[UpstreamConnection] = []
+        self.max_idle = max_idle
+        self.active_requests = 0
+        self.address = f"{host}:{port}"
+
+    def take_idle(self) -> UpstreamConnection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    async def connect(self, timeout: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        local = (self.source_ip, 0) if self.source_ip else None
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, local_addr=local),
+            timeout)
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.closed or not conn.keep_alive or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        self.idle.append(conn)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        for c in self.idle:
+            c.close()
+        self.idle.clear()

@@ -1,0 +1,217 @@
+"""Envoy-format access logs: exact lines, operators, and a writer that never stalls the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import subprocess
+import sys
+import termios
+import threading
+import time
+
+import pytest
+import uvloop
+
+from sidecar.access_log import DEFAULT_FORMAT, AccessLogger, compile_format
+from sidecar.request_info import RequestInfo
+
+
+def filled(**kw: object) -> RequestInfo:
+    info = RequestInfo(
+        start_time=1795892400.123456,  # 2026-11-28T19:00:00.123456Z
+        start_monotonic=0.0,
+        method="GET",
+        path="/hello",
+        authority="b.service:80",
+        request_headers={"x-forwarded-for": "127.0.1.1", "user-agent": "curl/8.5.0",
+                         "x-request-id": "4e1c1e2a-0000-4000-8000-000000000001", "host": "b.service:80"},
+        response_headers={"content-type": "text/plain"},
+        response_code=200,
+        bytes_received=0,
+        bytes_sent=12,
+        duration_ms=7,
+        upstream_service_time_ms=5,
+        upstream_host="127.0.2.1:8080",
+        upstream_cluster="b.service",
+        downstream_remote="127.0.1.1:43210",
+        downstream_local="127.0.3.1:80",
+        route_name="r1",
+        attempts=1,
+    )
+    for k, v in kw.items():
+        setattr(info, k, v)
+    return info
+
+
+def test_default_format_exact_line():
+    line = compile_format(DEFAULT_FORMAT)(filled())
+    assert line == ('[2026-11-28T19:00:00.123Z] "GET /hello HTTP/1.1" 200 - 0 12 7 5 "127.0.1.1" "curl/8.5.0" '
+                    '"4e1c1e2a-0000-4000-8000-000000000001" "b.service:80" "127.0.2.1:8080"\n')
+
+
+def test_default_format_missing_values_and_flags():
+    info = RequestInfo(start_time=1795892400.0, start_monotonic=0.0, method="POST", path="/x",
+                       response_code=503, response_flags=["UF", "URX"], bytes_received=3, duration_ms=12)
+    line = compile_format(DEFAULT_FORMAT)(info)
+    assert line == ('[2026-11-28T19:00:00.000Z] "POST /x HTTP/1.1" 503 UF,URX 3 0 12 - "-" "-" "-" "-" "-"\n')
+
+
+def test_original_path_preferred():
+    f = compile_format("%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%")
+    assert f(filled()) == "/hello"
+    assert f(filled(path="/v2/hello", original_path="/api/hello")) == "/api/hello"
+
+
+def test_custom_operators():
+    fmt = ("%UPSTREAM_CLUSTER% %DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% "
+           "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %ROUTE_NAME% %REQ(USER-AGENT):4% %RESP(CONTENT-TYPE)% "
+           "%RESP(X-MISSING)% %REQ(X-MISSING?USER-AGENT)% %REQ(:AUTHORITY)% %REQUEST_DURATION% "
+           "%RESPONSE_DURATION% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %PROTOCOL% 100%")
+    assert compile_format(fmt)(filled()) == (
+        "b.service 127.0.1.1:43210 127.0.3.1:80 127.0.1.1 r1 curl text/plain - curl/8.5.0 b.service:80 - - 1 "
+        "HTTP/1.1 100%")
+
+
+def test_start_time_custom_strftime():
+    f = compile_format("%START_TIME(%Y/%m/%d %H:%M:%S.%3f)%|%START_TIME(%s)%|%START_TIME(%E6S)%")
+    assert f(filled()) == "2026/11/28 19:00:00.123|1795892400|00.123456"
+    # the cached seconds part follows the timestamp
+    assert f(filled(start_time=1795892461.5)) == "2026/11/28 19:01:01.500|1795892461|01.500000"
+
+
+def test_start_time_default_changes_across_seconds():
+    f = compile_format("%START_TIME%")
+    assert f(filled(start_time=1795892400.999)) == "2026-11-28T19:00:00.999Z"
+    assert f(filled(start_time=1795892401.001)) == "2026-11-28T19:00:01.001Z"
+    assert f(filled(start_time=1795892400.5)) == "2026-11-28T19:00:00.500Z"
+
+
+def test_missing_prints_dash():
+    info = RequestInfo(start_time=0.0, start_monotonic=0.0)
+    f = compile_format("%UPSTREAM_HOST% %UPSTREAM_CLUSTER% %ROUTE_NAME% %REQ(X-A)% %RESP(X-B)% "
+                       "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% %RESPONSE_FLAGS% %DOWNSTREAM_REMOTE_ADDRESS%")
+    assert f(info) == "- - - - - - - -"
+
+
+def test_unknown_operator_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="NOT_AN_OPERATOR"):
+        compile_format("[%START_TIME%] %NOT_AN_OPERATOR%")
+    with pytest.raises(ValueError, match="REQ"):
+        compile_format("%REQ%")
+
+
+def test_logger_to_real_file_under_uvloop(tmp_path):
+    path = tmp_path / "access.log"
+    n = 10_000
+
+    async def main() -> None:
+        logger = AccessLogger(str(path), "%REQ(X-REQUEST-ID)% %RESPONSE_CODE%\n")
+        await logger.start()
+        for i in range(n):
+            logger.log(filled(request_headers={"x-request-id": f"id-{i}"}))
+            if i % 1000 == 0:
+                await asyncio.sleep(0)
+        logger.close()
+
+    uvloop.run(main())
+    lines = path.read_text().splitlines()
+    assert lines == [f"id-{i} 200" for i in range(n)]
+
+
+def test_default_format_to_file(tmp_path):
+    path = tmp_path / "a.log"
+    logger = AccessLogger(str(path))
+    logger.log(filled())
+    logger.close()
+    assert path.read_text() == compile_format(DEFAULT_FORMAT)(filled())
+
+
+def test_two_loggers_same_path_share_writer(tmp_path):
+    path = tmp_path / "shared.log"
+    a = AccessLogger(str(path), "a %RESPONSE_CODE%\n")
+    b = AccessLogger(str(path), "b %RESPONSE_CODE%\n")
+    for _ in range(100):
+        a.log(filled())
+        b.log(filled())
+    a.close()
+    b.log(filled())
+    b.close()
+    lines = path.read_text().splitlines()
+    assert lines.count("a 200") == 100 and lines.count("b 200") == 101
+
+
+def _pipe_bytes(fd: int) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, "little")
+
+
+def test_stalled_pipe_never_blocks_the_loop():
+    r, w = os.pipe()
+    pipe_size = fcntl.fcntl(w, 1032)  # F_GETPIPE_SZ
+    total = 4000
+    fmt = "%REQ(X-REQUEST-ID)% " + "x" * 100 + "\n"  # ~110 bytes a line: ~440 KB, far more than the pipe holds
+    lateness: list[float] = []
+
+    async def main() -> AccessLogger:
+        loop = asyncio.get_running_loop()
+        logger = AccessLogger(f"/proc/self/fd/{w}", fmt)
+        await logger.start()
+        for i in range(total):
+            logger.log(filled(request_headers={"x-request-id": f"id-{i}"}))
+            if i % 200 == 0:
+                await asyncio.sleep(0)
+        # wait until the pipe is full: the writer thread is now blocked in write()
+        deadline = time.monotonic() + 5
+        while _pipe_bytes(r) < pipe_size and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert _pipe_bytes(r) == pipe_size
+        # with the pipe full, timers still fire on time and logging still returns at once
+        for _ in range(10):
+            fut = loop.create_future()
+            t0 = loop.time()
+            loop.call_later(0.01, lambda f=fut: f.set_result(loop.time()))
+            for _ in range(50):
+                t_log = time.perf_counter()
+                logger.log(filled(request_headers={"x-request-id": "late"}))
+                assert time.perf_counter() - t_log < 0.005
+            fired = await fut
+            lateness.append(fired - t0 - 0.01)
+        assert _pipe_bytes(r) == pipe_size  # still nobody read: it really was stalled throughout
+        return logger
+
+    logger = uvloop.run(main())
+    assert max(lateness) < 0.05, lateness
+
+    chunks: list[bytes] = []
+
+    def reader() -> None:
+        while True:
+            b = os.read(r, 65536)
+            if not b:
+                return
+            chunks.append(b)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    logger.close(timeout=10)
+    os.close(w)
+    t.join(10)
+    os.close(r)
+    lines = b"".join(chunks).decode().splitlines()
+    expected = [f"id-{i} " + "x" * 100 for i in range(total)] + ["late " + "x" * 100] * 500
+    assert lines == expected
+    assert logger.dropped == 0
+
+
+def test_queued_lines_flushed_at_exit_without_close(tmp_path):
+    path = tmp_path / "exit.log"
+    code = ("from sidecar.access_log import AccessLogger\n"
+            "from tests.test_access_log import filled\n"
+            f"lg = AccessLogger({str(path)!r}, '%RESPONSE_CODE%\\n')\n"
+            "for _ in range(1000):\n    lg.log(filled())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=60)
+    assert path.read_text().splitlines() == ["200"] * 1000
