@@ -55,7 +55,7 @@ class Admin:
             "/healthcheck/ok": ("POST", self.hc_ok, "pass readiness again"),
         }
 
-    async def handle(self, stream: Stream) -> None:
+    def handle(self, stream: Stream) -> None:
         path, _, query = stream.url.decode("latin-1").partition("?")
         entry = self.routes.get(path)
         if entry is None:

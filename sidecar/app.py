@@ -103,6 +103,7 @@ class Sidecar:
             proto = DownstreamProtocol(hcm.handle, opened, closed, max_header, protocol_error, hcm.stream_done)
             return proto
 
+        self._last_factory = factory
         return factory
 
     def refresh_server_stats(self) -> None:

@@ -6,7 +6,7 @@ StreamInfo); read by access loggers and the stats sink after the response.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Any
 
 #: Envoy response flags we produce.
 FLAG_NO_ROUTE = "NR"
@@ -22,29 +22,65 @@ FLAG_DOWNSTREAM_PROTOCOL_ERROR = "DPE"
 FLAG_LOCAL_RESET = "LR"
 
 
-@dataclass
 class RequestInfo:
-    start_time: float  # time.time() at the first byte of the request
-    start_monotonic: float
-    method: str = "-"
-    path: str = "-"  # as received (origin form), after absolute-form normalisation
-    original_path: str | None = None  # before a prefix rewrite (X-ENVOY-ORIGINAL-PATH)
-    protocol: str = "HTTP/1.1"
-    authority: str = ""
-    request_headers: dict[str, str] = field(default_factory=dict)  # lower-case names, last value wins
-    response_headers: dict[str, str] = field(default_factory=dict)
-    response_code: int = 0  # 0: no response sent
-    response_flags: list[str] = field(default_factory=list)
-    bytes_received: int = 0  # request body bytes
-    bytes_sent: int = 0  # response body bytes
-    duration_ms: int = 0
-    upstream_service_time_ms: int | None = None
-    upstream_host: str | None = None  # "ip:port" of the last attempt
-    upstream_cluster: str | None = None
-    downstream_remote: str = ""  # "ip:port"
-    downstream_local: str = ""
-    route_name: str = ""
-    attempts: int = 0
+    """Per-request facts; header dicts are built only if someone (an access log) reads them."""
+
+    __slots__ = (
+        "start_time", "start_monotonic", "method", "path", "original_path", "protocol", "authority",
+        "raw_request_headers", "raw_response_headers", "_request_headers", "_response_headers",
+        "response_code", "response_flags", "bytes_received", "bytes_sent", "duration_ms",
+        "upstream_service_time_ms", "upstream_host", "upstream_cluster", "downstream_remote",
+        "downstream_local", "route_name", "attempts",
+    )
+
+    def __init__(self, start_time: float, start_monotonic: float, downstream_remote: str = "",
+                 downstream_local: str = "", **fields: Any) -> None:
+        self.start_time = start_time  # time.time() at the first byte of the request
+        self.start_monotonic = start_monotonic
+        self.method = "-"
+        self.path = "-"  # origin form, after absolute-form normalisation
+        self.original_path: str | None = None  # before a prefix rewrite (X-ENVOY-ORIGINAL-PATH)
+        self.protocol = "HTTP/1.1"
+        self.authority = ""
+        self.raw_request_headers: list[tuple[bytes, bytes]] = []
+        self.raw_response_headers: list[tuple[bytes, bytes]] = []
+        self._request_headers: dict[str, str] | None = None
+        self._response_headers: dict[str, str] | None = None
+        self.response_code = 0  # 0: no response sent
+        self.response_flags: list[str] = []
+        self.bytes_received = 0  # request body bytes
+        self.bytes_sent = 0  # response body bytes
+        self.duration_ms = 0
+        self.upstream_service_time_ms: int | None = None
+        self.upstream_host: str | None = None  # "ip:port" of the last attempt
+        self.upstream_cluster: str | None = None
+        self.downstream_remote = downstream_remote
+        self.downstream_local = downstream_local
+        self.route_name = ""
+        self.attempts = 0
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    @property
+    def request_headers(self) -> dict[str, str]:
+        """Lower-case names, last value wins."""
+        if self._request_headers is None:
+            self._request_headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in self.raw_request_headers}
+        return self._request_headers
+
+    @request_headers.setter
+    def request_headers(self, value: dict[str, str]) -> None:
+        self._request_headers = value
+
+    @property
+    def response_headers(self) -> dict[str, str]:
+        if self._response_headers is None:
+            self._response_headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in self.raw_response_headers}
+        return self._response_headers
+
+    @response_headers.setter
+    def response_headers(self, value: dict[str, str]) -> None:
+        self._response_headers = value
 
     @property
     def flags_text(self) -> str:

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import httptools
 
 from sidecar.http1 import LAST_CHUNK, Headers, chunk, no_body_expected, serialize_headers, status_line
 from sidecar.request_info import FLAG_DOWNSTREAM_PROTOCOL_ERROR, RequestInfo
 
-Handler = Callable[["Stream"], Coroutine[Any, Any, None]]
+Handler = Callable[["Stream"], None]
 
 #: A request body up to this size is buffered so it can be replayed on retry.
 BODY_BUFFER_LIMIT = 1024 * 1024
@@ -33,8 +33,8 @@ class Stream:
     __slots__ = (
         "conn", "method", "url", "headers", "http_version", "keep_alive", "body", "body_complete",
         "streaming", "body_sink", "body_done_sink", "info", "head_sent", "chunked_response", "done",
-        "head_only", "task", "header_bytes", "content_length", "chunked_request", "expect_continue",
-        "response_close", "bytes_sent",
+        "head_only", "header_bytes", "content_length", "chunked_request", "expect_continue",
+        "response_close", "bytes_sent", "on_cancel",
     )
 
     def __init__(self, conn: DownstreamProtocol) -> None:
@@ -56,7 +56,7 @@ class Stream:
         self.chunked_response = False
         self.done = False
         self.head_only = False
-        self.task: asyncio.Task[None] | None = None
+        self.on_cancel: Callable[[], None] | None = None  # stops the upstream work if the client leaves
         self.header_bytes = 0
         self.content_length: int | None = None
         self.chunked_request = False
@@ -109,6 +109,7 @@ class Stream:
         self.done = True
         if self.chunked_response and not self.head_only:
             self.conn.write(LAST_CHUNK)
+        self.conn.flush()
         self.info.bytes_sent = self.bytes_sent
         self.conn.stream_finished(self)
 
@@ -125,6 +126,7 @@ class Stream:
     def abort(self) -> None:
         """Give up on a response already under way: the client sees a truncated reply."""
         self.done = True
+        self.conn.flush()
         self.conn.stream_finished(self, broken=True)
 
 
@@ -149,6 +151,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.drain_waiters: list[Callable[[], None]] = []
+        self.wbuf: list[bytes] = []
         self.loop = asyncio.get_event_loop()
 
     # -- connection ----------------------------------------------------------------
@@ -163,9 +166,15 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        for s in (self.active, *self.queue):
-            if s is not None and s.task is not None and not s.task.done():
-                s.task.cancel()  # the client is gone: stop the upstream attempt too
+        s = self.active
+        if s is not None and not s.done:
+            s.info.response_flags.append("DC")
+            if s.on_cancel is not None:
+                s.on_cancel()  # the client is gone: stop the upstream attempt too
+            s.done = True
+            self.active = None
+            if self.on_stream_done is not None:
+                self.on_stream_done(s)
         self.queue.clear()
         for w in self.drain_waiters:
             w()
@@ -197,10 +206,18 @@ class DownstreamProtocol(asyncio.Protocol):
         self.close()
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        """Buffer: a response's head and body leave in one send() at the next flush."""
+        self.wbuf.append(data)
+
+    def flush(self) -> None:
+        if self.wbuf:
+            data = b"".join(self.wbuf) if len(self.wbuf) > 1 else self.wbuf[0]
+            self.wbuf = []
+            if self.transport is not None and not self.closed:
+                self.transport.write(data)
 
     def close(self) -> None:
+        self.flush()
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
@@ -260,6 +277,7 @@ class DownstreamProtocol(asyncio.Protocol):
             s.content_length = int(cl)
         if s.expect_continue and self.active is None:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.flush()
         if not s.chunked_request and not s.content_length:
             s.body_complete = True
             self._ready(s)
@@ -303,13 +321,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _start(self, s: Stream) -> None:
         self.active = s
-        s.task = self.loop.create_task(self._run(s))
-
-    async def _run(self, s: Stream) -> None:
         try:
-            await self.handler(s)
-        except asyncio.CancelledError:
-            pass
+            self.handler(s)
         except Exception as exc:  # a bug must cost one request, never the process
             if not s.head_sent:
                 s.info.response_flags.append("LR")
@@ -317,8 +330,6 @@ class DownstreamProtocol(asyncio.Protocol):
                 s.reply(500, f"internal error: {type(exc).__name__}".encode())
             elif not s.done:
                 s.abort()
-            import traceback
-
             traceback.print_exc()
 
     def stream_finished(self, s: Stream, broken: bool = False) -> None:

@@ -22,6 +22,7 @@ class ResponseSink(Protocol):
     def on_body(self, data: bytes) -> None: ...
     def on_complete(self, conn: UpstreamConnection) -> None: ...
     def on_reset(self, conn: UpstreamConnection, reason: str) -> None: ...
+    def flush(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -77,8 +78,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is None:
             self.close()  # bytes nobody asked for: the connection is not reusable
             return
+        sink = self.sink
         try:
             self.parser.feed_data(data)
+            sink.flush()  # one send() to the client per upstream read
         except httptools.HttpParserError:
             sink, self.sink = self.sink, None
             self.close()
