@@ -18,18 +18,21 @@ if TYPE_CHECKING:
 
 RequestFilter = Callable[["Stream", Headers], Headers]
 
-#: Headers that steer this proxy; they are consumed here, not sent upstream.
+#: Headers that steer this proxy; they are consumed here, not sent upstream. Content-Length is
+#: re-framed by the router (the body may be buffered, replayed or streamed), so it is dropped too.
 CONTROL_HEADERS = frozenset({
     b"x-envoy-retry-on", b"x-envoy-max-retries", b"x-envoy-retriable-status-codes",
-    b"x-envoy-upstream-rq-timeout-ms", b"x-envoy-upstream-rq-per-try-timeout-ms",
+    b"x-envoy-upstream-rq-timeout-ms", b"x-envoy-upstream-rq-per-try-timeout-ms", b"content-length",
 })
+_DROP = HOP_BY_HOP | CONTROL_HEADERS
 
 
 def strip_hop_by_hop(stream: Stream, headers: Headers) -> Headers:
     """Connection-level headers belong to one hop (RFC 7230 6.1), as do our control headers."""
     extra = connection_tokens(headers)
-    return [(n, v) for n, v in headers
-            if n not in HOP_BY_HOP and n not in extra and n not in CONTROL_HEADERS]
+    if extra:
+        return [h for h in headers if h[0] not in _DROP and h[0] not in extra]
+    return [h for h in headers if h[0] not in _DROP]
 
 
 def forwarded_for(stream: Stream, headers: Headers) -> Headers:

@@ -20,6 +20,10 @@ FLAG_UPSTREAM_PROTOCOL_ERROR = "UPE"
 FLAG_DOWNSTREAM_CONNECTION_TERMINATION = "DC"
 FLAG_DOWNSTREAM_PROTOCOL_ERROR = "DPE"
 FLAG_LOCAL_RESET = "LR"
+#: Envoy's ResponseFlag enum order (how it prints combined flags).
+_FLAG_ORDER = {f: i for i, f in enumerate(
+    ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC", "URX", "SI",
+     "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM"))}
 
 
 class RequestInfo:
@@ -84,4 +88,10 @@ class RequestInfo:
 
     @property
     def flags_text(self) -> str:
-        return ",".join(self.response_flags) if self.response_flags else "-"
+        """Envoy prints flags in its enum order, whatever order they were raised in."""
+        flags = self.response_flags
+        if not flags:
+            return "-"
+        if len(flags) > 1:
+            flags = sorted(set(flags), key=lambda f: _FLAG_ORDER.get(f, 99))
+        return ",".join(flags)

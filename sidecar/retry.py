@@ -28,17 +28,24 @@ class RetryState:
         codes: set[int] = set(policy.retriable_status_codes) if policy else set()
         num = policy.num_retries if policy else 0
         self.per_try_timeout_s = policy.per_try_timeout_s if policy else None
+        header_max: int | None = None
+        header_retry_on = False
         for name, value in headers:
+            if name[:8] != b"x-envoy-":
+                continue
             if name == b"x-envoy-retry-on":
                 retry_on.update(t.strip() for t in value.decode("latin-1").split(",") if t.strip())
-                if policy is None:
-                    num = 1
+                header_retry_on = True
             elif name == b"x-envoy-max-retries" and value.strip().isdigit():
-                num = int(value)
+                header_max = int(value)
             elif name == b"x-envoy-retriable-status-codes":
                 codes.update(int(t) for t in value.decode("latin-1").split(",") if t.strip().isdigit())
             elif name == b"x-envoy-upstream-rq-per-try-timeout-ms" and value.strip().isdigit():
                 self.per_try_timeout_s = int(value) / 1000 or None
+        if header_max is not None:
+            num = header_max
+        elif policy is None and header_retry_on:
+            num = 1  # Envoy's default num_retries
         self.retry_on = frozenset(retry_on)
         self.codes = frozenset(codes)
         self.retries_left = num if self.retry_on else 0

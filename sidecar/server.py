@@ -187,10 +187,13 @@ class DownstreamProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._protocol_error(400, b"upgrade not supported")
-        except httptools.HttpParserError:
-            self._protocol_error(400, b"malformed request")
-        except _Reject as rej:
-            self._protocol_error(rej.status, rej.body)
+        except httptools.HttpParserError as exc:
+            # httptools wraps exceptions raised in our callbacks; a _Reject carries its own status.
+            rej = exc.__context__
+            if isinstance(rej, _Reject):
+                self._protocol_error(rej.status, rej.body)
+            else:
+                self._protocol_error(400, b"malformed request")
 
     def _protocol_error(self, status: int, body: bytes) -> None:
         stream = self.current or Stream(self)

@@ -27,7 +27,7 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "headers", "closed", "keep_alive", "head_only",
-                 "write_paused", "drain_waiters", "status", "close_delimited")
+                 "write_paused", "drain_waiters", "status", "close_delimited", "stale_parser")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -42,6 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.drain_waiters: list[Callable[[], None]] = []
         self.status = 0
         self.close_delimited = False
+        self.stale_parser = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -117,7 +118,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.on_head(self, self.status, self.headers)
         if self.head_only:
-            return True  # type: ignore[return-value]  # tells httptools: no body follows
+            # httptools ignores a callback's "no body" answer, so the parser would wait for the
+            # Content-Length bytes of a HEAD reply forever: end the message here, and parse the
+            # next response with a fresh parser.
+            self.stale_parser = True
+            self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
