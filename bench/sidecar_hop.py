@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -99,7 +98,7 @@ def measure(duration_s: float, reps: int) -> dict[str, dict[str, float]]:
         for peer in (backend, *peers.values()):
             peer.start()
         wait_port(SIDECAR[0], SIDECAR_ADMIN)
-        for name, ((ip, port), _) in targets.items():  # warm up
+        for (ip, port), _ in targets.values():  # warm up
             run_wrk(f"http://{ip}:{port}/", 1)
         for _ in range(reps):
             for name, ((ip, port), peer) in targets.items():

@@ -18,8 +18,8 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(url: str, duration_s: float = 5, connections: int = 10, threads: int = 1) -> dict[str, float]:
-    res = subprocess.run([require("wrk"), f"-t{threads}", f"-c{connections}", f"-d{int(duration_s)}s", "--latency", url],
-                         capture_output=True, text=True, timeout=duration_s + 30)
+    argv = [require("wrk"), f"-t{threads}", f"-c{connections}", f"-d{int(duration_s)}s", "--latency", url]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30)
     out = res.stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if m is None:
