@@ -29,22 +29,25 @@ _DROP = HOP_BY_HOP | CONTROL_HEADERS
 
 def strip_hop_by_hop(stream: Stream, headers: Headers) -> Headers:
     """Connection-level headers belong to one hop (RFC 7230 6.1), as do our control headers."""
-    extra = connection_tokens(headers)
-    if extra:
+    conn = stream.seen.get(b"connection")
+    if conn is not None:
+        extra = connection_tokens(headers)
         return [h for h in headers if h[0] not in _DROP and h[0] not in extra]
     return [h for h in headers if h[0] not in _DROP]
 
 
 def forwarded_for(stream: Stream, headers: Headers) -> Headers:
     """Append the client's address so the upstream can see who asked."""
-    ip = stream.conn.remote.rpartition(":")[0].encode()
-    for i, (n, v) in enumerate(headers):
-        if n == b"x-forwarded-for":
-            headers[i] = (n, v + b", " + ip)
-            break
+    ip = stream.conn.remote_ip
+    seen = stream.seen
+    if b"x-forwarded-for" in seen:
+        for i, (n, v) in enumerate(headers):
+            if n == b"x-forwarded-for":
+                headers[i] = (n, v + b", " + ip)
+                break
     else:
         headers.append((b"x-forwarded-for", ip))
-    if not any(n == b"x-forwarded-proto" for n, _ in headers):
+    if b"x-forwarded-proto" not in seen:
         headers.append((b"x-forwarded-proto", b"http"))
     return headers
 
@@ -61,7 +64,7 @@ _UUID_SET = (0x4 << 76) | (0x2 << 62)
 
 def request_id(stream: Stream, headers: Headers) -> Headers:
     """Keep a caller's x-request-id (tracing joins on it), make one up otherwise."""
-    if not any(n == b"x-request-id" for n, _ in headers):
+    if b"x-request-id" not in stream.seen:
         headers.append((b"x-request-id", _uuid4()))
     return headers
 

@@ -6,6 +6,7 @@ StreamInfo); read by access loggers and the stats sink after the response.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 #: Envoy response flags we produce.
@@ -24,6 +25,35 @@ FLAG_LOCAL_RESET = "LR"
 _FLAG_ORDER = {f: i for i, f in enumerate(
     ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC", "URX", "SI",
      "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM"))}
+
+
+class HeaderView(Mapping[str, str]):
+    """A str-keyed, read-only view of wire headers that decodes only what is asked for.
+
+    The access log reads a handful of headers per request; decoding all of
+    them into a dict would cost more than the lookups.
+    """
+
+    __slots__ = ("_d",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._d = dict(raw)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        v = self._d.get(name.encode("latin-1"))
+        return default if v is None else v.decode("latin-1")
+
+    def __getitem__(self, name: str) -> str:
+        v = self._d.get(name.encode("latin-1"))
+        if v is None:
+            raise KeyError(name)
+        return v.decode("latin-1")
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode("latin-1") for k in self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
 
 
 class RequestInfo:
@@ -48,8 +78,8 @@ class RequestInfo:
         self.authority = ""
         self.raw_request_headers: list[tuple[bytes, bytes]] = []
         self.raw_response_headers: list[tuple[bytes, bytes]] = []
-        self._request_headers: dict[str, str] | None = None
-        self._response_headers: dict[str, str] | None = None
+        self._request_headers: Mapping[str, str] | None = None
+        self._response_headers: Mapping[str, str] | None = None
         self.response_code = 0  # 0: no response sent
         self.response_flags: list[str] = []
         self.bytes_received = 0  # request body bytes
@@ -66,24 +96,24 @@ class RequestInfo:
             setattr(self, name, value)
 
     @property
-    def request_headers(self) -> dict[str, str]:
-        """Lower-case names, last value wins."""
+    def request_headers(self) -> Mapping[str, str]:
+        """Lower-case names, last value wins; values decoded only when looked up."""
         if self._request_headers is None:
-            self._request_headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in self.raw_request_headers}
+            self._request_headers = HeaderView(self.raw_request_headers)
         return self._request_headers
 
     @request_headers.setter
-    def request_headers(self, value: dict[str, str]) -> None:
+    def request_headers(self, value: Mapping[str, str]) -> None:
         self._request_headers = value
 
     @property
-    def response_headers(self) -> dict[str, str]:
+    def response_headers(self) -> Mapping[str, str]:
         if self._response_headers is None:
-            self._response_headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in self.raw_response_headers}
+            self._response_headers = HeaderView(self.raw_response_headers)
         return self._response_headers
 
     @response_headers.setter
-    def response_headers(self, value: dict[str, str]) -> None:
+    def response_headers(self, value: Mapping[str, str]) -> None:
         self._response_headers = value
 
     @property

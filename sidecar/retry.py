@@ -24,10 +24,28 @@ class RetryState:
     __slots__ = ("retry_on", "codes", "retries_left", "base", "max", "attempt_retries", "per_try_timeout_s")
 
     def __init__(self, policy: RetryPolicy | None, headers: Headers) -> None:
-        retry_on: set[str] = set(policy.retry_on) if policy else set()
-        codes: set[int] = set(policy.retriable_status_codes) if policy else set()
-        num = policy.num_retries if policy else 0
-        self.per_try_timeout_s = policy.per_try_timeout_s if policy else None
+        if policy is not None:
+            self.retry_on = policy.retry_on
+            self.codes = policy.retriable_status_codes
+            self.retries_left = policy.num_retries if policy.retry_on else 0
+            self.per_try_timeout_s = policy.per_try_timeout_s
+            self.base = policy.backoff_base_s
+            self.max = policy.backoff_max_s or policy.backoff_base_s * 10
+        else:
+            self.retry_on = frozenset()
+            self.codes = frozenset()
+            self.retries_left = 0
+            self.per_try_timeout_s = None
+            self.base = 0.025
+            self.max = 0.25
+        self.attempt_retries = 0
+        if headers:
+            self._apply_headers(policy, headers)
+
+    def _apply_headers(self, policy: RetryPolicy | None, headers: Headers) -> None:
+        """Per-request overrides, as Envoy honours them from trusted callers."""
+        retry_on = set(self.retry_on)
+        codes = set(self.codes)
         header_max: int | None = None
         header_retry_on = False
         for name, value in headers:
@@ -42,6 +60,7 @@ class RetryState:
                 codes.update(int(t) for t in value.decode("latin-1").split(",") if t.strip().isdigit())
             elif name == b"x-envoy-upstream-rq-per-try-timeout-ms" and value.strip().isdigit():
                 self.per_try_timeout_s = int(value) / 1000 or None
+        num = policy.num_retries if policy else 0
         if header_max is not None:
             num = header_max
         elif policy is None and header_retry_on:
@@ -49,9 +68,6 @@ class RetryState:
         self.retry_on = frozenset(retry_on)
         self.codes = frozenset(codes)
         self.retries_left = num if self.retry_on else 0
-        self.base = policy.backoff_base_s if policy else 0.025
-        self.max = (policy.backoff_max_s if policy and policy.backoff_max_s else None) or self.base * 10
-        self.attempt_retries = 0
 
     def status_retriable(self, status: int) -> bool:
         on = self.retry_on

@@ -141,11 +141,11 @@ class Forwarder:
         self.cstats: ClusterStats = cluster.stats
         self.headers = headers
         self.path = path
-        self.retry = RetryState(route.retry_policy or vh.retry_policy, stream.headers)
+        self.retry = RetryState(route.retry_policy or vh.retry_policy, stream.headers if stream.envoy_headers else ())
         timeout_s = route.timeout_s
-        for n, v in stream.headers:
-            if n == b"x-envoy-upstream-rq-timeout-ms" and v.strip().isdigit():
-                timeout_s = int(v) / 1000
+        override = stream.seen.get(b"x-envoy-upstream-rq-timeout-ms") if stream.envoy_headers else None
+        if override is not None and override.strip().isdigit():
+            timeout_s = int(override) / 1000
         self.timeout_s = timeout_s
         self.deadline = stream.info.start_monotonic + timeout_s if timeout_s > 0 else None
         self.attempts = 0
@@ -389,12 +389,13 @@ class Forwarder:
             info.response_flags.extend(self.flags)
         elapsed = int((time.monotonic() - attempt.started) * 1000)
         info.upstream_service_time_ms = elapsed
-        extra = connection_tokens(headers)
         length: int | None = None
         kept: Headers = []
+        conn_hdr = False
         for h in headers:
             n = h[0]
-            if n in HOP_BY_HOP or n in extra:
+            if n in HOP_BY_HOP:
+                conn_hdr = conn_hdr or n == b"connection"
                 continue
             if n == b"content-length":
                 try:
@@ -403,6 +404,9 @@ class Forwarder:
                     length = None
                 continue
             kept.append(h)
+        if conn_hdr:  # names listed in Connection are hop-by-hop for this message too
+            extra = connection_tokens(headers)
+            kept = [h for h in kept if h[0] not in extra]
         kept.append((b"x-envoy-upstream-service-time", b"%d" % elapsed))
         info.raw_response_headers = kept
         self.stream.send_head(status, kept, length)

@@ -34,7 +34,7 @@ class Stream:
         "conn", "method", "url", "headers", "http_version", "keep_alive", "body", "body_complete",
         "streaming", "body_sink", "body_done_sink", "info", "head_sent", "chunked_response", "done",
         "head_only", "header_bytes", "content_length", "chunked_request", "expect_continue",
-        "response_close", "bytes_sent", "on_cancel",
+        "response_close", "bytes_sent", "on_cancel", "seen", "envoy_headers",
     )
 
     def __init__(self, conn: DownstreamProtocol) -> None:
@@ -42,6 +42,8 @@ class Stream:
         self.method = b""
         self.url = b""
         self.headers: Headers = []
+        self.seen: dict[bytes, bytes] = {}  # last value of each header name: O(1) lookups on the hot path
+        self.envoy_headers = False  # any x-envoy-* request header (retry/timeout overrides) present
         self.http_version = "1.1"
         self.keep_alive = True
         self.body = bytearray()
@@ -69,10 +71,7 @@ class Stream:
         return self.body_complete and not self.streaming
 
     def header(self, name: bytes) -> bytes | None:
-        for n, v in self.headers:
-            if n == name:
-                return v
-        return None
+        return self.seen.get(name)
 
     # -- response ---------------------------------------------------------------
     def send_head(self, status: int, headers: Headers, content_length: int | None) -> None:
@@ -144,6 +143,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.remote = ""
+        self.remote_ip = b""
         self.local = ""
         self.current: Stream | None = None  # being parsed
         self.active: Stream | None = None  # being served
@@ -160,6 +160,7 @@ class DownstreamProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
         self.remote = f"{peer[0]}:{peer[1]}" if peer else ""
+        self.remote_ip = peer[0].encode() if peer else b""
         self.local = f"{sock[0]}:{sock[1]}" if sock else ""
         if self.on_open:
             self.on_open()
@@ -251,7 +252,14 @@ class DownstreamProtocol(asyncio.Protocol):
         s.header_bytes += len(name) + len(value) + 4
         if s.header_bytes > self.max_header_bytes:
             raise _Reject(431, b"request header fields too large")
-        s.headers.append((name.lower(), value))
+        name = name.lower()
+        s.headers.append((name, value))
+        seen = s.seen
+        if name == b"content-length" and name in seen and seen[name] != value:
+            raise _Reject(400, b"conflicting content-length")
+        seen[name] = value
+        if name[:8] == b"x-envoy-":
+            s.envoy_headers = True
 
     def on_headers_complete(self) -> None:
         s = self.current
@@ -260,16 +268,12 @@ class DownstreamProtocol(asyncio.Protocol):
         s.method = p.get_method()
         s.http_version = p.get_http_version()
         s.keep_alive = p.should_keep_alive()
-        te = cl = None
-        for name, value in s.headers:
-            if name == b"transfer-encoding":
-                te = value
-            elif name == b"content-length":
-                if cl is not None and cl != value:
-                    raise _Reject(400, b"conflicting content-length")
-                cl = value
-            elif name == b"expect" and value.lower() == b"100-continue":
-                s.expect_continue = True
+        seen = s.seen
+        te = seen.get(b"transfer-encoding")
+        cl = seen.get(b"content-length")
+        expect = seen.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue":
+            s.expect_continue = True
         if te is not None:
             if cl is not None:  # request smuggling vector (RFC 7230 3.3.3): refuse outright
                 raise _Reject(400, b"content-length and transfer-encoding together")
