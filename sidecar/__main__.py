@@ -7,18 +7,22 @@ line each; a configuration we cannot honour exits 2 with one line.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import os
-import signal
-import sys
+from sidecar import no_tls
 
-import yaml
+no_tls.install()  # before asyncio is imported anywhere: see sidecar/no_tls.py
 
-from sidecar.config import Bootstrap, ConfigError
-from sidecar.envoy_config import load_envoy
-from sidecar.short_config import compile_short
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import yaml  # noqa: E402
+
+from sidecar.config import Bootstrap, ConfigError  # noqa: E402
+from sidecar.envoy_config import load_envoy  # noqa: E402
+from sidecar.short_config import compile_short  # noqa: E402
 
 
 def load(args: argparse.Namespace, pod_ip: str) -> Bootstrap:
