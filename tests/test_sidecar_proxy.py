@@ -1088,3 +1088,22 @@ def test_seed_envoy_yaml(workdir):
                 socket.create_connection(("127.0.160.3", 9901), timeout=1).close()
         finally:
             sc.stop()
+
+
+# --- client disconnects --------------------------------------------------------------------------------------------
+
+
+def test_client_disconnect_cancels_the_upstream_attempt(alive, upstream, access_log):
+    """A client that hangs up must not keep an upstream request (and a breaker slot) busy."""
+    t = f"/delay/2?t={tag()}"
+    with socket.create_connection((POD, EGRESS), timeout=5) as s:
+        s.sendall(f"GET {t} HTTP/1.1\r\nHost: hdr.svc\r\n\r\n".encode())
+        assert wait_count(upstream, t, 1) == 1
+        assert stat(cl(U_HDR) + "upstream_rq_active") == 1
+    start = time.monotonic()
+    while stat(cl(U_HDR) + "upstream_rq_active") != 0 and time.monotonic() - start < 1.5:
+        time.sleep(0.02)
+    assert stat(cl(U_HDR) + "upstream_rq_active") == 0
+    assert time.monotonic() - start < 1.5  # well before the upstream's 2 s answer
+    line = wait_log(access_log, t)
+    assert "DC" in flags(line), line
