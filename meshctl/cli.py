@@ -71,13 +71,13 @@ def _can_bind_privileged() -> bool:
 
 def _preflight(topo: Topology) -> None:
     """Problems we can see before starting anything: missing programs, privileged ports."""
-    from meshctl.sidecars import check_sidecars
+    from meshctl.sidecars import check_sidecars, sidecar_launches_into
     from pods.replica import PYTHON_ALIASES, pod_ports
 
     problems, warnings = check_sidecars(topo)
     for w in warnings:
         click.echo(w, err=True)
-    launches = {} if problems else sidecar_launches_preview(topo)
+    launches = {} if problems else sidecar_launches_into(topo, None)
     limit = _unprivileged_port_start()
     root = _can_bind_privileged()
     for pod in topo.pods.values():
@@ -103,16 +103,6 @@ def _preflight(topo: Topology) -> None:
         for p in problems:
             click.echo(p, err=True)
         sys.exit(USAGE_ERROR)
-
-
-def sidecar_launches_preview(topo: Topology) -> dict[str, Any]:
-    """Sidecar ports without writing anything (validate must not touch the state dir)."""
-    import tempfile
-
-    from meshctl.sidecars import sidecar_launches
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return sidecar_launches(topo, Path(tmp))
 
 
 def _pick_mesh(project: str | None, need_running: bool = True) -> StateDir:
@@ -434,49 +424,142 @@ def hosts(name: str, project: str | None, file: str | None) -> None:
         click.echo((state.hosts / f"{r}.hosts").read_text(), nl=False)
 
 
-def _target_url(target: str, project: str | None, path: str) -> str:
+def _pod_port(spec: Any, launch: Any) -> int:
+    """Where a pod takes traffic on its alias: the sidecar's ingress listener, else the service port."""
+    if launch is not None:
+        ingress = [p for p in launch.listener_ports if p != launch.egress_port]
+        if ingress:
+            return ingress[0]
+    if spec.service.ready is not None and spec.service.ready.port:
+        return spec.service.ready.port
+    try:
+        return int(spec.service.env.get("SERVICE_PORT", "80") or 80)
+    except ValueError:
+        return 80
+
+
+def _resolve_target(target: str, project: str | None,
+                    path: str) -> tuple[list[tuple[str, int]], str, str, str]:
+    """(addresses, Host header, request path, URL shown) for a URL, a pod (published port, else its
+    replicas' ingress) or a replica."""
+    import socket
+    from urllib.parse import urlsplit
+
     if "://" in target:
-        return target
+        u = urlsplit(target)
+        if u.scheme != "http" or not u.hostname:
+            fail(f"only http:// URLs are supported, got {target!r}", USAGE_ERROR)
+        port = u.port or 80
+        try:
+            ips = list(dict.fromkeys(i[4][0] for i in socket.getaddrinfo(u.hostname, port, type=socket.SOCK_STREAM)))
+        except OSError as exc:
+            fail(f"cannot resolve {u.hostname}: {exc}", USAGE_ERROR)
+        full_path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        if path != "/":
+            full_path = path
+        return [(ips[0], port)], u.netloc, full_path, f"http://{u.netloc}{full_path}"
     state = _pick_mesh(project)
     status = _status(state)
     pubs = [x for x in status["publish"] if x["pod"] == target]
     if pubs:
         host = pubs[0]["host"]
-        return f"http://{host}{path}"
-    procs = [p for p in status["processes"] if target in (p["pod"], p["replica"])]
+        ip, _, port = host.rpartition(":")
+        return [(ip, int(port))], host, path, f"http://{host}{path}"
+    procs = [p for p in status["processes"] if target in (p["pod"], p["replica"]) and p["role"] == "service"]
     if not procs:
         fail(f"no pod or replica named '{target}' in mesh '{state.mesh}'", USAGE_ERROR)
     topo = load_topology(status["file"])
-    spec = topo.pods[procs[0]["pod"]]
-    port = (spec.service.ready.port if spec.service.ready and spec.service.ready.port else None) or \
-        int(spec.service.env.get("SERVICE_PORT", "80") or 80)
-    return f"http://{procs[0]['ip']}:{port}{path}"
+    from meshctl.sidecars import sidecar_launches_into
+
+    pod = procs[0]["pod"]
+    launch = sidecar_launches_into(topo, None).get(pod)
+    port = _pod_port(topo.pods[pod], launch)
+    addrs = [(p["ip"], port) for p in procs]
+    shown = f"http://{addrs[0][0]}:{port}{path}" + (f" (+{len(addrs) - 1} replicas)" if len(addrs) > 1 else "")
+    return addrs, f"{addrs[0][0]}:{port}", path, shown
+
+
+def _duration_option(value: str | None) -> float | None:
+    from pods.durations import parse_duration
+
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds is None or seconds <= 0:
+        fail(f"--duration: {value!r} is not a duration (e.g. 10s, 500ms, 1m)", USAGE_ERROR)
+    return seconds
+
+
+MAX_DURATION_S = 600.0
 
 
 @main.command()
 @click.argument("target")
 @project_option
-@click.option("-n", "--n", "n", default=200, show_default=True, help="Number of requests.")
-@click.option("-c", "--concurrency", default=10, show_default=True)
+@click.option("-n", "--n", "n", type=int, default=None, help="Number of requests (default 200 without --duration).")
+@click.option("--duration", default=None, help="Send for this long (10s, 1m); with --n, whichever ends first.")
+@click.option("-c", "--concurrency", default=10, show_default=True,
+              help="Connections. Closed model: each waits for its response; with --rate: the connection cap.")
+@click.option("--rate", type=float, default=None,
+              help="Open model: total requests per second on a fixed schedule. Latency is measured from each "
+                   "request's scheduled send time, so a stalled server shows in the percentiles "
+                   "(coordinated omission corrected).")
 @click.option("--path", default="/", show_default=True)
+@click.option("-m", "--method", default="GET", show_default=True)
+@click.option("-H", "--header", "headers", multiple=True, help="'Name: value', repeatable.")
+@click.option("-d", "--data", default=None, help="Request body, or @file.")
 @click.option("--timeout", default=10.0, show_default=True, help="Per-request timeout, seconds.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the text report.")
-def traffic(target: str, project: str | None, n: int, concurrency: int, path: str, timeout: float,
-            as_json: bool) -> None:
-    """Send requests to a pod (its published port, else its alias) or a URL; group the answers."""
-    from urllib.parse import urlsplit
-
-    from meshctl.traffic import run
+@click.option("--no-progress", is_flag=True, help="No progress bar even on a terminal.")
+@click.option("--fail-under", type=float, default=None, help="Exit 1 when the success ratio is below this (0-1).")
+@click.option("--allow-remote", is_flag=True, help="Allow targets outside 127.0.0.0/8 and ::1.")
+def traffic(target: str, project: str | None, n: int | None, duration: str | None, concurrency: int,
+            rate: float | None, path: str, method: str, headers: tuple[str, ...], data: str | None,
+            timeout: float, as_json: bool, no_progress: bool, fail_under: float | None, allow_remote: bool) -> None:
+    """Send requests to a pod, a replica (a-1) or a URL; report groups, statuses, errors and latency."""
+    from meshctl.loadgen import LoadSpec
+    from meshctl.traffic import build_request, run_sync, stderr_is_tty
     from pods.replica import is_loopback
 
-    if n < 1 or concurrency < 1:
-        fail("--n and --concurrency must be at least 1", USAGE_ERROR)
-    url = _target_url(target, project, path)
-    host = urlsplit(url).hostname or ""
-    if not is_loopback(host):
-        fail(f"refusing to send load to {host}: only 127.0.0.0/8 and ::1 are allowed", USAGE_ERROR)
-    report = asyncio.run(run(url, n, concurrency, timeout))
+    seconds = _duration_option(duration)
+    if n is None and seconds is None:
+        n = 200
+    if (n is not None and n < 1) or concurrency < 1 or (rate is not None and rate <= 0) or timeout <= 0:
+        fail("--n, --concurrency, --rate and --timeout must be positive", USAGE_ERROR)
+    if fail_under is not None and not 0 <= fail_under <= 1:
+        fail("--fail-under takes a ratio between 0 and 1", USAGE_ERROR)
+    if not path.startswith("/"):
+        fail("--path must start with /", USAGE_ERROR)
+    hdrs: dict[str, str] = {}
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            fail(f"-H {h!r}: expected 'Name: value'", USAGE_ERROR)
+        hdrs[name.strip()] = value.strip()
+    body = b""
+    if data is not None:
+        if data.startswith("@"):
+            try:
+                body = Path(data[1:]).read_bytes()
+            except OSError as exc:
+                fail(f"-d {data}: {exc.strerror or exc}", USAGE_ERROR)
+        else:
+            body = data.encode()
+    addrs, host, req_path, shown = _resolve_target(target, project, path)
+    if not allow_remote:
+        remote = [ip for ip, _ in addrs if not is_loopback(ip)]
+        if remote:
+            fail(f"refusing to send load to {remote[0]}: only 127.0.0.0/8 and ::1 are allowed "
+                 "(--allow-remote to override)", USAGE_ERROR)
+    request = build_request(method.upper(), host, req_path, hdrs, body)
+    spec = LoadSpec(targets=tuple(addrs), request=request, head=method.upper() == "HEAD", n=n,
+                    duration_s=min(seconds or MAX_DURATION_S, MAX_DURATION_S), concurrency=concurrency, rate=rate,
+                    timeout_s=timeout)
+    report = run_sync(spec, shown, progress=not no_progress and not as_json and stderr_is_tty())
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
+    if fail_under is not None and report.success_ratio < fail_under:
+        click.echo(f"meshctl: success ratio {report.success_ratio:.4f} is below --fail-under {fail_under}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,16 @@ def check_sidecars(topo: Topology) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
+def sidecar_launches_into(topo: Topology, config_dir: Path | None) -> dict[str, SidecarLaunch]:
+    """Launch plans; with ``config_dir`` None nothing is written (for readers such as ``traffic``)."""
+    if config_dir is not None:
+        return sidecar_launches(topo, config_dir)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return sidecar_launches(topo, Path(tmp))
+
+
 def sidecar_launches(topo: Topology, config_dir: Path) -> dict[str, SidecarLaunch]:
     """How to start each pod's sidecar; short-form sections are written to ``config_dir``."""
     out: dict[str, SidecarLaunch] = {}

@@ -1,102 +1,164 @@
-"""``meshctl traffic``: send N requests and group the answers the way the seed does.
+"""``meshctl traffic``: drive load at a pod or URL and report it the way the seed (and hey) would.
 
-The seed's ``curl ... | sort | uniq -w 24 -c`` groups bodies by a prefix; we
-group by status + body with volatile numbers masked, so "nounce 1008262846"
-and "nounce 3494557023" fall into one group.
+The seed measures with ``curl ... | sort | uniq -w 24 -c``; the report starts
+with those groups — status + body with volatile numbers masked, so "nounce
+1008262846" and "nounce 3494557023" fall into one group — then adds what hey
+and fortio give: status and error breakdown, rate, latency percentiles and a
+small histogram.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-import aiohttp
+from meshctl.loadgen import Engine, LoadSpec, Results
 
-_VOLATILE = re.compile(r"\b(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\d{4,})\b", re.I)
+_VOLATILE = re.compile(
+    r"\b(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|0x[0-9a-f]+|[0-9a-f]*\d[0-9a-f]{7,}|\d{4,})\b",
+    re.I)
 BODY_WIDTH = 100
+QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99), ("p999", 0.999))
 
 
 def mask_body(body: str) -> str:
-    """One line, numbers that change per request replaced by <n>."""
+    """One line, with numbers and ids that change per request replaced by <n>."""
     text = " ".join(body.split())
     text = _VOLATILE.sub("<n>", text)
     return text if len(text) <= BODY_WIDTH else text[: BODY_WIDTH - 1] + "…"
 
 
+def classify(status: int, body: bytes) -> tuple[str, str]:
+    return str(status), mask_body(body.decode("utf-8", "replace"))
+
+
+def build_request(method: str, host: str, path: str, headers: Mapping[str, str], body: bytes) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    names = {k.lower() for k in headers}
+    if "user-agent" not in names:
+        lines.append("User-Agent: meshctl-traffic/0.1")
+    if "accept" not in names:
+        lines.append("Accept: */*")
+    lines.extend(f"{k}: {v}" for k, v in headers.items())
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
 @dataclass
 class Report:
     target: str
-    requests: int = 0
-    duration_s: float = 0.0
-    status: Counter[int] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-    groups: Counter[tuple[str, str]] = field(default_factory=Counter)
+    results: Results
+    model: str
+
+    @property
+    def requests(self) -> int:
+        return self.results.requests
+
+    @property
+    def duration_s(self) -> float:
+        return max(self.results.finished - self.results.started, 1e-9)
 
     @property
     def success_ratio(self) -> float:
-        ok = sum(n for code, n in self.status.items() if 200 <= code < 400)
+        ok = sum(n for code, n in self.results.status.items() if 200 <= code < 400)
         return ok / self.requests if self.requests else 0.0
 
-    def to_json(self) -> dict[str, object]:
+    def latency_ms(self) -> dict[str, float | None]:
+        h = self.results.hist
+
+        def ms(v: float | None) -> float | None:
+            return None if v is None or v == float("inf") else round(v * 1000, 3)
+
+        out = {"min": ms(h.min if h.count else None), "mean": ms(h.mean)}
+        out.update({name: ms(h.quantile(q)) for name, q in QUANTILES})
+        out["max"] = ms(h.max if h.count else None)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.results
         return {
-            "target": self.target, "requests": self.requests, "duration_s": round(self.duration_s, 4),
-            "rps": round(self.requests / self.duration_s, 1) if self.duration_s else 0.0,
+            "target": self.target, "model": self.model, "requests": self.requests,
+            "duration_s": round(self.duration_s, 4), "rps": round(self.requests / self.duration_s, 1),
             "success_ratio": round(self.success_ratio, 4),
-            "status": {str(k): v for k, v in sorted(self.status.items())},
-            "errors": dict(self.errors),
-            "groups": [{"count": n, "status": s, "body": b} for (s, b), n in self.groups.most_common()],
+            "status": {str(k): v for k, v in sorted(r.status.items())},
+            "errors": dict(sorted(r.errors.items())),
+            "latency_ms": self.latency_ms(),
+            "groups": [{"count": n, "status": s, "body": b} for (s, b), n in r.groups.most_common()],
         }
 
     def render(self) -> str:
-        rps = self.requests / self.duration_s if self.duration_s else 0.0
-        lines = [f"{self.requests} requests to {self.target} in {self.duration_s:.2f}s ({rps:.0f} rps)", "",
-                 f"{'count':>7} {'%':>6}  {'status':<7} body"]
-        for (status, body), n in self.groups.most_common():
-            lines.append(f"{n:>7} {100 * n / self.requests:>5.1f}%  {status:<7} {body}")
-        lines.append("")
-        lines.append(f"success: {100 * self.success_ratio:.1f}%")
-        return "\n".join(lines)
+        r = self.results
+        n = max(self.requests, 1)
+        out = [f"{self.requests} requests to {self.target} in {self.duration_s:.2f}s "
+               f"({self.requests / self.duration_s:.0f} rps, {self.model})", ""]
+        out.append(f"{'count':>8} {'%':>6}  {'status':<7} body")
+        for (status, body), count in r.groups.most_common():
+            out.append(f"{count:>8} {100 * count / n:>5.1f}%  {status:<7} {body}")
+        out += ["", "Status codes:"]
+        out += [f"  {code}: {count} ({100 * count / n:.1f}%)" for code, count in sorted(r.status.items())] or ["  -"]
+        out += ["", "Errors:"]
+        out += [f"  {kind}: {count} ({100 * count / n:.1f}%)" for kind, count in sorted(r.errors.items())] or ["  none"]
+        out += ["", f"Success ratio: {100 * self.success_ratio:.2f}%", "", "Latency (ms):"]
+        lat = self.latency_ms()
+        out.append("  " + "  ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in lat.items()))
+        bars = r.hist.bars(10)
+        if bars:
+            out += ["", "Histogram (ms):"]
+            top = max(c for _, _, c in bars) or 1
+            for lo, hi, c in bars:
+                out.append(f"  {lo * 1000:>9.3f} – {hi * 1000:>9.3f} |{'■' * round(40 * c / top):<40}| {c}")
+        return "\n".join(out)
 
 
-def _error_kind(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "refused"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return "reset"
-    return type(exc).__name__
+async def _progress(engine: Engine, total: int | None, duration: float | None) -> None:
+    """A rich progress bar on stderr while the load runs (TTY only)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("[bold]traffic"), BarColumn(), TextColumn("{task.completed}/{task.total} requests"),
+               TextColumn("{task.fields[rps]:.0f} rps"), TimeElapsedColumn()]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with Progress(*columns, transient=True, console=None) as progress:
+        task = progress.add_task("load", total=total or None, rps=0.0)
+        while not engine.done.done():
+            done = engine.results.requests
+            elapsed = max(loop.time() - start, 1e-9)
+            if total is None and duration:
+                progress.update(task, total=int(duration * 10), completed=int(min(elapsed, duration) * 10),
+                                rps=done / elapsed)
+            else:
+                progress.update(task, completed=done, rps=done / elapsed)
+            await asyncio.sleep(0.1)
 
 
-async def run(url: str, n: int, concurrency: int = 10, timeout_s: float = 10.0,
-              max_duration_s: float = 300.0) -> Report:
-    """Closed model: ``concurrency`` workers share ``n`` requests (bounded by time too)."""
-    report = Report(target=url)
-    remaining = n
-    deadline = time.monotonic() + max_duration_s
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal remaining
-        while remaining > 0 and time.monotonic() < deadline:
-            remaining -= 1
+async def run(spec: LoadSpec, target: str, progress: bool = False) -> Report:
+    engine = Engine(spec, classify)
+    bar = asyncio.ensure_future(_progress(engine, spec.n, spec.duration_s)) if progress else None
+    try:
+        results = await engine.run()
+    finally:
+        if bar is not None:
+            bar.cancel()
             try:
-                async with session.get(url) as resp:
-                    body = await resp.text(errors="replace")
-                    report.status[resp.status] += 1
-                    report.groups[(str(resp.status), mask_body(body))] += 1
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                kind = _error_kind(exc)
-                report.errors[kind] += 1
-                report.groups[("error", kind)] += 1
-            report.requests += 1
+                await bar
+            except asyncio.CancelledError:
+                pass
+    return Report(target, results, "open model" if spec.rate else f"closed model, {spec.concurrency} connections")
 
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    start = time.monotonic()
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(worker(session) for _ in range(max(1, min(concurrency, n)))))
-    report.duration_s = time.monotonic() - start
-    return report
+
+def run_sync(spec: LoadSpec, target: str, progress: bool = False) -> Report:
+    try:
+        import uvloop
+
+        return uvloop.run(run(spec, target, progress))
+    except ImportError:
+        return asyncio.run(run(spec, target, progress))
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pods.addressing import LOOPBACK, alias_problem, replica_aliases
+from pods.durations import parse_duration
 from pods.source import Entry, Map, Node, Problem, Report, Scalar, Seq, describe, report_duplicates, to_python
 from pods.source import build as build_tree
 from pods.source import compose as compose_yaml
@@ -43,8 +44,6 @@ _MESH_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _POD_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _LOCALHOST_VALUES = ("localhost", "127.0.0.1")
 
 
@@ -648,21 +647,7 @@ def _duration_value(node: Node) -> float | None:
         return float(value) if value >= 0 and value == value and value != float("inf") else None
     if not isinstance(value, str):
         return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = None
-    if seconds is not None:
-        return seconds if 0 <= seconds < float("inf") else None
-    pos, total = 0, 0.0
-    while pos < len(text):
-        m = _DURATION_PART.match(text, pos)
-        if not m:
-            return None
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    return total if text else None
+    return parse_duration(value)
 
 
 def _parse_publish(text: str) -> tuple[str, int, int]:

@@ -1,0 +1,293 @@
+"""The load engine behind ``meshctl traffic``: raw asyncio protocols + httptools, no HTTP library.
+
+One protocol object per connection and no task per request: a connection
+sends its next request from the callback that completed the previous one
+(closed model), or a ticker hands out requests at their scheduled times
+(open model). Latency in the open model is measured from the *scheduled*
+send time, so a stalled server shows up in the percentiles instead of
+silently slowing the generator down (coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httptools
+
+from meshctl.histogram import LatencyHistogram
+
+BODY_KEEP = 2048  # bytes of each response body kept for grouping
+RECONNECT_DELAY_S = 0.01
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    targets: tuple[tuple[str, int], ...]  # connections are spread over these, round robin
+    request: bytes  # the whole HTTP/1.1 request, built once
+    head: bool = False
+    n: int | None = None  # total requests (None: until the duration ends)
+    duration_s: float | None = None
+    concurrency: int = 10  # connections (closed model); the connection cap (open model)
+    rate: float | None = None  # requests per second: open model
+    timeout_s: float = 10.0
+
+
+@dataclass
+class Results:
+    hist: LatencyHistogram = field(default_factory=LatencyHistogram)
+    status: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    groups: Counter[tuple[str, str]] = field(default_factory=Counter)
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.status.values()) + sum(self.errors.values())
+
+
+class _Client(asyncio.Protocol):
+    __slots__ = ("engine", "transport", "parser", "busy", "sent_at", "body", "status", "addr", "alive")
+
+    def __init__(self, engine: Engine, addr: tuple[str, int]) -> None:
+        self.engine = engine
+        self.addr = addr
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.busy = False
+        self.sent_at = 0.0
+        self.body = bytearray()
+        self.status = 0
+        self.alive = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.alive = True
+        self.engine.on_idle(self)
+
+    def send(self, scheduled: float | None) -> None:
+        self.busy = True
+        self.sent_at = time.perf_counter() if scheduled is None else scheduled
+        self.body = bytearray()
+        self.transport.write(self.engine.spec.request)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.engine.on_failure(self, "protocol")
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if self.engine.spec.head:
+            self.parser = httptools.HttpResponseParser(self)  # no body follows a HEAD reply
+            self.on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if len(self.body) < BODY_KEEP:
+            self.body += body
+
+    def on_message_complete(self) -> None:
+        if self.busy:
+            self.busy = False
+            self.engine.on_response(self, self.status, self.body, self.parser.should_keep_alive())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        if self.busy:
+            self.busy = False
+            self.engine.on_failure(self, "reset")
+        else:
+            self.engine.on_closed(self)
+
+
+class Engine:
+    def __init__(self, spec: LoadSpec, classify: Callable[[int, bytes], tuple[str, str]]) -> None:
+        self.spec = spec
+        self.classify = classify
+        self.results = Results()
+        self.issued = 0
+        self.in_flight = 0
+        self.connections: set[_Client] = set()
+        self.connecting = 0
+        self.idle: list[_Client] = []
+        self.pending: deque[float] = deque()  # scheduled send times waiting for a connection (open model)
+        self._addrs = itertools.cycle(spec.targets)
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.stop_issuing_at = math.inf
+        self.next_at = 0.0
+        self.interval = 1.0 / spec.rate if spec.rate else 0.0
+        self._last_body: tuple[int, bytes, tuple[str, str]] | None = None
+
+    # -- budget -------------------------------------------------------------------
+    def _may_issue(self) -> bool:
+        if self.spec.n is not None and self.issued >= self.spec.n:
+            return False
+        return time.perf_counter() < self.stop_issuing_at
+
+    def _check_done(self) -> None:
+        if self.in_flight == 0 and not self.pending and not self._may_issue() and not self.done.done():
+            self.done.set_result(None)
+
+    # -- connections ----------------------------------------------------------------
+    def _open(self) -> None:
+        self.connecting += 1
+        self.loop.create_task(self._connect(next(self._addrs)))
+
+    async def _connect(self, addr: tuple[str, int]) -> None:
+        try:
+            await asyncio.wait_for(self.loop.create_connection(lambda: _Client(self, addr), *addr),
+                                   self.spec.timeout_s)
+        except (OSError, TimeoutError) as exc:
+            self.connecting -= 1
+            kind = "timeout" if isinstance(exc, TimeoutError) else (
+                "refused" if isinstance(exc, ConnectionRefusedError) else "connect")
+            self._connect_failed(kind)
+            return
+        self.connecting -= 1
+
+    def _connect_failed(self, kind: str) -> None:
+        """A request that could not even connect counts as one failed request."""
+        if self.spec.rate is None:
+            if self._may_issue():
+                self.issued += 1
+                self._record_error(kind, None)
+                if self._may_issue():
+                    self.loop.call_later(RECONNECT_DELAY_S, self._open)
+        elif self.pending:
+            self._record_error(kind, self.pending.popleft())
+        self._check_done()
+
+    def on_idle(self, conn: _Client) -> None:
+        self.connections.add(conn)
+        if self.spec.rate is None:
+            if self._may_issue():
+                self.issued += 1
+                self.in_flight += 1
+                conn.send(None)
+            else:
+                self._retire(conn)
+        elif self.pending:
+            self.in_flight += 1
+            conn.send(self.pending.popleft())
+        else:
+            self.idle.append(conn)
+        self._check_done()
+
+    def _retire(self, conn: _Client) -> None:
+        self.connections.discard(conn)
+        if conn.transport is not None:
+            conn.transport.close()
+
+    def on_closed(self, conn: _Client) -> None:
+        self.connections.discard(conn)
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    # -- outcomes ---------------------------------------------------------------------
+    def on_response(self, conn: _Client, status: int, body: bytes, keep_alive: bool) -> None:
+        now = time.perf_counter()
+        self.in_flight -= 1
+        r = self.results
+        r.hist.record(now - conn.sent_at)
+        r.status[status] += 1
+        last = self._last_body
+        if last is not None and last[0] == status and last[1] == body:
+            key = last[2]
+        else:
+            key = self.classify(status, bytes(body))
+            self._last_body = (status, bytes(body), key)
+        r.groups[key] += 1
+        if keep_alive:
+            self.on_idle(conn)
+        else:
+            self._retire(conn)
+            if self._may_issue() or self.pending:
+                self._open()
+        self._check_done()
+
+    def on_failure(self, conn: _Client, kind: str) -> None:
+        self.in_flight -= 1
+        self._record_error(kind, conn.sent_at)
+        conn.busy = False
+        self._retire(conn)
+        if self._may_issue() or self.pending:
+            self.loop.call_later(RECONNECT_DELAY_S, self._open)
+        self._check_done()
+
+    def _record_error(self, kind: str, sent_at: float | None) -> None:
+        r = self.results
+        r.errors[kind] += 1
+        r.groups[("error", kind)] += 1
+        if sent_at is not None and self.spec.rate is not None:
+            r.hist.record(time.perf_counter() - sent_at)  # open model: the wait counts too
+
+    # -- timeouts ------------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        while not self.done.done():
+            await asyncio.sleep(0.02)
+            now = time.perf_counter()
+            limit = self.spec.timeout_s
+            for conn in list(self.connections):
+                if conn.busy and now - conn.sent_at > limit:
+                    conn.busy = False
+                    self.in_flight -= 1
+                    self._record_error("timeout", None)
+                    self._retire(conn)
+                    if conn.transport is not None:
+                        conn.transport.abort()
+                    if self._may_issue() or self.pending:
+                        self._open()
+            if self.spec.rate is not None:
+                while self.pending and now - self.pending[0] > limit:  # waited too long for a connection
+                    self._record_error("timeout", self.pending.popleft())
+            self._check_done()
+
+    # -- open model ticker -------------------------------------------------------------------
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        while self.next_at <= now and self._may_issue():
+            self.issued += 1
+            self.pending.append(self.next_at)
+            self.next_at += self.interval
+        while self.pending and self.idle:
+            conn = self.idle.pop()
+            if conn.alive:
+                self.in_flight += 1
+                conn.send(self.pending.popleft())
+        want = min(len(self.pending), self.spec.concurrency - len(self.connections) - self.connecting)
+        for _ in range(max(0, want)):
+            self._open()
+        if self._may_issue():
+            self.loop.call_later(max(0.0, self.next_at - time.perf_counter()), self._tick)
+        self._check_done()
+
+    async def run(self) -> Results:
+        spec = self.spec
+        start = time.perf_counter()
+        self.results.started = start
+        if spec.duration_s is not None:
+            self.stop_issuing_at = start + spec.duration_s
+        sweeper = self.loop.create_task(self._sweep())
+        if spec.rate is None:
+            for _ in range(min(spec.concurrency, spec.n or spec.concurrency)):
+                self._open()
+        else:
+            self.next_at = start
+            self._tick()
+        try:
+            await self.done
+        finally:
+            sweeper.cancel()
+            self.results.finished = time.perf_counter()
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.close()
+        return self.results
