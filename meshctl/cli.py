@@ -562,5 +562,41 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
         sys.exit(1)
 
 
+@main.command()
+@project_option
+@click.option("--window", default="10s", show_default=True, help="Sliding window for rates and percentiles.")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between polls.")
+@click.option("--once", is_flag=True, help="One snapshot (two polls --interval apart), plain table.")
+@click.option("--watch", is_flag=True, help="Not a terminal: print a snapshot every interval.")
+@click.option("--count", type=int, default=None, help="With --watch: stop after this many snapshots.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def stats(project: str | None, window: str, interval: float, once: bool, watch: bool, count: int | None,
+          output: str) -> None:
+    """Live golden signals per pod and per edge (q quits); --once or -o json for scripts."""
+    from meshctl.stats import Collector
+    from meshctl.stats_view import live
+    from meshctl.stats_view import once as run_once
+    from meshctl.stats_view import watch as run_watch
+
+    seconds = _duration_option(window)
+    if interval <= 0 or (count is not None and count < 1):
+        fail("--interval and --count must be positive", USAGE_ERROR)
+    state = _pick_mesh(project)
+    collector = Collector(state, window_s=seconds or 10.0)
+    as_json = output == "json"
+    interactive = sys.stdout.isatty() and sys.stdin.isatty() and not as_json
+    try:
+        if once or (not interactive and not watch):
+            asyncio.run(run_once(collector, interval, as_json))
+        elif watch:
+            asyncio.run(run_watch(collector, interval, as_json, count))
+        else:
+            asyncio.run(live(collector, interval))
+    except (OSError, ControlError) as exc:
+        fail(f"cannot read the mesh's stats: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
     main()

@@ -91,10 +91,14 @@ def sidecar_launches(topo: Topology, config_dir: Path) -> dict[str, SidecarLaunc
         if public:
             args += ("--public-admin",)
         egress = boot.egress_listener
+        edges = dict.fromkeys(r.cluster for lst in boot.listeners if lst.is_egress
+                              for vh in lst.hcm.route_config.virtual_hosts for r in vh.routes if r.cluster)
         out[pod.name] = SidecarLaunch(
             args=args,
             admin_port=boot.admin.port if boot.admin else None,
             listener_ports=tuple(lst.port for lst in boot.listeners),
             egress_port=egress.port if egress else None,
+            ingress_stat_prefixes=tuple(lst.hcm.stat_prefix for lst in boot.listeners if not lst.is_egress),
+            egress_clusters=tuple(c for c in edges if c),
         )
     return out

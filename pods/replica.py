@@ -62,6 +62,9 @@ class SidecarLaunch:
     admin_port: int | None
     listener_ports: tuple[int, ...]
     egress_port: int | None
+    #: For ``meshctl stats``: which HTTP stat prefixes measure inbound traffic, which clusters are edges.
+    ingress_stat_prefixes: tuple[str, ...] = ()
+    egress_clusters: tuple[str, ...] = ()
 
 
 @dataclass

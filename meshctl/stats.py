@@ -1,0 +1,305 @@
+"""``meshctl stats``: golden signals per pod and per edge, from scrapes of the running mesh.
+
+Every poll reads the supervisor's process table (control socket), every
+sidecar's ``/stats/prometheus`` and every declared service metrics endpoint,
+concurrently and with a short timeout, so a hung pod costs one empty cell
+rather than a frozen screen. Numbers are deltas over a sliding window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aiohttp
+
+from meshctl.promtext import Labels, parse
+from meshctl.sidecars import sidecar_launches_into
+from meshctl.state import StateDir
+from meshctl.window import Window, bucket_deltas, counter_delta, histogram_quantile
+from pods.replica import SidecarLaunch
+from pods.topology import Topology, load_topology
+
+SCRAPE_TIMEOUT_S = 1.0
+Index = dict[tuple[str, Labels], float]
+
+
+def _matches(labels: Labels, want: dict[str, str]) -> bool:
+    d = dict(labels)
+    return all(d.get(k) == v for k, v in want.items())
+
+
+def total(idx: Index | None, name: str, **want: str) -> float | None:
+    if idx is None:
+        return None
+    values = [v for (n, labels), v in idx.items() if n == name and _matches(labels, want)]
+    return sum(values) if values else None
+
+
+def buckets(idx: Index | None, name: str, **want: str) -> dict[float, float]:
+    out: dict[float, float] = {}
+    if idx is None:
+        return out
+    for (n, labels), v in idx.items():
+        if n == name and _matches(labels, want):
+            le = dict(labels).get("le", "+Inf")
+            bound = math.inf if le in ("+Inf", "Inf") else float(le)
+            out[bound] = out.get(bound, 0.0) + v
+    return out
+
+
+def delta(old: Index | None, new: Index | None, name: str, **want: str) -> float | None:
+    return counter_delta(total(old, name, **want), total(new, name, **want))
+
+
+@dataclass
+class PodRow:
+    pod: str
+    status: str
+    ready: str
+    restarts: int
+    cpu_percent: float | None
+    rss_bytes: int | None
+    meshed: bool
+    success: float | None
+    rps: float | None
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    retries_per_s: float | None
+    upstream_5xx_per_s: float | None
+
+
+@dataclass
+class EdgeRow:
+    source: str
+    cluster: str
+    rps: float | None
+    success: float | None  # after retries: what the caller saw
+    actual_success: float | None  # before retries: per upstream attempt
+    retries_per_s: float | None
+    timeouts_per_s: float | None
+    p99_ms: float | None
+
+
+@dataclass
+class Snapshot:
+    mesh: str
+    window_s: float
+    measured_s: float | None
+    pods: list[PodRow]
+    edges: list[EdgeRow]
+
+    def to_json(self) -> dict[str, Any]:
+        def clean(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
+        return {"mesh": self.mesh, "window_s": self.window_s,
+                "measured_s": None if self.measured_s is None else round(self.measured_s, 3),
+                "pods": [clean(asdict(p)) for p in self.pods],
+                "edges": [clean({"from": e.source, "to": e.cluster,
+                                 **{k: v for k, v in asdict(e).items() if k not in ("source", "cluster")}})
+                          for e in self.edges]}
+
+
+class Collector:
+    def __init__(self, state: StateDir, window_s: float = 10.0) -> None:
+        self.state = state
+        self.window_s = window_s
+        self.topology: Topology | None = None
+        self.launches: dict[str, SidecarLaunch] = {}
+        self.status: dict[str, Any] = {}
+        self.windows: dict[str, Window[Index]] = {}  # "replica/sidecar" or "replica/service" -> scrapes
+        self.session: aiohttp.ClientSession | None = None
+        self.control: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Collector:
+        timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
+        self.session = aiohttp.ClientSession(timeout=timeout)
+        self.control = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.state.control_socket)),
+                                             timeout=timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for s in (self.session, self.control):
+            if s is not None:
+                await s.close()
+
+    async def _get(self, url: str) -> str | None:
+        assert self.session is not None
+        try:
+            async with self.session.get(url) as resp:
+                return await resp.text() if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
+    async def poll(self) -> None:
+        assert self.control is not None
+        async with self.control.get("http://mesh/v1/status") as resp:
+            self.status = await resp.json()
+        if self.topology is None:
+            self.topology = load_topology(self.status["file"])
+            self.launches = sidecar_launches_into(self.topology, None)
+        jobs: dict[str, str] = {}
+        for p in self.status["processes"]:
+            spec = self.topology.pods.get(p["pod"])
+            if spec is None or not p["pid"]:
+                continue
+            launch = self.launches.get(p["pod"])
+            if p["role"] == "sidecar" and launch is not None and launch.admin_port:
+                jobs[f"{p['replica']}/sidecar"] = f"http://{p['ip']}:{launch.admin_port}/stats/prometheus"
+            elif p["role"] == "service" and spec.metrics is not None:
+                jobs[f"{p['replica']}/service"] = f"http://{p['ip']}:{spec.metrics.port}{spec.metrics.path}"
+        texts = await asyncio.gather(*(self._get(u) for u in jobs.values()))
+        now = time.monotonic()
+        for key, text in zip(jobs, texts, strict=True):
+            if text is None:
+                continue
+            idx: Index = {(n, labels): v for n, labels, v in parse(text)}
+            self.windows.setdefault(key, Window(self.window_s)).add(now, idx)
+
+    def _span(self, key: str) -> tuple[Index | None, Index | None, float | None]:
+        w = self.windows.get(key)
+        span = w.span() if w else None
+        if span is None:
+            return None, None, None
+        old, new = span
+        return old.value, new.value, new.t - old.t
+
+    def snapshot(self) -> Snapshot:
+        assert self.topology is not None
+        pods, edges = [], []
+        spans: list[float] = []
+        for name, spec in self.topology.pods.items():
+            procs = [p for p in self.status.get("processes", []) if p["pod"] == name]
+            replicas = sorted({p["replica"] for p in procs})
+            launch = self.launches.get(name)
+            row = self._pod_row(name, procs)
+            req = err = retries = up5xx = 0.0
+            have_traffic = have_retries = False
+            hist: dict[float, float] = {}
+            dts: list[float] = []
+            for r in replicas:
+                if launch is not None and launch.ingress_stat_prefixes:
+                    old, new, dt = self._span(f"{r}/sidecar")
+                    if dt is None:
+                        continue
+                    dts.append(dt)
+                    for prefix in launch.ingress_stat_prefixes:
+                        d = delta(old, new, "envoy_http_downstream_rq_xx", envoy_http_conn_manager_prefix=prefix)
+                        e = delta(old, new, "envoy_http_downstream_rq_xx", envoy_http_conn_manager_prefix=prefix,
+                                  envoy_response_code_class="5")
+                        if d is not None:
+                            have_traffic = True
+                            req += d
+                            err += e or 0.0
+                        for le, v in bucket_deltas(
+                                buckets(old, "envoy_http_downstream_rq_time_bucket",
+                                        envoy_http_conn_manager_prefix=prefix),
+                                buckets(new, "envoy_http_downstream_rq_time_bucket",
+                                        envoy_http_conn_manager_prefix=prefix)).items():
+                            hist[le] = hist.get(le, 0.0) + v
+                    rt = delta(old, new, "envoy_cluster_upstream_rq_retry")
+                    if rt is not None:
+                        have_retries = True
+                        retries += rt
+                    up5xx += (delta(old, new, "envoy_cluster_upstream_rq_xx", envoy_response_code_class="5") or 0.0)
+                    up5xx += (delta(old, new, "envoy_cluster_retry_upstream_rq_xx",
+                                    envoy_response_code_class="5") or 0.0)
+                    edges.extend(self._edges(name, r, launch, old, new, dt))
+                elif spec.metrics is not None:
+                    old, new, dt = self._span(f"{r}/service")
+                    if dt is None:
+                        continue
+                    dts.append(dt)
+                    for (n, labels), _ in (new or {}).items():
+                        if n.endswith("_requests_total") and any(k in ("status", "code") for k, _ in labels):
+                            d = counter_delta((old or {}).get((n, labels)), (new or {}).get((n, labels))) or 0.0
+                            have_traffic = True
+                            req += d
+                            code = next(v for k, v in labels if k in ("status", "code"))
+                            if code.startswith("5"):
+                                err += d
+            dt = sum(dts) / len(dts) if dts else None
+            if dt:
+                spans.append(dt)
+            if have_traffic and dt and req > 0:
+                row.rps = req / dt
+                row.success = (req - err) / req
+                row.p50_ms, row.p95_ms, row.p99_ms = (histogram_quantile(q, hist) for q in (0.5, 0.95, 0.99))
+            if launch is not None and dt:
+                row.meshed = True
+                if have_retries:
+                    row.retries_per_s = retries / dt
+                    row.upstream_5xx_per_s = up5xx / dt
+            pods.append(row)
+        merged = self._merge_edges(edges)
+        return Snapshot(self.status.get("mesh", self.state.mesh), self.window_s,
+                        max(spans) if spans else None, pods, merged)
+
+    @staticmethod
+    def _pod_row(name: str, procs: list[dict[str, Any]]) -> PodRow:
+        ready = sum(1 for p in procs if p["ready"])
+        loop = [p for p in procs if p["state"] == "crashloop"]
+        if loop:
+            status = f"crashloop (exit {loop[0]['last_exit']})"
+        elif any(p["state"] in ("exited", "failed") for p in procs):
+            status = "down"
+        elif ready < len(procs):
+            status = "starting" if any(p["state"] in ("starting", "pending", "backoff") for p in procs) else "not ready"
+        else:
+            status = "running"
+        cpus = [p["cpu_percent"] for p in procs if p["cpu_percent"] is not None]
+        rss = [p["rss_bytes"] for p in procs if p["rss_bytes"] is not None]
+        return PodRow(pod=name, status=status, ready=f"{ready}/{len(procs)}",
+                      restarts=sum(p["restarts"] for p in procs), cpu_percent=sum(cpus) if cpus else None,
+                      rss_bytes=sum(rss) if rss else None, meshed=False, success=None, rps=None, p50_ms=None,
+                      p95_ms=None, p99_ms=None, retries_per_s=None, upstream_5xx_per_s=None)
+
+    @staticmethod
+    def _edges(pod: str, replica: str, launch: SidecarLaunch, old: Index | None, new: Index | None,
+               dt: float) -> list[tuple[str, str, dict[str, Any]]]:
+        out = []
+        for c in launch.egress_clusters:
+            attempts = delta(old, new, "envoy_cluster_upstream_rq_total", envoy_cluster_name=c)
+            if attempts is None:
+                continue
+            retries = delta(old, new, "envoy_cluster_upstream_rq_retry", envoy_cluster_name=c) or 0.0
+            final = delta(old, new, "envoy_cluster_upstream_rq_xx", envoy_cluster_name=c) or 0.0
+            final5 = delta(old, new, "envoy_cluster_upstream_rq_xx", envoy_cluster_name=c,
+                           envoy_response_code_class="5") or 0.0
+            timeouts = sum(delta(old, new, n, envoy_cluster_name=c) or 0.0
+                           for n in ("envoy_cluster_upstream_rq_timeout", "envoy_cluster_upstream_rq_per_try_timeout"))
+            hist = bucket_deltas(buckets(old, "envoy_cluster_upstream_rq_time_bucket", envoy_cluster_name=c),
+                                 buckets(new, "envoy_cluster_upstream_rq_time_bucket", envoy_cluster_name=c))
+            out.append((pod, c, {"attempts": attempts, "retries": retries, "ok": final - final5,
+                                 "timeouts": timeouts, "hist": hist, "dt": dt}))
+        return out
+
+    @staticmethod
+    def _merge_edges(edges: list[tuple[str, str, dict[str, Any]]]) -> list[EdgeRow]:
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for pod, c, d in edges:
+            m = merged.setdefault((pod, c), {"attempts": 0.0, "retries": 0.0, "ok": 0.0, "timeouts": 0.0,
+                                             "hist": {}, "dts": []})
+            for k in ("attempts", "retries", "ok", "timeouts"):
+                m[k] += d[k]
+            for le, v in d["hist"].items():
+                m["hist"][le] = m["hist"].get(le, 0.0) + v
+            m["dts"].append(d["dt"])
+        rows = []
+        for (pod, c), m in merged.items():
+            dt = sum(m["dts"]) / len(m["dts"])
+            requests = m["attempts"] - m["retries"]
+            traffic = requests > 0
+            rows.append(EdgeRow(
+                source=pod, cluster=c, rps=requests / dt if dt and traffic else None,
+                success=m["ok"] / requests if traffic else None,
+                actual_success=m["ok"] / m["attempts"] if m["attempts"] > 0 else None,
+                retries_per_s=m["retries"] / dt if dt and traffic else None,
+                timeouts_per_s=m["timeouts"] / dt if dt and traffic else None,
+                p99_ms=histogram_quantile(0.99, m["hist"]) if traffic else None))
+        return rows
