@@ -148,15 +148,60 @@ def validate(file: str) -> None:
     click.echo(f"{file}: ok (mesh '{topo.name}', {len(topo.pods)} pods, {replicas} replicas)")
 
 
+prometheus_options = [
+    click.option("--prometheus", "with_prometheus", is_flag=True,
+                 help="Also run the real Prometheus server as a pod (as a `prometheus:` section would)."),
+    click.option("--prometheus-bin", default=None, help="Prometheus binary (default: `prometheus` on PATH)."),
+]
+
+
+def _with_prometheus_options(fn: Any) -> Any:
+    for option in reversed(prometheus_options):
+        fn = option(fn)
+    return fn
+
+
+def _prepare(file: str, project: str | None, with_prometheus: bool, prometheus_bin: str | None,
+             announce: bool) -> Topology:
+    """The topology to run: loaded, checked, and with the Prometheus pod added when asked for."""
+    from pods.prometheus import with_prometheus as add_prometheus
+    from pods.topology import PrometheusSpec
+
+    topo = _load(file, project)
+    spec = topo.prometheus
+    if spec is None and (with_prometheus or prometheus_bin):
+        spec = PrometheusSpec()
+    if spec is not None and prometheus_bin:
+        spec = replace(spec, bin=prometheus_bin)
+    topo = replace(topo, prometheus=None)
+    if announce:
+        _preflight(topo)
+    if spec is None:
+        return topo
+    if not shutil.which(spec.bin):
+        if announce:
+            click.echo(f"{topo.path}:{spec.line}: prometheus: '{spec.bin}' not found; install it "
+                       "(apt-get install prometheus) or pass --prometheus-bin PATH. Starting the mesh without it.",
+                       err=True)
+        return topo
+    try:
+        return add_prometheus(topo, replace(spec, bin=shutil.which(spec.bin) or spec.bin),
+                              StateDir.for_mesh(topo.name).root / "prometheus")
+    except ValueError as exc:
+        click.echo(f"{topo.path}:{spec.line}: prometheus: {exc}", err=True)
+        sys.exit(USAGE_ERROR)
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; return once every pod is Ready.")
 @project_option
 @click.option("--wait-timeout", default=60.0, show_default=True, help="Seconds -d waits for readiness.")
-def up(file: str, detach: bool, project: str | None, wait_timeout: float) -> None:
+@_with_prometheus_options
+def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_prometheus: bool,
+       prometheus_bin: str | None) -> None:
     """Start the mesh described by FILE (foreground unless -d; Ctrl-C stops it, twice forces)."""
-    topo = _load(file, project)
-    _preflight(topo)
+    topo = _prepare(file, project, with_prometheus, prometheus_bin, announce=True)
     state = StateDir.for_mesh(topo.name)
     pid = state.supervisor_alive()
     if pid:
@@ -166,7 +211,9 @@ def up(file: str, detach: bool, project: str | None, wait_timeout: float) -> Non
     except OSError as exc:
         fail(str(exc))
     if detach:
-        _up_detached(file, topo, state, wait_timeout)
+        extra = (["--prometheus"] if with_prometheus else []) + (
+            ["--prometheus-bin", prometheus_bin] if prometheus_bin else [])
+        _up_detached(file, topo, state, wait_timeout, extra)
     else:
         sys.exit(_run_supervisor(topo, state, foreground=True))
 
@@ -201,11 +248,11 @@ def _run_supervisor(topo: Topology, state: StateDir, foreground: bool) -> int:
         return asyncio.run(main_task())
 
 
-def _up_detached(file: str, topo: Topology, state: StateDir, wait_timeout: float) -> None:
+def _up_detached(file: str, topo: Topology, state: StateDir, wait_timeout: float, extra: list[str]) -> None:
     start = time.monotonic()
     log = open(state.supervisor_log, "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshctl", "supervise", file, "--project", topo.name],
+        [sys.executable, "-m", "meshctl", "supervise", file, "--project", topo.name, *extra],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
     log.close()
     deadline = start + wait_timeout
@@ -296,9 +343,10 @@ def _tail_lines(path: Path, n: int) -> list[str]:
 @main.command(hidden=True)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--project", required=True)
-def supervise(file: str, project: str) -> None:
+@_with_prometheus_options
+def supervise(file: str, project: str, with_prometheus: bool, prometheus_bin: str | None) -> None:
     """Run a mesh's supervisor in the background (used by `up -d`)."""
-    topo = _load(file, project)
+    topo = _prepare(file, project, with_prometheus, prometheus_bin, announce=False)
     state = StateDir.for_mesh(topo.name)
     sys.exit(_run_supervisor(topo, state, foreground=False))
 
@@ -560,6 +608,32 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
     if fail_under is not None and report.success_ratio < fail_under:
         click.echo(f"meshctl: success ratio {report.success_ratio:.4f} is below --fail-under {fail_under}", err=True)
         sys.exit(1)
+
+
+@main.command("prometheus-config")
+@click.argument("file", type=click.Path(dir_okay=False))
+@project_option
+def prometheus_config(file: str, project: str | None) -> None:
+    """Print the Prometheus scrape config for FILE (the running mesh's, if it is up)."""
+    from meshctl.sidecars import sidecar_launches_into
+    from pods.prometheus import CONFIG_FILE, POD_NAME, scrape_config
+    from pods.replica import plan_mesh
+    from pods.topology import PrometheusSpec
+
+    topo = _load(file, project)
+    state = StateDir.for_mesh(topo.name)
+    running = state.root / "prometheus" / CONFIG_FILE
+    if state.supervisor_alive() and running.exists():
+        click.echo(running.read_text(), nl=False)
+        return
+    spec = topo.prometheus or PrometheusSpec()
+    from pods.prometheus import with_prometheus as add_prometheus
+
+    topo = add_prometheus(replace(topo, prometheus=None), spec, state.root / "prometheus") \
+        if POD_NAME not in topo.pods else topo
+    plan = plan_mesh(topo, state.hosts, taken=aliases_in_use(exclude=topo.name))
+    plan.sidecars = sidecar_launches_into(topo, None)
+    click.echo(scrape_config(plan), nl=False)
 
 
 @main.command()

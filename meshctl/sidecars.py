@@ -50,7 +50,7 @@ def check_sidecars(topo: Topology) -> tuple[list[str], list[str]]:
         except ConfigError as exc:
             errors.append(f"{where}: {exc}")
             continue
-        warnings.extend(f"{where}: warning: {w.replace(_PROBE_IP, 'its pod alias')}" for w in boot.warnings)
+        warnings.extend(f"{where}: warning: {w.replace(' ' + _PROBE_IP, '')}" for w in boot.warnings)
         claims = {c.port: c for c in pod.port_claims()}
         ports = [(lst.port, f"listener {lst.name}") for lst in boot.listeners]
         if boot.admin is not None:

@@ -35,6 +35,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def process_alive(pid: int, create_time: float) -> bool:
     """True when ``pid`` still is the process we started (pid reuse is checked via create time)."""
     try:

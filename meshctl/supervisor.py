@@ -27,8 +27,11 @@ from meshctl.printer import Printer
 from meshctl.process import ManagedProcess, State
 from meshctl.reaper import kill_run
 from meshctl.sidecars import sidecar_launches
-from meshctl.state import StateDir, aliases_in_use, process_alive
+from meshctl.state import StateDir, aliases_in_use, process_alive, write_text_atomic
 from pods.hosts import write_hosts_atomic
+from pods.prometheus import CONFIG_FILE as PROMETHEUS_CONFIG
+from pods.prometheus import POD_NAME as PROMETHEUS_POD
+from pods.prometheus import scrape_config
 from pods.replica import MeshPlan, plan_mesh
 from pods.topology import Topology
 
@@ -156,6 +159,10 @@ class Supervisor:
         self.plan = plan_mesh(self.topology, self.state.hosts,
                               taken=aliases_in_use(exclude=self.topology.name)).with_run_id(self.run_id)
         self.plan.sidecars = sidecar_launches(self.topology, self.state.root / "sidecar")
+        if PROMETHEUS_POD in self.topology.pods:
+            config_dir = self.state.root / "prometheus"
+            (config_dir / "data").mkdir(parents=True, exist_ok=True)
+            write_text_atomic(config_dir / PROMETHEUS_CONFIG, scrape_config(self.plan))
         for replica in self.plan.all_replicas():
             write_hosts_atomic(self.plan.hosts_path(replica), self.plan.hosts_text(replica))
         self._start_reaper()

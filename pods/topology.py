@@ -15,7 +15,7 @@ import os
 import re
 import shlex
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pods.addressing import LOOPBACK, alias_problem, replica_aliases
@@ -39,6 +39,7 @@ POD_KEYS = ("replicas", "ip", "service", "publish", "add_hosts", "sidecar", "met
 SERVICE_KEYS = ("command", "env", "ready", "restart", "stop_grace_period", "workdir")
 READY_KEYS = ("tcp", "http", "port", "exec")
 METRICS_KEYS = ("port", "path")
+PROMETHEUS_KEYS = ("port", "publish", "bin", "scrape_interval", "ip")
 
 _MESH_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _POD_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -127,12 +128,24 @@ class PodSpec:
 
 
 @dataclass(frozen=True)
+class PrometheusSpec:
+    """The optional Prometheus pod: the real server, scraping every sidecar and declared metrics endpoint."""
+
+    port: int = 9090  # on its own alias
+    publish: int | None = 9090  # host 127.0.0.1 port; None: not published
+    bin: str = "prometheus"
+    scrape_interval_s: float = 1.0
+    ip: str | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class Topology:
     name: str
     path: Path
     pods: dict[str, PodSpec]
     warnings: list[Problem]
-    prometheus: dict | None = None
+    prometheus: PrometheusSpec | None = None
 
 
 class TopologyError(Exception):
@@ -271,11 +284,7 @@ class _Validator:
             return None
         self.keys(tree, TOP_KEYS, " at top level")
         name = self._mesh_name(tree)
-        prometheus = None
-        if (entry := tree.entries.get("prometheus")) is not None:
-            report_duplicates(entry.value, self.report, "prometheus")
-            if self.mapping(entry.value, "prometheus") is not None:
-                prometheus = to_python(entry.value)
+        prometheus = self._prometheus(tree.entries.get("prometheus"))
         pods = self._pods(tree)
         if pods is None:
             return None
@@ -283,6 +292,38 @@ class _Validator:
         self._check_port_claims(pods.values())
         self._check_publish_clashes(pods.values())
         return Topology(name, Path(os.path.abspath(self.path)), pods, self.report.warnings, prometheus)
+
+    def _prometheus(self, entry: Entry | None) -> PrometheusSpec | None:
+        if entry is None:
+            return None
+        if isinstance(entry.value, Scalar) and entry.value.value in (True, None):
+            return PrometheusSpec(line=entry.key_line)  # `prometheus: true` / `prometheus:` take the defaults
+        node = self.mapping(entry.value, "prometheus")
+        if node is None:
+            return None
+        self.keys(node, PROMETHEUS_KEYS, " in prometheus")
+        spec = PrometheusSpec(line=entry.key_line)
+        if (n := node.get("port")) is not None and (port := self.port(n, "prometheus.port")):
+            spec = replace(spec, port=port)
+        if (n := node.get("publish")) is not None:
+            if isinstance(n, Scalar) and n.value is False:
+                spec = replace(spec, publish=None)
+            elif (port := self.port(n, "prometheus.publish")) is not None:
+                spec = replace(spec, publish=port)
+        if (n := node.get("bin")) is not None and (text := self.string(n, "prometheus.bin")):
+            spec = replace(spec, bin=text)
+        if (n := node.get("scrape_interval")) is not None:
+            seconds = _duration_value(n)
+            if not seconds:
+                self.error(n, f"prometheus.scrape_interval must be a positive duration like 1s, got {describe(n)}")
+            else:
+                spec = replace(spec, scrape_interval_s=seconds)
+        if (n := node.get("ip")) is not None and (ip := self.string(n, "prometheus.ip")):
+            if (problem := alias_problem(ip)) is not None:
+                self.error(n, f"prometheus.{problem}")
+            else:
+                spec = replace(spec, ip=ip)
+        return spec
 
     def _mesh_name(self, tree: Map) -> str:
         entry = tree.entries.get("name")
