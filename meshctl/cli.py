@@ -18,13 +18,15 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from meshctl.control import ControlError, call
 from meshctl.state import StateDir, aliases_in_use, all_meshes, running_meshes
-from pods.topology import Topology, TopologyError, load_topology
+
+if TYPE_CHECKING:
+    from pods.topology import Topology
 
 USAGE_ERROR = 2
 
@@ -35,6 +37,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _load(file: str, project: str | None = None) -> Topology:
+    from pods.topology import TopologyError, load_topology
+
     try:
         topo = load_topology(file)
     except TopologyError as err:
@@ -516,9 +520,10 @@ def _resolve_target(target: str, project: str | None,
     procs = [p for p in status["processes"] if target in (p["pod"], p["replica"]) and p["role"] == "service"]
     if not procs:
         fail(f"no pod or replica named '{target}' in mesh '{state.mesh}'", USAGE_ERROR)
-    topo = load_topology(status["file"])
     from meshctl.sidecars import sidecar_launches_into
+    from pods.topology import load_topology
 
+    topo = load_topology(status["file"])
     pod = procs[0]["pod"]
     launch = sidecar_launches_into(topo, None).get(pod)
     port = _pod_port(topo.pods[pod], launch)

@@ -15,13 +15,15 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from meshctl.supervisor import Supervisor
 
 
 def build_app(sup: Supervisor) -> web.Application:
+    from aiohttp import web  # the server side only: CLI commands stay quick to start
+
     async def status(_: web.Request) -> web.Response:
         return web.json_response(sup.status())
 
@@ -45,6 +47,8 @@ def build_app(sup: Supervisor) -> web.Application:
 
 
 async def serve(sup: Supervisor, path: Path) -> web.AppRunner:
+    from aiohttp import web
+
     path.unlink(missing_ok=True)
     runner = web.AppRunner(build_app(sup), access_log=None, handle_signals=False)
     await runner.setup()

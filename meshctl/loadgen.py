@@ -53,7 +53,8 @@ class Results:
 
 
 class _Client(asyncio.Protocol):
-    __slots__ = ("engine", "transport", "parser", "busy", "sent_at", "body", "status", "addr", "alive")
+    __slots__ = ("engine", "transport", "parser", "busy", "sent_at", "body", "status", "addr", "alive",
+                 "keep_alive", "close_delimited")
 
     def __init__(self, engine: Engine, addr: tuple[str, int]) -> None:
         self.engine = engine
@@ -65,6 +66,8 @@ class _Client(asyncio.Protocol):
         self.body = bytearray()
         self.status = 0
         self.alive = False
+        self.keep_alive = True
+        self.close_delimited = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -75,6 +78,7 @@ class _Client(asyncio.Protocol):
         self.busy = True
         self.sent_at = time.perf_counter() if scheduled is None else scheduled
         self.body = bytearray()
+        self.status = 0
         self.transport.write(self.engine.spec.request)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
@@ -84,9 +88,17 @@ class _Client(asyncio.Protocol):
             self.engine.on_failure(self, "protocol")
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        # No on_header callback on purpose: headers are not needed, and each callback costs. A body
+        # delimited by the connection's end is the only kind that cannot be kept alive, so
+        # should_keep_alive() tells us whether a clean close may end this response.
+        status = self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        self.close_delimited = not self.keep_alive and status not in (204, 304) and status >= 200
         if self.engine.spec.head:
-            self.parser = httptools.HttpResponseParser(self)  # no body follows a HEAD reply
+            # httptools would wait for the Content-Length bytes of a HEAD reply: end the message here
+            # and parse the next reply with a fresh parser.
+            self.close_delimited = False
+            self.parser = httptools.HttpResponseParser(self)
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -96,11 +108,14 @@ class _Client(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.busy:
             self.busy = False
-            self.engine.on_response(self, self.status, self.body, self.parser.should_keep_alive())
+            self.engine.on_response(self, self.status, self.body, self.keep_alive)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
-        if self.busy:
+        if self.busy and self.status and self.close_delimited and exc is None:
+            self.busy = False  # a body without framing ends with the connection: that is a response
+            self.engine.on_response(self, self.status, self.body, False)
+        elif self.busy:
             self.busy = False
             self.engine.on_failure(self, "reset")
         else:
@@ -239,7 +254,7 @@ class Engine:
                 if conn.busy and now - conn.sent_at > limit:
                     conn.busy = False
                     self.in_flight -= 1
-                    self._record_error("timeout", None)
+                    self._record_error("timeout", conn.sent_at)
                     self._retire(conn)
                     if conn.transport is not None:
                         conn.transport.abort()

@@ -117,13 +117,14 @@ class Report:
 
 async def _progress(engine: Engine, total: int | None, duration: float | None) -> None:
     """A rich progress bar on stderr while the load runs (TTY only)."""
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [TextColumn("[bold]traffic"), BarColumn(), TextColumn("{task.completed}/{task.total} requests"),
                TextColumn("{task.fields[rps]:.0f} rps"), TimeElapsedColumn()]
     loop = asyncio.get_running_loop()
     start = loop.time()
-    with Progress(*columns, transient=True, console=None) as progress:
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("load", total=total or None, rps=0.0)
         while not engine.done.done():
             done = engine.results.requests
