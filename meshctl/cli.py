@@ -572,7 +572,7 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
     """Send requests to a pod, a replica (a-1) or a URL; report groups, statuses, errors and latency."""
     from meshctl.loadgen import LoadSpec
     from meshctl.traffic import build_request, run_sync, stderr_is_tty
-    from pods.replica import is_loopback
+    from pods.addressing import is_loopback
 
     seconds = _duration_option(duration)
     if n is None and seconds is None:

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 HOME_ENV = "MESHCTL_HOME"
 #: AF_UNIX paths are limited to 108 bytes on Linux.
 MAX_SOCKET_PATH = 107
@@ -43,6 +41,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def process_alive(pid: int, create_time: float) -> bool:
     """True when ``pid`` still is the process we started (pid reuse is checked via create time)."""
+    import psutil  # imported here: most CLI commands never need it, and it costs start-up time
+
     try:
         proc = psutil.Process(pid)
         return abs(proc.create_time() - create_time) < 0.05 and proc.status() != psutil.STATUS_ZOMBIE
@@ -135,6 +135,8 @@ def aliases_in_use(exclude: str | None = None) -> set[str]:
     Checking the sockets too means meshes under another MESHCTL_HOME (or any
     other program bound to an alias) are avoided as well.
     """
+    import psutil
+
     taken: set[str] = set()
     for s in running_meshes():
         if s.mesh == exclude:

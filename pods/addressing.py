@@ -74,3 +74,11 @@ def allocate(pods: Mapping[str, tuple[str | None, int]], taken: Iterable[str] = 
                 used.add(str(addr))
         out[name] = aliases
     return out
+
+
+def is_loopback(host: str) -> bool:
+    """Load and servers stay on this host: 127.0.0.0/8, ::1 (and the name localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -7,7 +7,6 @@ processes.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -215,10 +214,3 @@ def pod_ports(pod: PodSpec) -> list[tuple[int, int]]:
         out.append((p.pod_port, p.line))
         out.append((p.host_port, p.line))
     return out
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
