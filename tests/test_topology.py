@@ -122,7 +122,8 @@ def test_full_featured_pod(tmp_path):
     """, name="My Mesh.yaml")
     topo = load_topology(path, {})
     assert topo.name == "my-mesh"  # default: the file stem made valid
-    assert topo.prometheus == {"scrape_interval": "5s"}
+    assert topo.prometheus is not None and topo.prometheus.scrape_interval_s == 5.0
+    assert topo.prometheus.publish == 9090 and topo.prometheus.line == 3
     b = topo.pods["b"]
     assert (b.replicas, b.ip) == (3, "127.0.10.1")
     assert b.service.command == ("sleep", "10")
@@ -413,3 +414,26 @@ def test_parse_topology_uses_os_environ_by_default(tmp_path, monkeypatch):
     topo = parse_topology(text, tmp_path / "t.yaml")
     assert topo.pods["b"].service.command == ("hello", "x")
     assert topo.name == "t"
+
+
+@pytest.mark.parametrize("body, line, phrase", [
+    ("prometheus: {publsh: 9091}\n", 1, "did you mean 'publish'"),
+    ("prometheus: {scrape_interval: soon}\n", 1, "prometheus.scrape_interval must be a positive duration"),
+    ("prometheus: {ip: 10.0.0.1}\n", 1, "outside 127.0.0.0/8"),
+])
+def test_prometheus_section_errors(tmp_path, body, line, phrase):
+    path = tmp_path / "p.yaml"
+    path.write_text(body + "pods:\n  a:\n    service: {command: [sleep, '1']}\n")
+    with pytest.raises(TopologyError) as err:
+        load_topology(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}:{line}: ") and phrase in text, text
+
+
+def test_prometheus_section_defaults_and_publish_false(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("prometheus:\npods:\n  a:\n    service: {command: [sleep, '1']}\n")
+    assert load_topology(path).prometheus.publish == 9090
+    path.write_text("prometheus: {publish: false, port: 9091}\npods:\n  a:\n    service: {command: [sleep, '1']}\n")
+    spec = load_topology(path).prometheus
+    assert spec.publish is None and spec.port == 9091
