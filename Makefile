@@ -35,5 +35,11 @@ demo: $(STAMP)
 demo-down: $(STAMP)
 	$(BIN)/meshctl down -p seed
 
+# Benchmarks are never part of `make test`. They install their peers from Debian when missing.
+bench: $(STAMP)
+	@missing=""; for b in haproxy nginx wrk hey curl; do command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

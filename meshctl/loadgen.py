@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -72,6 +71,7 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.alive = True
+        self.engine.connections.add(self)
         self.engine.on_idle(self)
 
     def send(self, scheduled: float | None) -> None:
@@ -136,16 +136,20 @@ class Engine:
         self._addrs = itertools.cycle(spec.targets)
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
-        self.stop_issuing_at = math.inf
+        self.time_up = False
         self.next_at = 0.0
         self.interval = 1.0 / spec.rate if spec.rate else 0.0
         self._last_body: tuple[int, bytes, tuple[str, str]] | None = None
 
     # -- budget -------------------------------------------------------------------
     def _may_issue(self) -> bool:
-        if self.spec.n is not None and self.issued >= self.spec.n:
-            return False
-        return time.perf_counter() < self.stop_issuing_at
+        """Cheap on purpose (called per response): the duration ends through a timer, not a clock read."""
+        n = self.spec.n
+        return not self.time_up and (n is None or self.issued < n)
+
+    def _time_up(self) -> None:
+        self.time_up = True
+        self._check_done()
 
     def _check_done(self) -> None:
         if self.in_flight == 0 and not self.pending and not self._may_issue() and not self.done.done():
@@ -181,17 +185,17 @@ class Engine:
         self._check_done()
 
     def on_idle(self, conn: _Client) -> None:
-        self.connections.add(conn)
         if self.spec.rate is None:
             if self._may_issue():
                 self.issued += 1
                 self.in_flight += 1
                 conn.send(None)
-            else:
-                self._retire(conn)
+                return
+            self._retire(conn)
         elif self.pending:
             self.in_flight += 1
             conn.send(self.pending.popleft())
+            return
         else:
             self.idle.append(conn)
         self._check_done()
@@ -215,10 +219,11 @@ class Engine:
         r.status[status] += 1
         last = self._last_body
         if last is not None and last[0] == status and last[1] == body:
-            key = last[2]
+            key = last[2]  # the same body as last time (common): no masking regex
         else:
-            key = self.classify(status, bytes(body))
-            self._last_body = (status, bytes(body), key)
+            raw = bytes(body)
+            key = self.classify(status, raw)
+            self._last_body = (status, raw, key)
         r.groups[key] += 1
         if keep_alive:
             self.on_idle(conn)
@@ -226,7 +231,8 @@ class Engine:
             self._retire(conn)
             if self._may_issue() or self.pending:
                 self._open()
-        self._check_done()
+        if self.in_flight == 0:
+            self._check_done()
 
     def on_failure(self, conn: _Client, kind: str) -> None:
         self.in_flight -= 1
@@ -289,7 +295,7 @@ class Engine:
         start = time.perf_counter()
         self.results.started = start
         if spec.duration_s is not None:
-            self.stop_issuing_at = start + spec.duration_s
+            self.loop.call_later(spec.duration_s, self._time_up)
         sweeper = self.loop.create_task(self._sweep())
         if spec.rate is None:
             for _ in range(min(spec.concurrency, spec.n or spec.concurrency)):

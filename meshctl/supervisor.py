@@ -167,16 +167,20 @@ class Supervisor:
             write_hosts_atomic(self.plan.hosts_path(replica), self.plan.hosts_text(replica))
         self._start_reaper()
         self._write_record()
-        runner = await serve(self, self.state.control_socket)
+        runner = None
         try:
             if await self._start_forwarders():
+                # Processes first, control socket second: the socket's web stack takes a quarter of a
+                # second to import, and the pods can start meanwhile (`up -d` waits for the socket).
                 self._start_processes()
+                runner = await serve(self, self.state.control_socket)
                 await self._stop.wait()
             else:
                 self.exit_code = 1
         finally:
             await self._shutdown()
-            await runner.cleanup()
+            if runner is not None:
+                await runner.cleanup()
             self.state.control_socket.unlink(missing_ok=True)
         return self.exit_code
 

@@ -1,0 +1,123 @@
+"""`make bench`: every benchmark in one run, written to bench/results/latest.{md,json} as a table of
+figure, ours, peer, ratio, goal and whether it is met.
+
+Ratios against a peer measured in the same run are what count: this machine is shared and noisy.
+QUICK=1 (``--quick``) shortens every part (under two minutes) for a check before a performance commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen, seed, sidecar_hop, startup, stats_overhead
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+Row = dict[str, Any]
+
+
+def _row(figure: str, ours: float, unit: str, peer: float | None = None, peer_name: str = "",
+         goal: str = "", met: bool | None = None, ratio: float | None = None, spread: str = "") -> Row:
+    if ratio is None and peer:
+        ratio = ours / peer
+    return {"figure": figure, "ours": ours, "unit": unit, "spread": spread, "peer": peer, "peer_name": peer_name,
+            "ratio": ratio, "goal": goal, "met": met}
+
+
+def run(quick: bool) -> tuple[list[Row], dict[str, Any]]:
+    raw: dict[str, Any] = {}
+    rows: list[Row] = []
+
+    def part(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.monotonic()
+        print(f"bench: {name} ...", flush=True)
+        raw[name] = fn()
+        print(f"bench: {name} done in {time.monotonic() - t0:.0f}s", flush=True)
+        return raw[name]
+
+    hop = part("sidecar_hop", lambda: sidecar_hop.measure(2 if quick else 5, 1 if quick else 3))
+    s, h = hop["sidecar"], hop["haproxy"]
+    rows.append(_row("sidecar hop throughput (wrk -c10 -> nginx)", s["rps"], "rps", h["rps"], "haproxy",
+                     ">= 0.7x haproxy", s["rps"] / h["rps"] >= 0.7, spread=f"{s['rps_min']:.0f}-{s['rps_max']:.0f}"))
+    rows.append(_row("sidecar hop vs nginx reverse proxy", s["rps"], "rps", hop["nginx-proxy"]["rps"], "nginx"))
+    rows.append(_row("sidecar CPU per request", s["cpu_us_per_rq"], "us", h["cpu_us_per_rq"], "haproxy",
+                     "<= 80 us", s["cpu_us_per_rq"] <= 80))
+    rows.append(_row("sidecar p99 latency", s["p99_ms"], "ms", h["p99_ms"], "haproxy"))
+    rows.append(_row("sidecar RSS under load", s["rss_mb"], "MB", h["rss_mb"], "haproxy", "<= 25 MB",
+                     s["rss_mb"] <= 25))
+
+    lg = part("loadgen", lambda: loadgen.measure(20_000 if quick else 50_000, 1 if quick else 3))
+    rows.append(_row("meshctl traffic -c10 -> nginx", lg["traffic"]["rps"], "rps", lg["hey"]["rps"], "hey",
+                     ">= 2x hey", lg["traffic_vs_hey"] >= 2,
+                     spread=f"{lg['traffic']['rps_min']:.0f}-{lg['traffic']['rps_max']:.0f}"))
+    rows.append(_row("meshctl traffic vs wrk", lg["traffic"]["rps"], "rps", lg["wrk"]["rps"], "wrk"))
+
+    sd = part("seed", lambda: seed.measure())
+    rows.append(_row("seed: 1000 requests, wall time", sd["traffic"]["wall_s"], "s", sd["curl"]["wall_s"],
+                     "curl loop", ">= 20x faster", sd["speedup"] >= 20, ratio=sd["speedup"]))
+    rows.append(_row("seed: success ratio (no sidecar)", sd["traffic"]["success_ratio"], "",
+                     sd["curl"]["success_ratio"],
+                     "curl loop", "~0.80"))
+
+    st = part("startup", lambda: startup.measure(1 if quick else 3))
+    rows.append(_row("seed demo (sidecar) up -d to ready", st["seed_up_s"], "s", goal="<= 1.5 s",
+                     met=st["seed_up_s"] <= 1.5))
+    rows.append(_row("50 pods (100 processes) up -d to ready", st["fifty_up_s"], "s", goal="<= 15 s",
+                     met=st["fifty_up_s"] <= 15))
+    rows.append(_row("supervisor idle CPU, 100 processes", st["supervisor_idle_cpu_pct"], "%", goal="<= 1 %",
+                     met=st["supervisor_idle_cpu_pct"] <= 1))
+    rows.append(_row("RSS: sidecar (idle)", st["sidecar_rss_mb"], "MB", goal="<= 25 MB",
+                     met=st["sidecar_rss_mb"] <= 25))
+    rows.append(_row("RSS: demo service B", st["service_rss_mb"], "MB"))
+    rows.append(_row("RSS: supervisor (100 processes)", st["supervisor_rss_mb"], "MB"))
+
+    so = part("stats_overhead", lambda: stats_overhead.measure(2 if quick else 4, 1 if quick else 3))
+    rows.append(_row("mesh throughput while `stats` polls", so["rps_with_stats"], "rps", so["rps_without_stats"],
+                     "no stats", "<= 5 % loss", so["loss_pct"] <= 5))
+    return rows, raw
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+
+def render(rows: list[Row], header: str) -> str:
+    out = [header, "", "| figure | ours | peer | ratio | goal | met? |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ours = f"{_fmt(r['ours'])} {r['unit']}" + (f" ({r['spread']})" if r["spread"] else "")
+        peer = f"{_fmt(r['peer'])} {r['unit']} ({r['peer_name']})" if r["peer"] is not None else "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        out.append(f"| {r['figure']} | {ours} | {peer} | {ratio} | {r['goal'] or '-'} | {met} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    started = time.time()
+    rows, raw = run(args.quick)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    header = (f"# meshctl benchmarks — {stamp}{' (quick)' if args.quick else ''}\n\n"
+              f"Machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}; "
+              f"medians over repetitions (min-max in brackets); peers measured in the same run. "
+              f"Took {time.time() - started:.0f}s.")
+    table = render(rows, header)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.md").write_text(table)
+    (RESULTS / "latest.json").write_text(json.dumps({"date": stamp, "quick": args.quick, "rows": rows, "raw": raw},
+                                                    indent=1, default=str))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
