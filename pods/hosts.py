@@ -11,11 +11,12 @@ helpers) can reuse it.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from pods.addressing import is_ip
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,6 @@ def render_hosts(entries: Iterable[HostEntry], header: str = "") -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def _valid_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
 
 def parse_hosts(text: str) -> dict[str, list[str]]:
     """Map lowercased name -> IPs in file order.
@@ -61,7 +55,7 @@ def parse_hosts(text: str) -> dict[str, list[str]]:
         if not line:
             continue
         fields = line.split()
-        if len(fields) < 2 or not _valid_ip(fields[0]):
+        if len(fields) < 2 or not is_ip(fields[0]):
             continue
         ip = fields[0]
         for name in fields[1:]:

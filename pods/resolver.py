@@ -10,23 +10,16 @@ aiohttp flavour is in ``pods.aio_resolver``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import time
 
+from pods.addressing import is_ip
 from pods.hosts import read_hosts
 
 # Re-checking the file on every lookup would cost a stat() per connection; a
 # short interval bounds both the cost and how stale a scaled-out pod list is.
 _RECHECK_INTERVAL = 0.5
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class HostsResolver:

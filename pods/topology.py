@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pods.addressing import LOOPBACK, alias_problem, replica_aliases
+from pods.addressing import LOOPBACK, alias_problem, is_ip, replica_aliases
 from pods.durations import parse_duration
 from pods.source import Entry, Map, Node, Problem, Report, Scalar, Seq, describe, report_duplicates, to_python
 from pods.source import build as build_tree
@@ -595,7 +595,7 @@ class _Validator:
             value = self.string(value_node, f"pods.{pod}.add_hosts.{host}")
             if value is None:
                 continue
-            if not (_is_ip(value) or value in pod_names or value in _LOCALHOST_VALUES):
+            if not (is_ip(value) or value in pod_names or value in _LOCALHOST_VALUES):
                 self.error(value_node, f"{where}: {value!r} is neither an IP address nor a pod of this "
                                        f"topology{_did_you_mean(value, pod_names)}")
                 continue
@@ -716,13 +716,6 @@ def _parse_publish(text: str) -> tuple[str, int, int]:
         raise ValueError(f"host IP {host_ip} is not in 127.0.0.0/8 (meshctl publishes on loopback only)")
     return str(addr), int(host_port), int(pod_port)
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_host_name(host: str) -> bool:

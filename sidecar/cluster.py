@@ -12,7 +12,8 @@ import asyncio
 import random
 import socket
 
-from pods.resolver import HostsResolver, is_ip
+from pods.addressing import is_ip
+from pods.resolver import HostsResolver
 from sidecar.config import Cluster
 from sidecar.stats import ClusterStats
 from sidecar.upstream import Pool

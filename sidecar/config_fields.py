@@ -11,7 +11,6 @@ key there is almost always a typo and is an error with a suggestion.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -242,10 +241,3 @@ def local_host(host: str, pod_ip: str) -> str:
     """Inside a pod, the wildcard and loopback addresses are the pod's own alias."""
     return pod_ip if is_pod_local(host) or host in ("::", "::1") else host
 
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

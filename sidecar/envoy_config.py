@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pods.addressing import is_ip
 from sidecar.config import (
     AccessLog,
     Admin,
@@ -47,7 +48,6 @@ from sidecar.config_fields import (
     check_keys,
     circuit_breaker_threshold,
     duration,
-    is_ip,
     lb_policy,
     local_host,
     retry_policy,

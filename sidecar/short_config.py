@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pods.addressing import is_ip
 from sidecar.config import (
     AccessLog,
     Admin,
@@ -34,7 +35,6 @@ from sidecar.config_fields import (
     check_keys,
     circuit_breaker_threshold,
     duration,
-    is_ip,
     lb_policy,
     local_host,
     retry_policy,
