@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import httptools
 
+from sidecar.flow_control import WriteFlowControl
 from sidecar.http1 import LAST_CHUNK, Headers, chunk, no_body_expected, serialize_headers, status_line
 from sidecar.request_info import FLAG_DOWNSTREAM_PROTOCOL_ERROR, RequestInfo
 
@@ -129,7 +130,7 @@ class Stream:
         self.conn.stream_finished(self, broken=True)
 
 
-class DownstreamProtocol(asyncio.Protocol):
+class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
     def __init__(self, handler: Handler, on_open: Callable[[], None] | None = None,
                  on_close: Callable[[], None] | None = None, max_header_bytes: int = 60 * 1024,
                  on_protocol_error: Callable[[Stream, int], None] | None = None,
@@ -225,15 +226,6 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        waiters, self.drain_waiters = self.drain_waiters, []
-        for w in waiters:
-            w()
 
     # -- parser callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:

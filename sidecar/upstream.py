@@ -14,6 +14,7 @@ from typing import Protocol
 
 import httptools
 
+from sidecar.flow_control import WriteFlowControl
 from sidecar.http1 import Headers
 
 
@@ -25,7 +26,7 @@ class ResponseSink(Protocol):
     def flush(self) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "headers", "closed", "keep_alive", "head_only",
                  "write_paused", "drain_waiters", "status", "close_delimited", "stale_parser")
 
@@ -93,15 +94,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             if sink is not None:
                 sink.on_reset(self, "protocol error")
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        waiters, self.drain_waiters = self.drain_waiters, []
-        for w in waiters:
-            w()
 
     # parser callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
