@@ -566,9 +566,12 @@ MAX_DURATION_S = 600.0
 @click.option("--no-progress", is_flag=True, help="No progress bar even on a terminal.")
 @click.option("--fail-under", type=float, default=None, help="Exit 1 when the success ratio is below this (0-1).")
 @click.option("--allow-remote", is_flag=True, help="Allow targets outside 127.0.0.0/8 and ::1.")
+@click.option("--workers", type=int, default=None,
+              help="Processes sharing the load (default: one per CPU for runs of 10000+ requests or --duration).")
 def traffic(target: str, project: str | None, n: int | None, duration: str | None, concurrency: int,
             rate: float | None, path: str, method: str, headers: tuple[str, ...], data: str | None,
-            timeout: float, as_json: bool, no_progress: bool, fail_under: float | None, allow_remote: bool) -> None:
+            timeout: float, as_json: bool, no_progress: bool, fail_under: float | None, allow_remote: bool,
+            workers: int | None) -> None:
     """Send requests to a pod, a replica (a-1) or a URL; report groups, statuses, errors and latency."""
     from meshctl.loadgen import LoadSpec
     from meshctl.traffic import build_request, run_sync, stderr_is_tty
@@ -608,7 +611,12 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
     spec = LoadSpec(targets=tuple(addrs), request=request, head=method.upper() == "HEAD", n=n,
                     duration_s=min(seconds or MAX_DURATION_S, MAX_DURATION_S), concurrency=concurrency, rate=rate,
                     timeout_s=timeout)
-    report = run_sync(spec, shown, progress=not no_progress and not as_json and stderr_is_tty())
+    from meshctl.workers import auto_workers
+
+    if workers is not None and workers < 1:
+        fail("--workers must be at least 1", USAGE_ERROR)
+    report = run_sync(spec, shown, progress=not no_progress and not as_json and stderr_is_tty(),
+                      workers=workers or auto_workers(spec))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
     if fail_under is not None and report.success_ratio < fail_under:
         click.echo(f"meshctl: success ratio {report.success_ratio:.4f} is below --fail-under {fail_under}", err=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -152,13 +153,38 @@ async def run(spec: LoadSpec, target: str, progress: bool = False) -> Report:
     return Report(target, results, "open model" if spec.rate else f"closed model, {spec.concurrency} connections")
 
 
-def run_sync(spec: LoadSpec, target: str, progress: bool = False) -> Report:
+def run_sync(spec: LoadSpec, target: str, progress: bool = False, workers: int = 1) -> Report:
+    if workers > 1:
+        return _run_forked(spec, target, progress, workers)
     try:
         import uvloop
 
         return uvloop.run(run(spec, target, progress))
     except ImportError:
         return asyncio.run(run(spec, target, progress))
+
+
+def _run_forked(spec: LoadSpec, target: str, progress: bool, workers: int) -> Report:
+    from meshctl.workers import run_workers
+
+    model = "open model" if spec.rate else f"closed model, {spec.concurrency} connections"
+    model += f", {workers} workers"
+    if not progress:
+        return Report(target, run_workers(spec, workers, classify), model)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    start = time.monotonic()
+    columns = [TextColumn("[bold]traffic"), BarColumn(), TextColumn("{task.completed} requests"),
+               TextColumn("{task.fields[rps]:.0f} rps"), TimeElapsedColumn()]
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("load", total=spec.n, rps=0.0)
+
+        def update(done: int) -> None:
+            bar.update(task, completed=done, rps=done / max(time.monotonic() - start, 1e-9))
+
+        results = run_workers(spec, workers, classify, update)
+    return Report(target, results, model)
 
 
 def stderr_is_tty() -> bool:

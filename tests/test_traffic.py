@@ -240,7 +240,7 @@ def test_open_model_shows_a_stall_the_closed_model_hides(meshctl):
         t0 = time.monotonic()
         opened = traffic_json(meshctl, srv.url, "--rate", "200", "--duration", "2s", "-c", "20")
         elapsed = time.monotonic() - t0
-    assert opened["model"] == "open model"
+    assert opened["model"].startswith("open model")
     assert 350 <= opened["requests"] <= 410, opened
     assert opened["status"] == {"200": opened["requests"]} and not opened["errors"]
     # ~200 requests were scheduled during the stall; their latency counts from the schedule.
@@ -497,3 +497,17 @@ def test_progress_bar_goes_to_stderr(meshctl):
     assert proc.returncode == 0
     assert out.decode().startswith("50 requests to "), out[:200]
     assert b"traffic" in err, err[:200]
+
+
+def test_workers_share_the_load_and_merge_exactly(meshctl):
+    """Several processes (as hey uses several cores): counts, groups and the histogram add up."""
+    with Server("127.0.178.1", ok) as srv:
+        r = traffic_json(meshctl, srv.url, "--n", "3000", "-c", "6", "--workers", "3")
+        assert len(srv.requests) == 3000
+        assert srv.accepted == 6
+    assert r["requests"] == 3000 and r["status"] == {"200": 3000}
+    assert r["model"] == "closed model, 6 connections, 3 workers"
+    assert sum(g["count"] for g in r["groups"]) == 3000
+    lat = r["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p99"] <= lat["max"]
+    assert meshctl("traffic", srv.url, "--workers", "0", check=False).returncode == 2

@@ -1,0 +1,118 @@
+"""Spreading one load run over several processes, one event loop each.
+
+A single Python event loop tops out around one core; hey and wrk use every
+core. For big runs ``meshctl traffic`` forks workers, gives each an equal
+share of the connections, requests and rate, and merges their results
+(the latency histograms merge exactly: same buckets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from multiprocessing.connection import Connection
+
+from meshctl.loadgen import Engine, LoadSpec, Results
+
+#: Below this many requests (and without --duration) one process is quicker: forking costs more than it saves.
+MIN_REQUESTS_TO_FORK = 10_000
+
+
+def auto_workers(spec: LoadSpec) -> int:
+    if spec.concurrency < 2 or (spec.n is not None and spec.n < MIN_REQUESTS_TO_FORK and spec.rate is None):
+        return 1
+    return max(1, min(os.cpu_count() or 1, spec.concurrency, 8))
+
+
+def split(spec: LoadSpec, workers: int) -> list[LoadSpec]:
+    def share(total: int, i: int) -> int:
+        return total // workers + (1 if i < total % workers else 0)
+
+    out = []
+    for i in range(workers):
+        out.append(replace(spec, concurrency=max(1, share(spec.concurrency, i)),
+                           n=None if spec.n is None else share(spec.n, i),
+                           rate=None if spec.rate is None else spec.rate / workers))
+    return [s for s in out if s.n is None or s.n > 0]
+
+
+def _child(spec: LoadSpec, slot: int, counts: "multiprocessing.Array", conn: Connection,  # noqa: UP037
+           classify: Callable[[int, bytes], tuple[str, str]]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a run is interrupted
+
+    async def main() -> Results:
+        engine = Engine(spec, classify)
+
+        async def report_progress() -> None:
+            while True:
+                counts[slot] = engine.results.requests
+                await asyncio.sleep(0.1)
+
+        task = asyncio.get_running_loop().create_task(report_progress())
+        try:
+            return await engine.run()
+        finally:
+            task.cancel()
+
+    try:
+        import uvloop
+
+        results = uvloop.run(main())
+    except ImportError:
+        results = asyncio.run(main())
+    conn.send(results)
+    conn.close()
+
+
+def run_workers(spec: LoadSpec, workers: int, classify: Callable[[int, bytes], tuple[str, str]],
+                on_progress: Callable[[int], None] | None = None) -> Results:
+    ctx = multiprocessing.get_context("fork")
+    shares = split(spec, workers)
+    counts = ctx.Array("q", len(shares), lock=False)
+    procs, pipes = [], []
+    for i, s in enumerate(shares):
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_child, args=(s, i, counts, child, classify), daemon=True)
+        p.start()
+        child.close()
+        procs.append(p)
+        pipes.append(parent)
+    results: list[Results] = []
+    try:
+        pending = dict(enumerate(pipes))
+        while pending:
+            for i, pipe in list(pending.items()):
+                if pipe.poll(0.05 / len(pending)):
+                    try:
+                        results.append(pipe.recv())
+                    except EOFError:
+                        raise RuntimeError(f"load worker {i} died (exit code {procs[i].exitcode})") from None
+                    del pending[i]
+            if on_progress is not None:
+                on_progress(sum(counts))
+    except BaseException:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        raise
+    finally:
+        for p in procs:
+            p.join(5)
+    return merge(results)
+
+
+def merge(parts: list[Results]) -> Results:
+    out = Results()
+    out.hist.merge(r.hist for r in parts)
+    for r in parts:
+        out.status.update(r.status)
+        out.errors.update(r.errors)
+        out.groups.update(r.groups)
+    out.started = min((r.started for r in parts), default=time.perf_counter())
+    out.finished = max((r.finished for r in parts), default=out.started)
+    return out
