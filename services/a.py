@@ -115,7 +115,9 @@ class App:
             ttl_dns_cache=1,
             socket_factory=pod_socket_factory(os.environ.get("POD_IP")),
         )
-        session = aiohttp.ClientSession(connector=connector, timeout=UPSTREAM_TIMEOUT, trust_env=False)
+        # No cookie jar: Go's http.Get keeps none, and cookie handling costs on every response.
+        session = aiohttp.ClientSession(connector=connector, timeout=UPSTREAM_TIMEOUT, trust_env=False,
+                                        cookie_jar=aiohttp.DummyCookieJar())
         async with session:
             self.session = session
             yield
