@@ -18,8 +18,6 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-import yaml  # noqa: E402
-
 from sidecar.config import Bootstrap, ConfigError  # noqa: E402
 from sidecar.envoy_config import load_envoy  # noqa: E402
 from sidecar.short_config import compile_short  # noqa: E402
@@ -31,8 +29,16 @@ def load(args: argparse.Namespace, pod_ip: str) -> Bootstrap:
     try:
         with open(args.config) as f:
             text = f.read()
-        section = json.loads(text) if args.config.endswith(".json") else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+        if args.config.endswith(".json"):
+            section = json.loads(text)  # what meshctl writes: no YAML parser needed (faster start-up)
+        else:
+            import yaml
+
+            try:
+                section = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ValueError(str(exc)) from None
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"{args.config}: cannot read: {exc}") from None
     return compile_short(section or {}, pod_ip, public_admin=args.public_admin, source=args.config)
 

@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from pods.addressing import is_ip
 from sidecar.config import (
@@ -75,10 +74,18 @@ def load_envoy(path: str | Path, pod_ip: str, public_admin: bool = False) -> Boo
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    try:
-        doc = json.loads(text) if source.endswith(".json") else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{source}: not valid {'JSON' if source.endswith('.json') else 'YAML'}: {exc}") from None
+    if source.endswith(".json"):
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: not valid JSON: {exc}") from None
+    else:
+        import yaml  # only for YAML files: a JSON bootstrap starts faster without it
+
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     return compile_envoy(doc, pod_ip, public_admin=public_admin, source=source)
 
 
