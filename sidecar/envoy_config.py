@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-
 from pods.addressing import is_ip
 from sidecar.config import (
     AccessLog,
