@@ -267,7 +267,7 @@ def _up_detached(file: str, topo: Topology, state: StateDir, wait_timeout: float
             fail(f"the supervisor of mesh '{topo.name}' exited ({proc.returncode}):\n" + "\n".join(tail))
         if state.control_socket.exists():
             try:
-                status = call(state.control_socket, "GET", "/v1/status", timeout=5)
+                status = call(state.control_socket, "GET", "/v1/status?resources=0", timeout=5)
             except ControlError:
                 status = None
         if status and status["processes"]:
@@ -278,7 +278,7 @@ def _up_detached(file: str, topo: Topology, state: StateDir, wait_timeout: float
             if all(p["ready"] for p in procs):
                 _print_ready(topo, status, time.monotonic() - start)
                 return
-        time.sleep(0.03)
+        time.sleep(0.05)
     not_ready = [p for p in (status or {}).get("processes", []) if not p["ready"]]
     if not_ready:
         _fail_startup(state, topo, not_ready[0], proc, timed_out=wait_timeout)

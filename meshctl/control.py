@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 def build_app(sup: Supervisor) -> web.Application:
     from aiohttp import web  # the server side only: CLI commands stay quick to start
 
-    async def status(_: web.Request) -> web.Response:
-        return web.json_response(sup.status())
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(sup.status(resources=request.query.get("resources") != "0"))
 
     async def restart(request: web.Request) -> web.Response:
         name = request.match_info["name"]

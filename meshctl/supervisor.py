@@ -127,7 +127,7 @@ class Supervisor:
         })
 
     # -- queries --------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self, resources: bool = True) -> dict[str, Any]:
         return {
             "mesh": self.topology.name,
             "file": str(self.topology.path),
@@ -135,7 +135,7 @@ class Supervisor:
             "stopping": self._stop.is_set(),
             "publish": [{"host": f"{f.host_ip}:{f.host_port}", "pod_port": f.pod_port,
                          "pod": pod} for pod, f in self._forwarder_pods],
-            "processes": [p.status() for p in self.processes],
+            "processes": [p.status(resources) for p in self.processes],
         }
 
     def find_processes(self, name: str, role: str | None = None) -> list[ManagedProcess]:
