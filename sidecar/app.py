@@ -21,6 +21,7 @@ from sidecar.server import DownstreamProtocol, Stream
 from sidecar.stats import ClusterStats, HcmStats, ListenerStats, ServerStats, Store
 
 DRAIN_S = 5.0
+IDLE_SWEEP_S = 1.0
 
 
 class Sidecar:
@@ -69,7 +70,20 @@ class Sidecar:
                 lambda: DownstreamProtocol(admin.handle), a.address, a.port, reuse_address=True))
         for logger in self.loggers.values():
             await logger.start()
+        self._sweeper = loop.create_task(self._sweep_idle())
         self.state = "LIVE"
+
+    async def _sweep_idle(self) -> None:
+        """Close connections silent for longer than their stream idle timeout (Envoy: 5 min default),
+        so a client that sends half a request and stops cannot hold a connection forever."""
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_S)
+            now = asyncio.get_running_loop().time()
+            for conn in list(self.connections):
+                if conn.idle_timeout_s and now - conn.last_activity > conn.idle_timeout_s:
+                    if conn.on_idle_timeout is not None:
+                        conn.on_idle_timeout()
+                    conn.close()
 
     def _protocol_factory(self, hcm: HcmRuntime, hstats: HcmStats, lstats: ListenerStats):  # noqa: ANN202
         max_header = hcm.cfg.max_request_headers_kb * 1024
@@ -78,6 +92,13 @@ class Sidecar:
 
         def protocol_error(stream: Stream, status: int) -> None:
             hstats.downstream_cx_protocol_error.value += 1
+            hstats.downstream_rq_total.value += 1
+            hstats.downstream_rq_active.value += 1
+            hcm.stream_done(stream)
+
+        def early_close(stream: Stream) -> None:
+            """A request whose client left before it could be served still gets its log line."""
+            hstats.downstream_rq_rx_reset.value += 1
             hstats.downstream_rq_total.value += 1
             hstats.downstream_rq_active.value += 1
             hcm.stream_done(stream)
@@ -100,7 +121,9 @@ class Sidecar:
                 lstats.downstream_cx_active.value -= 1
                 lstats.downstream_cx_destroy.value += 1
 
-            proto = DownstreamProtocol(hcm.handle, opened, closed, max_header, protocol_error, hcm.stream_done)
+            proto = DownstreamProtocol(hcm.handle, opened, closed, max_header, protocol_error, hcm.stream_done,
+                                       early_close, hcm.cfg.stream_idle_timeout_s,
+                                       hstats.downstream_cx_idle_timeout.inc)
             return proto
 
         self._last_factory = factory
@@ -119,6 +142,8 @@ class Sidecar:
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), flush the access logs."""
         self.state = "DRAINING"
+        if getattr(self, "_sweeper", None) is not None:
+            self._sweeper.cancel()
         for s in self.servers:
             s.close()
         deadline = time.monotonic() + DRAIN_S

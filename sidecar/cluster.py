@@ -69,7 +69,7 @@ class ClusterRuntime:
         addrs = list(dict.fromkeys(addrs))
         pools = []
         for addr in addrs:
-            pool = self._by_addr.get(addr) or Pool(addr[0], addr[1], self.source_ip)
+            pool = self._by_addr.get(addr) or Pool(addr[0], addr[1], self.source_ip, stats=self.stats)
             pools.append(pool)
         for addr, pool in self._by_addr.items():
             if addr not in addrs:

@@ -16,6 +16,7 @@ class WriteFlowControl:
     __slots__ = ()
     write_paused: bool
     drain_waiters: list[Callable[[], None]]
+    closed: bool
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -25,3 +26,10 @@ class WriteFlowControl:
         waiters, self.drain_waiters = self.drain_waiters, []
         for w in waiters:
             w()
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` now, or once the send buffer has drained (or the connection is gone)."""
+        if not self.write_paused or self.closed:
+            callback()
+        else:
+            self.drain_waiters.append(callback)

@@ -50,12 +50,13 @@ _FAIL_REPLIES = {
 }
 _FORWARD = 1
 _DISCARD = 2
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class Attempt:
     """One upstream try; the ``ResponseSink`` of the connection it runs on."""
 
-    __slots__ = ("fwd", "pool", "conn", "mode", "status", "started", "completed", "timer", "reused")
+    __slots__ = ("fwd", "pool", "conn", "mode", "status", "started", "completed", "timer", "reused", "request_done")
 
     def __init__(self, fwd: Forwarder, pool: Pool, conn: UpstreamConnection, reused: bool) -> None:
         self.fwd = fwd
@@ -67,6 +68,7 @@ class Attempt:
         self.completed = False
         self.timer: asyncio.TimerHandle | None = None
         self.reused = reused
+        self.request_done = False  # every byte of the request (body included) was handed to the connection
 
     def on_head(self, conn: UpstreamConnection, status: int, headers: Headers) -> None:
         self.status = status
@@ -91,7 +93,13 @@ class Attempt:
     def on_complete(self, conn: UpstreamConnection) -> None:
         self.completed = True
         self.pool.active_requests -= 1
-        self.pool.release(conn)
+        if self.request_done:
+            self.pool.release(conn)
+        else:
+            # The upstream answered before taking the whole body (a 401, a 413...). Pooling this
+            # connection would send the rest of this body as the start of someone else's request.
+            self.fwd.stop_body()
+            conn.reset()
         if self.mode == _FORWARD:
             self.fwd.on_response_complete(self)
 
@@ -122,7 +130,7 @@ class Attempt:
             self.completed = True
             self.pool.active_requests -= 1
             self.conn.sink = None
-            self.conn.close()
+            self.conn.reset()
 
 
 class Forwarder:
@@ -130,7 +138,7 @@ class Forwarder:
 
     __slots__ = ("hcm", "stream", "cluster", "cstats", "headers", "path", "retry", "timeout_s", "deadline",
                  "attempts", "retried", "in_retry", "attempt", "finished", "global_timer", "retry_timer",
-                 "connecting", "holding", "loop", "flags")
+                 "connecting", "holding", "loop", "flags", "quiet_retry_used")
 
     def __init__(self, hcm: HcmRuntime, stream: Stream, route: Route, vh: VirtualHost, cluster: ClusterRuntime,
                  headers: Headers, path: bytes) -> None:
@@ -158,6 +166,7 @@ class Forwarder:
         self.connecting: asyncio.Task[None] | None = None
         self.holding = False
         self.flags: list[str] = []
+        self.quiet_retry_used = False
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -204,7 +213,7 @@ class Forwarder:
         self._release()
 
     # -- attempts ---------------------------------------------------------------
-    def next_attempt(self) -> None:
+    def next_attempt(self, fresh: bool = False) -> None:
         self.retry_timer = None
         if self.finished:
             return
@@ -217,7 +226,7 @@ class Forwarder:
         info.attempts = self.attempts
         info.upstream_host = pool.address
         self.cstats.upstream_rq_total.value += 1
-        conn = pool.take_idle()
+        conn = None if fresh else pool.take_idle()
         if conn is not None:
             self._send(pool, conn, True)
         else:
@@ -249,7 +258,9 @@ class Forwarder:
         s = self.stream
         conn.send(self.request_bytes(), attempt, s.method == b"HEAD")
         if s.streaming:
-            self._stream_body(conn)
+            self._stream_body(conn, attempt)
+        else:
+            attempt.request_done = True
         per_try = self.retry.per_try_timeout_s
         if per_try and not attempt.completed:
             attempt.timer = self.loop.call_later(per_try, attempt.on_per_try_timeout)
@@ -272,17 +283,29 @@ class Forwarder:
             out.append(b"\r\n")
         return b"".join(out)
 
-    def _stream_body(self, conn: UpstreamConnection) -> None:
-        """Forward a body too large to buffer as it arrives (such a request is never retried)."""
+    def _stream_body(self, conn: UpstreamConnection, attempt: Attempt) -> None:
+        """Forward a body too large to buffer as it arrives (such a request is never retried).
+
+        Flow control both ways: when the upstream's send buffer is full, the client is not read.
+        """
         s = self.stream
         framed = s.chunked_request
+        down = s.conn
 
         def send(data: bytes) -> None:
             conn.write(b"%x\r\n%s\r\n" % (len(data), data) if framed else data)
+            if conn.write_paused and down.transport is not None and not down.closed:
+                down.transport.pause_reading()
+                conn.when_writable(resume)
+
+        def resume() -> None:
+            if down.transport is not None and not down.closed and not down.failed:
+                down.transport.resume_reading()
 
         def done() -> None:
             if framed:
                 conn.write(b"0\r\n\r\n")
+            attempt.request_done = True
 
         if s.body:
             send(bytes(s.body))
@@ -292,6 +315,11 @@ class Forwarder:
         else:
             s.body_sink = send
             s.body_done_sink = done
+
+    def stop_body(self) -> None:
+        """No more request body goes upstream (the attempt ended before it was all sent)."""
+        self.stream.body_sink = None
+        self.stream.body_done_sink = None
 
     # -- outcomes ---------------------------------------------------------------------
     def _attempt_outcome(self) -> None:
@@ -320,12 +348,13 @@ class Forwarder:
         self._attempt_outcome()
         if kind == PER_TRY_TIMEOUT:
             self.cstats.upstream_rq_per_try_timeout.value += 1
-        elif kind == RESET and attempt is not None and attempt.reused and self.stream.replayable:
-            # A pooled connection the server had already closed: not this request's fault (like nginx,
-            # retry once on a fresh connection without spending the retry budget).
-            attempt.reused = False
+        elif (kind == RESET and attempt is not None and attempt.reused and not self.quiet_retry_used
+              and self.stream.replayable and self.stream.method in _IDEMPOTENT):
+            # A pooled connection the server had already closed: not this request's fault. Like nginx,
+            # retry once, on a fresh connection, without spending the retry budget (idempotent only).
+            self.quiet_retry_used = True
             self.attempts -= 1
-            self.next_attempt()
+            self.next_attempt(fresh=True)
             return
         kind_for_policy = PER_TRY_TIMEOUT if kind == PER_TRY_TIMEOUT else (
             CONNECT_FAILURE if kind == CONNECT_FAILURE else RESET)

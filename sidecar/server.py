@@ -35,7 +35,7 @@ class Stream:
         "conn", "method", "url", "headers", "http_version", "keep_alive", "body", "body_complete",
         "streaming", "body_sink", "body_done_sink", "info", "head_sent", "chunked_response", "done",
         "head_only", "header_bytes", "content_length", "chunked_request", "expect_continue",
-        "response_close", "bytes_sent", "on_cancel", "seen", "envoy_headers",
+        "response_close", "bytes_sent", "on_cancel", "seen", "envoy_headers", "headers_done", "continue_sent",
     )
 
     def __init__(self, conn: DownstreamProtocol) -> None:
@@ -45,6 +45,8 @@ class Stream:
         self.headers: Headers = []
         self.seen: dict[bytes, bytes] = {}  # last value of each header name: O(1) lookups on the hot path
         self.envoy_headers = False  # any x-envoy-* request header (retry/timeout overrides) present
+        self.headers_done = False  # later on_header calls are trailers: never merged into the head
+        self.continue_sent = False
         self.http_version = "1.1"
         self.keep_alive = True
         self.body = bytearray()
@@ -94,6 +96,8 @@ class Stream:
                     self.response_close = True
         if not self.keep_alive or self.response_close:
             out.append(b"connection: close\r\n")
+        elif self.http_version == "1.0":
+            out.append(b"connection: keep-alive\r\n")  # a 1.0 client assumes close unless told
         out.append(b"\r\n")
         self.conn.write(b"".join(out))
 
@@ -126,6 +130,7 @@ class Stream:
     def abort(self) -> None:
         """Give up on a response already under way: the client sees a truncated reply."""
         self.done = True
+        self.info.bytes_sent = self.bytes_sent
         self.conn.flush()
         self.conn.stream_finished(self, broken=True)
 
@@ -134,8 +139,13 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
     def __init__(self, handler: Handler, on_open: Callable[[], None] | None = None,
                  on_close: Callable[[], None] | None = None, max_header_bytes: int = 60 * 1024,
                  on_protocol_error: Callable[[Stream, int], None] | None = None,
-                 on_stream_done: Callable[[Stream], None] | None = None) -> None:
+                 on_stream_done: Callable[[Stream], None] | None = None,
+                 on_early_close: Callable[[Stream], None] | None = None, idle_timeout_s: float = 0.0,
+                 on_idle_timeout: Callable[[], None] | None = None) -> None:
         self.handler = handler
+        self.idle_timeout_s = idle_timeout_s  # enforced by the sidecar's sweeper; 0: never
+        self.on_idle_timeout = on_idle_timeout
+        self.on_early_close = on_early_close
         self.on_stream_done = on_stream_done
         self.on_open = on_open
         self.on_close = on_close
@@ -154,6 +164,12 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         self.drain_waiters: list[Callable[[], None]] = []
         self.wbuf: list[bytes] = []
         self.loop = asyncio.get_event_loop()
+        self.last_activity = self.loop.time()  # for the idle sweeper (slow or silent clients)
+        self.in_head = False  # between a request's first byte and the end of its headers
+        self.head_bytes = 0
+        self.failed = False  # a protocol error was seen: ignore further input
+        self.deferred_error: tuple[Stream, int, bytes] | None = None  # sent after the in-flight response
+        self._draining = False
 
     # -- connection ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -177,6 +193,11 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             self.active = None
             if self.on_stream_done is not None:
                 self.on_stream_done(s)
+        cur = self.current
+        if cur is not None and cur is not s and cur.headers_done and not cur.done and self.on_early_close:
+            cur.done = True  # the client left mid-upload, before the request could be served
+            cur.info.response_flags.append("DC")
+            self.on_early_close(cur)
         self.queue.clear()
         for w in self.drain_waiters:
             w()
@@ -185,10 +206,24 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             self.on_close()
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        if self.failed:
+            return
+        if self.in_head:
+            # httptools buffers a header line whole before calling us: bound it here, per chunk.
+            self.head_bytes += len(data)
+            if self.head_bytes > self.max_header_bytes + MAX_URL_BYTES:
+                self._protocol_error(431, b"request header fields too large")
+                return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._protocol_error(400, b"upgrade not supported")
+        except httptools.HttpParserUpgrade as exc:
+            # The request was served as a plain one (Upgrade is hop-by-hop and not forwarded);
+            # go on parsing whatever follows it as HTTP/1.1.
+            self.parser = httptools.HttpRequestParser(self)
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            if data[offset:]:
+                self.data_received(data[offset:])
         except httptools.HttpParserError as exc:
             # httptools wraps exceptions raised in our callbacks; a _Reject carries its own status.
             rej = exc.__context__
@@ -198,16 +233,37 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
                 self._protocol_error(400, b"malformed request")
 
     def _protocol_error(self, status: int, body: bytes) -> None:
-        stream = self.current or Stream(self)
+        self.failed = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        s = self.current
+        if s is not None and s is self.active:
+            # The request being served went bad mid-body: end it through the normal path, once.
+            s.keep_alive = False
+            s.info.response_flags.append(FLAG_DOWNSTREAM_PROTOCOL_ERROR)
+            if s.on_cancel is not None:
+                s.on_cancel()
+            if not s.head_sent:
+                s.reply(status, body)
+            else:
+                s.abort()
+            self.close()
+            return
+        stream = s or Stream(self)
         stream.keep_alive = False
         stream.info.response_flags.append(FLAG_DOWNSTREAM_PROTOCOL_ERROR)
         stream.info.response_code = status
+        if self.active is not None or self.queue:
+            self.deferred_error = (stream, status, body)  # earlier pipelined requests are answered first
+            return
+        self._send_error(stream, status, body)
+
+    def _send_error(self, stream: Stream, status: int, body: bytes) -> None:
         if self.on_protocol_error:
             self.on_protocol_error(stream, status)
-        if self.active is None or self.active is stream:
-            hdrs: Headers = [(b"content-type", b"text/plain")]
-            self.write(status_line(status) + serialize_headers(hdrs)
-                       + b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        hdrs: Headers = [(b"content-type", b"text/plain")]
+        self.write(status_line(status) + serialize_headers(hdrs)
+                   + b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
         self.close()
 
     def write(self, data: bytes) -> None:
@@ -220,6 +276,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             self.wbuf = []
             if self.transport is not None and not self.closed:
                 self.transport.write(data)
+                self.last_activity = self.loop.time()
 
     def close(self) -> None:
         self.flush()
@@ -230,6 +287,8 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
     # -- parser callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.current = Stream(self)
+        self.in_head = True
+        self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         s = self.current
@@ -241,14 +300,21 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         s = self.current
         assert s is not None
+        if s.headers_done:
+            return  # a trailer: never allowed to change routing or policy decided on the head
         s.header_bytes += len(name) + len(value) + 4
         if s.header_bytes > self.max_header_bytes:
             raise _Reject(431, b"request header fields too large")
         name = name.lower()
         s.headers.append((name, value))
         seen = s.seen
-        if name == b"content-length" and name in seen and seen[name] != value:
-            raise _Reject(400, b"conflicting content-length")
+        if name in seen:
+            if name == b"content-length" and seen[name] != value:
+                raise _Reject(400, b"conflicting content-length")
+            if name == b"host":
+                raise _Reject(400, b"more than one host header")  # RFC 7230 5.4
+            if name == b"transfer-encoding":
+                value = seen[name] + b", " + value  # codings add up across lines
         seen[name] = value
         if name[:8] == b"x-envoy-":
             s.envoy_headers = True
@@ -260,12 +326,16 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         s.method = p.get_method()
         s.http_version = p.get_http_version()
         s.keep_alive = p.should_keep_alive()
+        s.headers_done = True
+        self.in_head = False
+        if s.method == b"CONNECT":
+            raise _Reject(405, b"CONNECT is not supported")
         seen = s.seen
         te = seen.get(b"transfer-encoding")
         cl = seen.get(b"content-length")
         expect = seen.get(b"expect")
-        if expect is not None and expect.lower() == b"100-continue":
-            s.expect_continue = True
+        if expect is not None and expect.lower() == b"100-continue" and s.http_version == "1.1":
+            s.expect_continue = True  # (an HTTP/1.0 client must not be sent a 1xx, RFC 7231 5.1.1)
         if te is not None:
             if cl is not None:  # request smuggling vector (RFC 7230 3.3.3): refuse outright
                 raise _Reject(400, b"content-length and transfer-encoding together")
@@ -275,8 +345,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         elif cl is not None:
             s.content_length = int(cl)
         if s.expect_continue and self.active is None:
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.flush()
+            self._send_continue(s)
         if not s.chunked_request and not s.content_length:
             s.body_complete = True
             self._ready(s)
@@ -318,8 +387,16 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()  # pipelined: don't read further ahead
 
+    def _send_continue(self, s: Stream) -> None:
+        if not s.continue_sent and not s.body_complete:
+            s.continue_sent = True
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.flush()
+
     def _start(self, s: Stream) -> None:
         self.active = s
+        if s.expect_continue:
+            self._send_continue(s)
         try:
             self.handler(s)
         except Exception as exc:  # a bug must cost one request, never the process
@@ -340,16 +417,27 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         if broken or not s.keep_alive or s.response_close or not s.body_complete:
             self.close()
             return
-        if self.queue:
-            self._start(self.queue.popleft())
-        elif self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        self._next()
 
-    def when_writable(self, callback: Callable[[], None]) -> None:
-        if not self.write_paused or self.closed:
-            callback()
-        else:
-            self.drain_waiters.append(callback)
+    def _next(self) -> None:
+        """Serve queued (pipelined) requests in order, iteratively: local replies finish synchronously,
+        and starting the next one from inside the previous one's completion would recurse."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self.active is None and self.queue and not self.closed:
+                self._start(self.queue.popleft())
+        finally:
+            self._draining = False
+        if self.active is None and not self.closed:
+            if self.deferred_error is not None:
+                stream, status, body = self.deferred_error
+                self.deferred_error = None
+                self._send_error(stream, status, body)
+            elif self.transport is not None and not self.failed:
+                self.transport.resume_reading()
+
 
 
 class _Reject(Exception):

@@ -16,6 +16,7 @@ import httptools
 
 from sidecar.flow_control import WriteFlowControl
 from sidecar.http1 import Headers
+from sidecar.stats import ClusterStats
 
 
 class ResponseSink(Protocol):
@@ -28,7 +29,7 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "headers", "closed", "keep_alive", "head_only",
-                 "write_paused", "drain_waiters", "status", "close_delimited", "stale_parser")
+                 "write_paused", "drain_waiters", "status", "close_delimited", "stale_parser", "head_bytes")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -44,6 +45,7 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
         self.status = 0
         self.close_delimited = False
         self.stale_parser = False
+        self.head_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -51,6 +53,7 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.discard(self)
+        self.pool.on_closed()
         sink, self.sink = self.sink, None
         if sink is not None:
             if self.status and self.close_delimited:
@@ -67,8 +70,13 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
         self.headers = []
         self.head_only = head_only
         self.status = 0
+        self.head_bytes = 0
         self.close_delimited = False
-        self.parser = httptools.HttpResponseParser(self)
+        if self.stale_parser:
+            self.parser = httptools.HttpResponseParser(self)
+            self.stale_parser = False
+        # Otherwise one parser per connection: httptools resets between keep-alive messages, and a
+        # message cut short never comes back here (its connection is closed, not pooled).
         assert self.transport is not None
         self.transport.write(data)
 
@@ -81,6 +89,13 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection is not reusable
             return
         sink = self.sink
+        if not self.status:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_RESPONSE_HEAD_BYTES:  # an endless header: give up, do not buffer it
+                self.sink = None
+                self.reset()
+                sink.on_reset(self, "protocol error")
+                return
         try:
             self.parser.feed_data(data)
             sink.flush()  # one send() to the client per upstream read
@@ -103,7 +118,15 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
         self.status = self.parser.get_status_code()
         if 100 <= self.status < 200 and self.status != 101:
             self.headers = []
+            self.status = 0
             return  # interim response (100 Continue): wait for the real one
+        if self.status == 101:
+            # We never ask to upgrade: a 101 here is an upstream that does not speak our HTTP.
+            sink, self.sink = self.sink, None
+            self.reset()
+            if sink is not None:
+                sink.on_reset(self, "protocol error")
+            return
         self.keep_alive = self.parser.should_keep_alive()
         if not self.head_only and self.status not in (204, 304):
             self.close_delimited = not any(n in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
@@ -121,8 +144,8 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
             self.sink.on_body(body)
 
     def on_message_complete(self) -> None:
-        if 100 <= self.status < 200 and self.status != 101:
-            return
+        if self.status == 0:
+            return  # the end of an interim (1xx) response
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.on_complete(self)
@@ -131,6 +154,12 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    def reset(self) -> None:
+        """Drop the connection now, unsent bytes included (close() would wait for them to drain)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
@@ -141,10 +170,15 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
             self.transport.resume_reading()
 
 
+MAX_RESPONSE_HEAD_BYTES = 96 * 1024
+
+
 class Pool:
     """Idle keep-alive connections to one endpoint (LIFO: the warmest first)."""
 
-    def __init__(self, host: str, port: int, source_ip: str | None, max_idle: int = 64) -> None:
+    def __init__(self, host: str, port: int, source_ip: str | None, max_idle: int = 64,
+                 stats: ClusterStats | None = None) -> None:
+        self.stats = stats
         self.host = host
         self.port = port
         self.source_ip = source_ip
@@ -166,7 +200,14 @@ class Pool:
         _, conn = await asyncio.wait_for(
             loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, local_addr=local),
             timeout)
+        if self.stats is not None:
+            self.stats.upstream_cx_active.value += 1
         return conn
+
+    def on_closed(self) -> None:
+        if self.stats is not None:
+            self.stats.upstream_cx_active.value -= 1
+            self.stats.upstream_cx_destroy.value += 1
 
     def release(self, conn: UpstreamConnection) -> None:
         if conn.closed or not conn.keep_alive or len(self.idle) >= self.max_idle:
