@@ -69,6 +69,17 @@ class Stream:
         self.response_close = False
         self.bytes_sent = 0
 
+    def describe_request(self) -> None:
+        """Method and target for the access log of a request that never reached the router."""
+        info = self.info
+        if info.method == "-" and self.method:
+            info.method = self.method.decode("latin-1")
+        if info.path == "-" and self.url:
+            info.path = self.url.decode("latin-1")
+        host = self.seen.get(b"host")
+        if not info.authority and host:
+            info.authority = host.decode("latin-1")
+
     @property
     def replayable(self) -> bool:
         return self.body_complete and not self.streaming
@@ -197,6 +208,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         if cur is not None and cur is not s and cur.headers_done and not cur.done and self.on_early_close:
             cur.done = True  # the client left mid-upload, before the request could be served
             cur.info.response_flags.append("DC")
+            cur.describe_request()
             self.on_early_close(cur)
         self.queue.clear()
         for w in self.drain_waiters:
@@ -251,6 +263,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             return
         stream = s or Stream(self)
         stream.keep_alive = False
+        stream.describe_request()
         stream.info.response_flags.append(FLAG_DOWNSTREAM_PROTOCOL_ERROR)
         stream.info.response_code = status
         if self.active is not None or self.queue:

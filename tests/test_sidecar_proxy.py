@@ -1107,3 +1107,96 @@ def test_client_disconnect_cancels_the_upstream_attempt(alive, upstream, access_
     assert time.monotonic() - start < 1.5  # well before the upstream's 2 s answer
     line = wait_log(access_log, t)
     assert "DC" in flags(line), line
+
+
+# --- hardening (found in review) ------------------------------------------------------------------------
+
+
+def _read_response(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """One response head plus its Content-Length body."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    m = re.search(rb"content-length: (\d+)", head, re.I)
+    need = int(m.group(1)) if m else 0
+    while len(rest) < need:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return head + b"\r\n\r\n" + rest
+
+
+def test_early_upstream_answer_never_lets_a_body_leak_into_the_next_request(alive, upstream):
+    """An upstream that answers before reading a large body must not get the rest spliced into the pool."""
+    t = f"/early?t={tag()}"
+    with socket.create_connection((POD, EGRESS), timeout=5) as s1:
+        s1.sendall(f"POST {t} HTTP/1.1\r\nHost: reuse.svc\r\nContent-Length: 3000000\r\n\r\n".encode()
+                   + b"A" * 1_500_000)
+        assert _read_response(s1).startswith(b"HTTP/1.1 200")
+        for i in range(3):  # the next clients of the same cluster get clean exchanges
+            probe = f"/status/200?victim={tag()}"
+            with socket.create_connection((POD, EGRESS), timeout=5) as s2:
+                s2.sendall(f"GET {probe} HTTP/1.1\r\nHost: reuse.svc\r\nX-Victim: {i}\r\n\r\n".encode())
+                assert _read_response(s2).startswith(b"HTTP/1.1 200")
+            assert wait_count(upstream, probe, 1) == 1
+
+
+def test_thousands_of_pipelined_local_replies_in_order(alive):
+    n = 3000
+    one = b"GET /x HTTP/1.1\r\nHost: nobody.svc\r\n\r\n"
+    data = one * n + b"GET /x HTTP/1.1\r\nHost: nobody.svc\r\nConnection: close\r\n\r\n"
+    out = raw_exchange(POD, EGRESS, data, timeout=10)
+    assert out.count(b"HTTP/1.1 404 Not Found") == n + 1
+
+
+def test_trailers_do_not_change_routing(alive, upstream):
+    t = f"/echo?t={tag()}"
+    body = (f"POST {t} HTTP/1.1\r\nHost: hdr.svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "3\r\nabc\r\n0\r\nHost: b.local.service\r\nx-envoy-upstream-rq-timeout-ms: 0\r\n\r\n").encode()
+    with socket.create_connection((POD, EGRESS), timeout=5) as s:
+        s.sendall(body)
+        assert _read_response(s).startswith(b"HTTP/1.1 200")
+    rec = upstream.requests_for(t)
+    assert len(rec) == 1 and rec[0].listener == upa(U_HDR)
+    assert rec[0].header_all("host") == ["hdr.svc"]
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET / HTTP/1.1\r\nHost: hdr.svc\r\nHost: b.local.service\r\n\r\n", b"400"),
+    (b"CONNECT hdr.svc:443 HTTP/1.1\r\nHost: hdr.svc:443\r\n\r\n", b"405"),
+])
+def test_ambiguous_or_tunnel_requests_are_refused(alive, request_bytes, status):
+    out = raw_exchange(POD, EGRESS, request_bytes)
+    assert out.startswith(b"HTTP/1.1 " + status) and out.count(b"HTTP/1.1 ") == 1, out
+
+
+def test_upgrade_request_is_served_as_plain_http(alive, upstream):
+    t = f"/status/200?t={tag()}"
+    with socket.create_connection((POD, EGRESS), timeout=5) as s:
+        s.sendall(f"GET {t} HTTP/1.1\r\nHost: hdr.svc\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n".encode())
+        assert _read_response(s).startswith(b"HTTP/1.1 200")
+        s.sendall(f"GET {t}&again HTTP/1.1\r\nHost: hdr.svc\r\n\r\n".encode())  # and the connection lives on
+        assert _read_response(s).startswith(b"HTTP/1.1 200")
+    assert upstream.requests_for(t)[0].header("upgrade") is None
+
+
+def test_http10_keep_alive_is_announced(alive):
+    with socket.create_connection((POD, EGRESS), timeout=5) as s:
+        s.sendall(b"GET /status/200 HTTP/1.0\r\nHost: hdr.svc\r\nConnection: keep-alive\r\n\r\n")
+        head = _read_response(s).split(b"\r\n\r\n")[0].lower()
+    assert b"connection: keep-alive" in head
+
+
+def test_client_leaving_mid_upload_is_logged(alive, access_log):
+    t = f"/echo?t={tag()}"
+    with socket.create_connection((POD, EGRESS), timeout=5) as s:
+        s.sendall(f"POST {t} HTTP/1.1\r\nHost: hdr.svc\r\nContent-Length: 1000\r\n\r\n0123456789".encode())
+        time.sleep(0.2)
+    line = wait_log(access_log, t)
+    assert "DC" in flags(line), line

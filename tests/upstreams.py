@@ -68,6 +68,7 @@ class _Req:
     sha: Any = field(default_factory=hashlib.sha256)
     method: str = ""
     keep_alive: bool = True
+    early: bool = False
 
 
 def _status_line(code: int) -> bytes:
@@ -124,6 +125,11 @@ class _Conn(asyncio.Protocol):
         assert self.cur is not None
         self.cur.method = self.parser.get_method().decode()
         self.cur.keep_alive = self.parser.should_keep_alive()
+        if self.cur.url.startswith(b"/early"):
+            # Answer before the body arrives (like a 401/413 would) and keep the connection open.
+            self.cur.early = True
+            self.method = self.cur.method
+            self.respond(200, b"early\n")
 
     def on_body(self, body: bytes) -> None:
         assert self.cur is not None
@@ -174,6 +180,8 @@ class _Conn(asyncio.Protocol):
             target = req.url.decode("latin-1")
             rec = Recorded(self.listener, req.method, target, req.headers, req.body_length, req.keep_alive)
             self.server.record(rec)
+            if req.early:
+                continue  # already answered from on_headers_complete
             self.method = req.method
             try:
                 await self.server.handle(self, req, rec)
