@@ -133,7 +133,17 @@ def _status(state: StateDir) -> dict[str, Any]:
         fail(str(exc))
 
 
-project_option = click.option("-p", "--project", help="Mesh name (default: the only running mesh).")
+def _check_project(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Mesh names become directory names: no paths, no surprises."""
+    from meshctl.state import valid_mesh_name
+
+    if value is not None and not valid_mesh_name(value):
+        raise click.BadParameter(f"{value!r} is not a mesh name (lower-case letters, digits, '.', '_', '-')")
+    return value
+
+
+project_option = click.option("-p", "--project", callback=_check_project,
+                              help="Mesh name (default: the only running mesh).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -210,14 +220,19 @@ def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_p
     pid = state.supervisor_alive()
     if pid:
         fail(f"mesh '{topo.name}' is already running (supervisor pid {pid}); `meshctl down -p {topo.name}` first")
+    from meshctl.state import acquire_mesh_lock
+
     try:
         state.create()
     except OSError as exc:
         fail(str(exc))
+    lock = acquire_mesh_lock(state)  # held by the supervisor for its whole life
+    if lock is None:
+        fail(f"mesh '{topo.name}' is already running or starting; `meshctl down -p {topo.name}` first")
     if detach:
         extra = (["--prometheus"] if with_prometheus else []) + (
             ["--prometheus-bin", prometheus_bin] if prometheus_bin else [])
-        _up_detached(file, topo, state, wait_timeout, extra)
+        _up_detached(file, topo, state, wait_timeout, extra, lock)
     else:
         sys.exit(_run_supervisor(topo, state, foreground=True))
 
@@ -240,7 +255,7 @@ def _run_supervisor(topo: Topology, state: StateDir, foreground: bool) -> int:
             else:
                 sup.force_now()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # a closed terminal too
             loop.add_signal_handler(sig, on_signal)
         return await sup.run()
 
@@ -252,13 +267,25 @@ def _run_supervisor(topo: Topology, state: StateDir, foreground: bool) -> int:
         return asyncio.run(main_task())
 
 
-def _up_detached(file: str, topo: Topology, state: StateDir, wait_timeout: float, extra: list[str]) -> None:
+def _up_detached(file: str, topo: Topology, state: StateDir, wait_timeout: float, extra: list[str],
+                 lock: int) -> None:
     start = time.monotonic()
     log = open(state.supervisor_log, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshctl", "supervise", file, "--project", topo.name, *extra],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+        pass_fds=(lock,))
     log.close()
+    os.close(lock)  # the supervisor holds the lock now
+    try:
+        _wait_ready(topo, state, proc, start, wait_timeout)
+    except KeyboardInterrupt:
+        _stop_supervisor(state, proc.pid)
+        fail(f"interrupted: mesh '{topo.name}' stopped", 130)
+
+
+def _wait_ready(topo: Topology, state: StateDir, proc: subprocess.Popen[bytes], start: float,
+                wait_timeout: float) -> None:
     deadline = start + wait_timeout
     status: dict[str, Any] | None = None
     while time.monotonic() < deadline:
@@ -275,7 +302,7 @@ def _up_detached(file: str, topo: Topology, state: StateDir, wait_timeout: float
             broken = [p for p in procs if p["state"] in ("crashloop", "exited", "failed")]
             if broken:
                 _fail_startup(state, topo, broken[0], proc)
-            if all(p["ready"] for p in procs):
+            if all(p["ready"] and p["pid"] and p["state"] == "running" for p in procs):
                 _print_ready(topo, status, time.monotonic() - start)
                 return
         time.sleep(0.05)
@@ -327,7 +354,11 @@ def _stop_supervisor(state: StateDir, pid: int | None, timeout: float = 30.0) ->
         except psutil.NoSuchProcess:
             pass
         except psutil.TimeoutExpired:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)  # its reaper now kills what it leaves; wait for both
+            try:
+                psutil.Process(pid).wait(5)
+            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+                pass
             return False
     return True
 
@@ -360,13 +391,26 @@ def supervise(file: str, project: str, with_prometheus: bool, prometheus_bin: st
 @click.option("-t", "--timeout", default=30.0, show_default=True, help="Seconds to wait for the supervisor.")
 def down(project: str | None, timeout: float) -> None:
     """Stop a mesh: every process gets SIGTERM, then SIGKILL after its grace period."""
+    from meshctl.reaper import _marked
+    from meshctl.state import mesh_lock_held
     from meshctl.supervisor import reap_record
 
     state = _pick_mesh(project, need_running=False)
     pid = state.supervisor_alive()
+    deadline = time.monotonic() + 10
+    while not pid and mesh_lock_held(state) and time.monotonic() < deadline:
+        time.sleep(0.05)  # an `up` is starting this mesh: wait for its supervisor, then stop it
+        pid = state.supervisor_alive()
+    clean = True
     if pid:
-        _stop_supervisor(state, pid, timeout)
+        clean = _stop_supervisor(state, pid, timeout)
+    time.sleep(0 if clean else 1.5)  # after a forced kill, the reaper needs a moment
     left = reap_record(state)
+    run_id = (state.read_record() or {}).get("run_id", "")
+    survivors = _marked(run_id) if run_id else []
+    if survivors:
+        fail(f"mesh '{state.mesh}': {len(survivors)} processes survived the stop: "
+             + ", ".join(str(p.pid) for p in survivors[:10]))
     extra = f" (cleaned up {left} leftover processes)" if left else ""
     click.echo(f"mesh '{state.mesh}' is down{extra}")
 

@@ -32,7 +32,10 @@ def build_app(sup: Supervisor) -> web.Application:
         procs = sup.find_processes(name, request.query.get("role"))
         if not procs:
             return web.json_response({"error": f"no pod or replica named {name!r}"}, status=404)
-        await sup.restart(procs)
+        try:
+            await sup.restart(procs)
+        except RuntimeError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
         return web.json_response({"restarted": [p.key for p in procs]})
 
     async def down(_: web.Request) -> web.Response:

@@ -63,8 +63,21 @@ def follow_logs(files: list[tuple[str, Path]], tail: int | None, follow: bool, p
                 except OSError:
                     continue
                 ino, pos = offsets.get(path, (st.st_ino, 0))
-                if st.st_ino != ino or st.st_size < pos:
-                    pos = 0  # rotated or truncated: start the new file from its beginning
+                if st.st_ino != ino:
+                    # Rotated: finish the old file (now .1) from where we were, like tail -F.
+                    rotated = path.with_name(path.name + ".1")
+                    try:
+                        if os.stat(rotated).st_ino == ino:
+                            with open(rotated, "rb") as f:
+                                f.seek(pos)
+                                rest = f.read()
+                            cut = rest.rfind(b"\n") + 1
+                            emit(label, rest[:cut].splitlines(keepends=True))
+                    except OSError:
+                        pass
+                    pos = 0
+                elif st.st_size < pos:
+                    pos = 0  # truncated: start again from the beginning
                 if st.st_size > pos:
                     with open(path, "rb") as f:
                         f.seek(pos)

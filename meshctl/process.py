@@ -24,6 +24,7 @@ import psutil
 
 from meshctl.logfile import RotatingLog
 from meshctl.probes import probe
+from meshctl.reaper import MARKER_ENV, sweep
 from pods.replica import ProcessPlan
 
 PR_SET_PDEATHSIG = 1
@@ -37,6 +38,8 @@ CRASHLOOP_AFTER = 3
 #: a hundred processes starting together do not spend the CPU they need on being asked.
 PROBE_INTERVAL_S = 0.05
 PROBE_INTERVAL_MAX_S = 0.25
+#: A process without a readiness probe counts as ready once it has run this long.
+NO_PROBE_SETTLE_S = 0.25
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -97,6 +100,8 @@ class ManagedProcess:
         #: Started only once this one is ready (the service waits for its sidecar).
         self.after = after
         self.ready_event = asyncio.Event()
+        self.shutting_down = False  # set by the supervisor for good when the mesh stops
+        self._lifecycle = asyncio.Lock()  # one stop/restart at a time
         self.log = log
         self.on_line = on_line
         self.on_event = on_event
@@ -131,6 +136,8 @@ class ManagedProcess:
 
     # -- lifecycle ------------------------------------------------------
     def start(self) -> None:
+        if self.shutting_down:
+            return  # the mesh is stopping: nothing may start any more
         self.task = asyncio.get_running_loop().create_task(self._supervise(), name=self.key)
 
     async def _spawn(self) -> bool:
@@ -166,6 +173,8 @@ class ManagedProcess:
             loop.remove_reader(pidfd)
             os.close(pidfd)
             code = popen.wait()
+            self.ready = False  # at once: `up -d` must never see a dead process as ready
+            self.ready_event.clear()
             if self._exited is not None and not self._exited.done():
                 self._exited.set_result(code)
 
@@ -218,6 +227,11 @@ class ManagedProcess:
     async def _run_until_exit(self) -> int:
         assert self._exited is not None
         if self.plan.ready is None:
+            # No probe: "running" is all we can know, but a process that dies at once is not ready.
+            try:
+                return await asyncio.wait_for(asyncio.shield(self._exited), NO_PROBE_SETTLE_S)
+            except TimeoutError:
+                pass
             self._mark_ready()
             return await self._exited
         prober = asyncio.ensure_future(self._probe_until_ready())
@@ -243,12 +257,16 @@ class ManagedProcess:
         self.on_event(self, "ready")
 
     async def _drain(self) -> None:
-        """Collect the last output; kill leftovers of the group that hold the pipe open."""
+        """Collect the last output; kill leftovers of the group, and any descendant that left it
+        (a daemonised child would otherwise keep the port the next instance needs)."""
         if self.pid is not None:
             try:
                 os.killpg(self.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        run_id = self.plan.env.get(MARKER_ENV, "")
+        if run_id:
+            await asyncio.get_running_loop().run_in_executor(None, sweep, run_id, self.key)
         if self._pipe is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._pipe.closed), 2.0)
@@ -271,8 +289,14 @@ class ManagedProcess:
         self.state = state
         self.on_change(self)
 
-    async def stop(self, grace_s: float | None = None) -> None:
+    async def stop(self, grace_s: float | None = None, final: bool = False) -> None:
         """SIGTERM the group (and descendants that left it), wait, then SIGKILL."""
+        if final:
+            self.shutting_down = True
+        async with self._lifecycle:
+            await self._stop_locked(grace_s)
+
+    async def _stop_locked(self, grace_s: float | None) -> None:
         self._stop = True
         self._wake.set()
         grace = self.plan.stop_grace_s if grace_s is None else grace_s
@@ -285,17 +309,21 @@ class ManagedProcess:
             except TimeoutError:
                 self.on_event(self, f"did not stop within {grace:g}s; killing")
             self._signal(signal.SIGKILL, tree)
-        if self.task is not None:
-            await self.task
+        task = self.task
+        if task is not None:
+            await task
         self.ready = False
 
     async def restart(self) -> None:
         """Stop and start again (a manual restart counts in RESTARTS, as in Kubernetes)."""
-        await self.stop()
-        self._stop = False
-        self.failures = 0
-        self.restarts += 1
-        self.start()
+        async with self._lifecycle:
+            if self.shutting_down:
+                return
+            await self._stop_locked(None)
+            self._stop = False
+            self.failures = 0
+            self.restarts += 1
+            self.start()
 
     def _descendants(self) -> list[psutil.Process]:
         if self._psutil is None:

@@ -20,6 +20,7 @@ import time
 import psutil
 
 MARKER_ENV = "MESHCTL_RUN_ID"
+PROCESS_ENV = "MESHCTL_PROCESS"
 
 
 def _signal_groups(pgids: set[int], sig: int) -> None:
@@ -30,18 +31,50 @@ def _signal_groups(pgids: set[int], sig: int) -> None:
             pass
 
 
-def _marked(run_id: str) -> list[psutil.Process]:
+def _marked(run_id: str, key: str | None = None) -> list[psutil.Process]:
+    """Processes carrying this run's marker (of one supervised process, when ``key`` is given)."""
     out = []
     me = os.getpid()
     for proc in psutil.process_iter():
         if proc.pid == me:
             continue
         try:
-            if proc.environ().get(MARKER_ENV) == run_id:
-                out.append(proc)
+            env = proc.environ()
         except (psutil.Error, OSError):
             continue
+        if env.get(MARKER_ENV) == run_id and (key is None or env.get(PROCESS_ENV) == key):
+            out.append(proc)
     return out
+
+
+def sweep(run_id: str, key: str | None = None) -> int:
+    """SIGKILL what is left of a process that has already exited (daemonised children, for instance)."""
+    procs = _marked(run_id, key) if run_id else []
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(procs)
+
+
+def kill_groups_since(groups: dict[int, float]) -> int:
+    """SIGKILL members of recorded process groups, even when the leader is gone.
+
+    ``groups`` maps pgid -> the leader's create time; only processes created
+    since then can belong to that group (guards against pgid reuse).
+    """
+    n = 0
+    for proc in psutil.process_iter():
+        try:
+            pgid = os.getpgid(proc.pid)
+            since = groups.get(pgid)
+            if since is not None and proc.create_time() >= since - 0.05:
+                proc.kill()
+                n += 1
+        except (psutil.Error, OSError):
+            continue
+    return n
 
 
 def kill_run(pgids: set[int], run_id: str, grace_s: float = 1.0) -> None:

@@ -8,6 +8,7 @@ supervisor is killed mid-write.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -56,6 +57,8 @@ class StateDir:
 
     @classmethod
     def for_mesh(cls, mesh: str) -> StateDir:
+        if not valid_mesh_name(mesh):
+            raise ValueError(f"{mesh!r} is not a mesh name")
         return cls(meshctl_home() / mesh)
 
     @property
@@ -77,6 +80,10 @@ class StateDir:
     @property
     def record_file(self) -> Path:
         return self.root / "state.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "lock"
 
     @property
     def supervisor_log(self) -> Path:
@@ -115,6 +122,40 @@ class StateDir:
 
 
 _MESH_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def valid_mesh_name(name: str) -> bool:
+    return bool(_MESH_NAME.match(name)) and ".." not in name
+
+
+def mesh_lock_held(state: StateDir) -> bool:
+    """True while some process (a supervisor, or an `up` handing over to one) holds the mesh's lock."""
+    try:
+        fd = os.open(state.lock_file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def acquire_mesh_lock(state: StateDir) -> int | None:
+    """An fd holding the mesh's exclusive lock, or None when another process has it.
+
+    flock locks belong to the open file description, so a supervisor that
+    inherits this fd keeps the mesh locked for as long as it lives.
+    """
+    fd = os.open(state.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def all_meshes() -> list[StateDir]:

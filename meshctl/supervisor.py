@@ -25,7 +25,7 @@ from meshctl.forwarder import Forwarder
 from meshctl.logfile import RotatingLog
 from meshctl.printer import Printer
 from meshctl.process import ManagedProcess, State
-from meshctl.reaper import kill_run
+from meshctl.reaper import kill_groups_since, kill_run
 from meshctl.sidecars import sidecar_launches
 from meshctl.state import StateDir, aliases_in_use, process_alive, write_text_atomic
 from pods.hosts import write_hosts_atomic
@@ -43,8 +43,11 @@ def reap_record(state: StateDir) -> int:
     rec = state.read_record()
     if not rec or state.supervisor_alive():
         return 0
-    alive = [p for p in rec.get("processes", []) if p.get("pid") and process_alive(p["pid"], p["create_time"])]
+    procs = [p for p in rec.get("processes", []) if p.get("pid")]
+    alive = [p for p in procs if process_alive(p["pid"], p["create_time"])]
     kill_run({p["pgid"] for p in alive}, rec.get("run_id", ""), grace_s=2.0)
+    # Groups whose leader is already dead (PDEATHSIG) may still have members.
+    kill_groups_since({p["pgid"]: p["create_time"] for p in procs if p.get("pgid") and p.get("create_time")})
     rec["processes"] = []
     rec.pop("supervisor", None)
     state.write_record(rec)
@@ -105,7 +108,7 @@ class Supervisor:
             try:
                 self._reaper.stdin.write(line.encode() + b"\n")
                 self._reaper.stdin.flush()
-            except OSError:
+            except (OSError, ValueError):  # the reaper is gone, or its pipe already closed at shutdown
                 pass
 
     def _schedule_record(self) -> None:
@@ -144,6 +147,8 @@ class Supervisor:
         return [p for p in self.processes if p.plan.replica.name in names and (role is None or p.plan.role == role)]
 
     async def restart(self, procs: list[ManagedProcess]) -> None:
+        if self._stop.is_set():
+            raise RuntimeError("the mesh is stopping")
         await asyncio.gather(*(p.restart() for p in procs))
 
     def request_stop(self, force: bool = False) -> None:
@@ -185,9 +190,27 @@ class Supervisor:
         return self.exit_code
 
     def _start_reaper(self) -> None:
+        """Start the reaper and watch it: if it dies, a new one gets the current process groups."""
         self._reaper = subprocess.Popen(
             [sys.executable, "-m", "meshctl.reaper", self.run_id], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(self._reaper.pid)
+        reaper = self._reaper
+
+        def gone() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            reaper.wait()
+            if self._stop.is_set() or self._reaper is not reaper:
+                return
+            if self.printer is not None:
+                self.printer.event("the reaper died; starting a new one", error=True)
+            self._start_reaper()
+            for pgid in self._reported_pgids.values():
+                self._tell_reaper(f"+{pgid}")
+
+        loop.add_reader(pidfd, gone)
 
     async def _start_forwarders(self) -> bool:
         assert self.plan is not None
@@ -238,11 +261,13 @@ class Supervisor:
         for fwd in self.forwarders:
             await fwd.close()
         grace = 0.0 if self._force else None
-        stops = [asyncio.ensure_future(p.stop(grace)) for p in self.processes]
+        stops = [asyncio.ensure_future(p.stop(grace, final=True)) for p in self.processes]
         if stops:
             done, pending = await asyncio.wait(stops, timeout=None if not self._force else 5)
             for t in pending:
                 t.cancel()
+        # Daemonised descendants are in no process group we know: find them by the run's marker.
+        await asyncio.get_running_loop().run_in_executor(None, kill_run, set(), self.run_id, 1.0)
         for p in self.processes:
             p.log.close()
         self._write_record()

@@ -175,6 +175,7 @@ class MeshPlan:
         }
         if self.run_id:
             env[MARKER_ENV] = self.run_id
+            env["MESHCTL_PROCESS"] = f"{replica.name}/{role}"
         env.update(self.extra_env)
         env.update({k: render(v) for k, v in proc.env.items()})
         if extra_env:
