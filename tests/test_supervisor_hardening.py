@@ -1,0 +1,137 @@
+"""The supervisor under stress: crashes at start, races, daemonised children, lost reapers, hang-ups."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from tests.conftest import ROOT, marked_processes, wait_for
+
+DAEMON = """
+import os, signal, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(300)
+    os._exit(0)
+time.sleep(300)
+"""
+
+
+def test_up_fails_when_a_probe_less_service_dies_at_once(meshctl):
+    topo = meshctl.write("boom.yaml", """
+        pods:
+          ok:
+            ip: 127.0.130.1
+            service: {command: [sleep, "300"]}
+          boom:
+            ip: 127.0.131.1
+            service: {command: [sh, -c, "echo starting; exit 3"]}
+    """)
+    for i in range(3):
+        res = meshctl("up", str(topo), "-d", "-p", "boom", check=False)
+        meshctl.started.append("boom")
+        assert res.returncode == 1, (i, res.stdout, res.stderr)
+        assert "boom-0/service failed to get ready" in res.stderr and "starting" in res.stderr
+
+
+def test_one_supervisor_per_mesh(meshctl):
+    topo = meshctl.write("one.yaml", """
+        pods:
+          web:
+            ip: 127.0.132.1
+            service:
+              command: [python, -m, http.server, --bind, "${POD_IP}", "8000"]
+              ready: {tcp: 8000}
+    """)
+    cmd = [sys.executable, "-m", "meshctl", "up", str(topo), "-d", "-p", "onesup"]
+    procs = [subprocess.Popen(cmd, env=meshctl.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    meshctl.started.append("onesup")
+    results = [p.communicate(timeout=60) + (p.returncode,) for p in procs]
+    codes = sorted(r[2] for r in results)
+    assert codes == [0, 1], results
+    assert any("already running or starting" in r[1] for r in results)
+    sups = [p for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and "supervise" in p.info["cmdline"] and "onesup" in p.info["cmdline"]]
+    assert len(sups) == 1
+
+
+def test_daemonised_descendants_die_with_a_clean_stop(meshctl):
+    script = meshctl.workdir / "daemon.py"
+    script.write_text(DAEMON)
+    topo = meshctl.write("d.yaml", f"""
+        pods:
+          d:
+            ip: 127.0.133.1
+            service: {{command: [python, "{script}"]}}
+    """)
+    fg = subprocess.Popen([sys.executable, "-m", "meshctl", "up", str(topo), "-p", "daemons"], env=meshctl.env,
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meshctl.started.append("daemons")
+    rec = wait_for(lambda: meshctl.record("daemons") if (meshctl.home / "daemons/state.json").exists() else None, 10)
+    assert wait_for(lambda: len(marked_processes(rec["run_id"])) >= 2, 10)
+    fg.send_signal(signal.SIGINT)
+    assert fg.wait(30) == 0
+    assert not marked_processes(rec["run_id"])  # gone when `up` returns, not later
+
+
+def test_a_killed_reaper_is_replaced(meshctl):
+    script = meshctl.workdir / "daemon.py"
+    script.write_text(DAEMON)
+    topo = meshctl.write("r.yaml", f"""
+        pods:
+          d:
+            ip: 127.0.134.1
+            service: {{command: [python, "{script}"]}}
+          t:
+            ip: 127.0.135.1
+            service: {{command: [sh, -c, "trap '' TERM; sleep 300 & sleep 301"]}}
+    """)
+    meshctl.up(topo, "reap")
+    rec = meshctl.record("reap")
+    sup = psutil.Process(rec["supervisor"]["pid"])
+    reapers = [c for c in psutil.process_iter(["cmdline"])
+               if c.info["cmdline"] and "meshctl.reaper" in c.info["cmdline"] and rec["run_id"] in c.info["cmdline"]]
+    assert len(reapers) == 1
+    reapers[0].kill()
+    assert wait_for(lambda: [c for c in psutil.process_iter(["cmdline"]) if c.info["cmdline"]
+                             and "meshctl.reaper" in c.info["cmdline"] and rec["run_id"] in c.info["cmdline"]
+                             and c.pid != reapers[0].pid], 5)
+    time.sleep(0.3)
+    sup.kill()
+    assert wait_for(lambda: not marked_processes(rec["run_id"]), 5), marked_processes(rec["run_id"])
+
+
+def test_sighup_stops_gracefully(meshctl):
+    topo = meshctl.write("h.yaml", """
+        pods:
+          g:
+            ip: 127.0.136.1
+            service:
+              command: [sh, -c, "trap 'echo got TERM; exit 0' TERM; while true; do sleep 0.1; done"]
+              stop_grace_period: 3s
+    """)
+    meshctl.up(topo, "hup")
+    rec = meshctl.record("hup")
+    os.kill(rec["supervisor"]["pid"], signal.SIGHUP)
+    assert wait_for(lambda: not psutil.pid_exists(rec["supervisor"]["pid"])
+                    or psutil.Process(rec["supervisor"]["pid"]).status() == psutil.STATUS_ZOMBIE, 10)
+    assert "got TERM" in (meshctl.home / "hup/logs/g-0.service.log").read_text()
+    assert not marked_processes(rec["run_id"])
+
+
+def test_project_names_cannot_escape_the_state_dir(meshctl):
+    topo = meshctl.write("p.yaml", "pods:\n  a:\n    service: {command: [sleep, '1']}\n")
+    for bad in ("..", "/etc/x", "a/b", "UPPER"):
+        res = meshctl("up", str(topo), "-d", "-p", bad, check=False)
+        assert res.returncode == 2 and "is not a mesh name" in res.stderr, (bad, res.stderr)
+        assert "Traceback" not in res.stderr
+    assert json.loads(meshctl("ps", "-o", "json", check=False).stdout or "{}") == {}
