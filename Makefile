@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # The seed uses port 80; as a non-root user the demo moves to 8000.
 PORT   ?= $(shell [ "$$(id -u)" = 0 ] && echo 80 || echo 8000)
 
-.PHONY: install test lint demo demo-sidecar demo-down bench clean
+.PHONY: install compile test lint demo demo-sidecar demo-down bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,16 +15,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Bytecode for our own packages: with PYTHONDONTWRITEBYTECODE set (as on CI machines), every pod process
+# would otherwise recompile meshctl/sidecar/services from source at start-up.
+compile: $(STAMP)
+	@$(BIN)/python -m compileall -q meshctl pods sidecar services
 
-test: $(STAMP)
+install: $(STAMP) compile
+
+test: $(STAMP) compile
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-demo: $(STAMP)
+demo: $(STAMP) compile
 	PORT=$(PORT) $(BIN)/meshctl up examples/seed/direct.yaml -d
 	$(BIN)/meshctl ps -p seed
 	@echo; echo '$$ curl -s 127.0.0.1:8080'; curl -s 127.0.0.1:8080 || true
@@ -35,7 +40,7 @@ demo: $(STAMP)
 # The seed's second act: the same services with an Envoy-configured sidecar retrying 5xx twice.
 # Sequential like the blog's curl loop (the default max_retries breaker of 3 overflows under -c 10).
 # The seed's envoy.yaml binds port 80: needs root or CAP_NET_BIND_SERVICE.
-demo-sidecar: $(STAMP)
+demo-sidecar: $(STAMP) compile
 	$(BIN)/meshctl up examples/seed/sidecar.yaml -d
 	$(BIN)/meshctl traffic a --n 1000 -c 1 -p seed-sidecar
 	@echo; echo '$$ curl -s 127.0.3.1:9901/stats/prometheus | grep retry_upstream_rq'
@@ -46,7 +51,7 @@ demo-down: $(STAMP)
 	$(BIN)/meshctl down -p seed
 
 # Benchmarks are never part of `make test`. They install their peers from Debian when missing.
-bench: $(STAMP)
+bench: $(STAMP) compile
 	@missing=""; for b in haproxy nginx wrk hey curl; do command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
