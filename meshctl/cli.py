@@ -152,7 +152,7 @@ def main() -> None:
     """meshctl: a service mesh on one host, without containers."""
 
 
-@main.command()
+@main.command(short_help="Check a topology file.")
 @click.argument("file", type=click.Path(dir_okay=False))
 def validate(file: str) -> None:
     """Check a topology file; print one FILE:LINE line per problem (exit 2 if any)."""
@@ -206,7 +206,7 @@ def _prepare(file: str, project: str | None, with_prometheus: bool, prometheus_b
         sys.exit(USAGE_ERROR)
 
 
-@main.command()
+@main.command(short_help="Start a mesh (foreground, or -d).")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; return once every pod is Ready.")
 @project_option
@@ -386,7 +386,7 @@ def supervise(file: str, project: str, with_prometheus: bool, prometheus_bin: st
     sys.exit(_run_supervisor(topo, state, foreground=False))
 
 
-@main.command()
+@main.command(short_help="Stop a mesh and everything it started.")
 @project_option
 @click.option("-t", "--timeout", default=30.0, show_default=True, help="Seconds to wait for the supervisor.")
 def down(project: str | None, timeout: float) -> None:
@@ -428,7 +428,7 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n / 1024 / 1024:.1f}M"
 
 
-@main.command()
+@main.command(short_help="List the mesh's processes.")
 @project_option
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def ps(project: str | None, output: str) -> None:
@@ -462,7 +462,7 @@ def ps(project: str | None, output: str) -> None:
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
-@main.command()
+@main.command(short_help="Restart a pod or a replica.")
 @click.argument("name")
 @project_option
 @click.option("--role", type=click.Choice(["service", "sidecar"]), help="Only this process of each replica.")
@@ -477,7 +477,7 @@ def restart(name: str, project: str | None, role: str | None) -> None:
     click.echo("restarted " + ", ".join(result["restarted"]))
 
 
-@main.command()
+@main.command(short_help="Print (or follow) a pod's logs.")
 @click.argument("name")
 @project_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
@@ -494,7 +494,7 @@ def logs(name: str, project: str | None, follow: bool, tail: int | None, role: s
     follow_logs(files, tail=tail, follow=follow, prefix=len(files) > 1)
 
 
-@main.command()
+@main.command(short_help="Print the hosts file a pod sees.")
 @click.argument("name")
 @project_option
 @click.option("-f", "--file", "file", type=click.Path(dir_okay=False),
@@ -590,7 +590,7 @@ def _duration_option(value: str | None) -> float | None:
 MAX_DURATION_S = 600.0
 
 
-@main.command()
+@main.command(short_help="Send load to a pod, replica or URL.")
 @click.argument("target")
 @project_option
 @click.option("-n", "--n", "n", type=int, default=None, help="Number of requests (default 200 without --duration).")
@@ -667,7 +667,7 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
         sys.exit(1)
 
 
-@main.command("prometheus-config")
+@main.command("prometheus-config", short_help="Print the Prometheus scrape config.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @project_option
 def prometheus_config(file: str, project: str | None) -> None:
@@ -693,7 +693,7 @@ def prometheus_config(file: str, project: str | None) -> None:
     click.echo(scrape_config(plan), nl=False)
 
 
-@main.command()
+@main.command(short_help="Live golden signals per pod and edge.")
 @project_option
 @click.option("--window", default="10s", show_default=True, help="Sliding window for rates and percentiles.")
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between polls.")
