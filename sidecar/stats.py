@@ -30,8 +30,8 @@ BUCKETS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 
 QUANTILES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0)
 
 
-class Counter:
-    """A monotonically increasing count; the data path may do ``c.value += 1`` directly."""
+class _Value:
+    """A named number the data path bumps directly (``c.value += 1``): no call on the hot path."""
 
     __slots__ = ("name", "value")
 
@@ -43,17 +43,16 @@ class Counter:
         self.value += n
 
 
-class Gauge:
-    """A value that goes up and down (active connections, membership)."""
+class Counter(_Value):
+    """Only ever goes up (Prometheus ``counter``)."""
 
-    __slots__ = ("name", "value")
+    __slots__ = ()
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.value = 0
 
-    def inc(self, n: int = 1) -> None:
-        self.value += n
+class Gauge(_Value):
+    """Goes up and down: active connections, membership (Prometheus ``gauge``)."""
+
+    __slots__ = ()
 
     def dec(self, n: int = 1) -> None:
         self.value -= n
