@@ -71,7 +71,6 @@ class Supervisor:
         self._record_dirty = False
         self._all_ready_reported = False
         self._forwarder_pods: list[tuple[str, Forwarder]] = []
-        self.startup_error: str | None = None
         self.exit_code = 0
 
     # -- events from processes ----------------------------------------------
@@ -222,7 +221,6 @@ class Supervisor:
                 except OSError as exc:
                     msg = (f"{self.topology.path}:{pub.line}: cannot publish {pub.host_ip}:{pub.host_port} "
                            f"for pod '{pod.name}': {exc.strerror or exc}")
-                    self.startup_error = msg
                     if self.printer is not None:
                         self.printer.event(msg, error=True)
                     else:

@@ -8,7 +8,6 @@ after its sidecar is ready never sees a refused egress connection.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 from pods.resolver import HostsResolver
@@ -126,7 +125,6 @@ class Sidecar:
                                        hstats.downstream_cx_idle_timeout.inc)
             return proto
 
-        self._last_factory = factory
         return factory
 
     def refresh_server_stats(self) -> None:
@@ -155,11 +153,3 @@ class Sidecar:
             cluster.close()
         for logger in self.loggers.values():
             logger.close()
-
-    @property
-    def rss_bytes(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            return 0

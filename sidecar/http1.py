@@ -44,13 +44,6 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     return out
 
 
-def strip_hop_by_hop(headers: Headers) -> Headers:
-    extra = connection_tokens(headers)
-    if extra:
-        return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in extra]
-    return [(n, v) for n, v in headers if n not in HOP_BY_HOP]
-
-
 def serialize_headers(headers: Headers) -> bytes:
     return b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers)
 

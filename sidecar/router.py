@@ -14,7 +14,6 @@ dozen microseconds of Python.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 
 import httptools
@@ -23,7 +22,7 @@ from sidecar.access_log import AccessLogger
 from sidecar.cluster import ClusterRuntime
 from sidecar.config import HttpConnectionManager, Route, VirtualHost
 from sidecar.filters import DEFAULT_REQUEST_FILTERS, RequestFilter
-from sidecar.http1 import HOP_BY_HOP, Headers, connection_tokens
+from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, Headers, chunk, connection_tokens
 from sidecar.request_info import (
     FLAG_NO_HEALTHY_UPSTREAM,
     FLAG_NO_ROUTE,
@@ -293,7 +292,7 @@ class Forwarder:
         down = s.conn
 
         def send(data: bytes) -> None:
-            conn.write(b"%x\r\n%s\r\n" % (len(data), data) if framed else data)
+            conn.write(chunk(data) if framed else data)
             if conn.write_paused and down.transport is not None and not down.closed:
                 down.transport.pause_reading()
                 conn.when_writable(resume)
@@ -304,7 +303,7 @@ class Forwarder:
 
         def done() -> None:
             if framed:
-                conn.write(b"0\r\n\r\n")
+                conn.write(LAST_CHUNK)
             attempt.request_done = True
 
         if s.body:
@@ -387,8 +386,7 @@ class Forwarder:
         self.in_retry = True
         self.cluster.active_retries += 1
         self.cstats.upstream_rq_retry.value += 1
-        n = retry.attempt_retries
-        delay = random.uniform(0, min(retry.max, retry.base * ((1 << n) - 1)))
+        delay = retry.backoff_s()
         if self.deadline is not None:
             delay = min(delay, max(0.0, self.deadline - time.monotonic()))
         self.retry_timer = self.loop.call_later(delay, self.next_attempt)

@@ -22,6 +22,7 @@ import re
 import time
 from bisect import bisect_left
 from collections.abc import Callable
+from typing import Any
 
 #: Envoy's default histogram bucket upper bounds, in ms.
 BUCKETS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
@@ -299,6 +300,13 @@ class Store:
 
     # --- /stats ---
 
+    @staticmethod
+    def _selected(tables: tuple[dict[str, Any], ...], match: Callable[[str], object] | None,
+                  used_only: bool) -> list[tuple[str, Any]]:
+        """The (name, stat) pairs a render shows: ``?filter=`` and ``?usedonly`` applied once, here."""
+        return [(name, v) for d in tables for name, v in d.items()
+                if not (used_only and not v.value) and (match is None or match(name))]
+
     def render_text(self, filter: str | None = None, used_only: bool = False) -> str:
         """Envoy's ``/stats``: sorted ``name: value`` lines for counters and gauges, then histograms.
 
@@ -309,13 +317,7 @@ class Store:
         """
         self._refresh()
         match = self._matcher(filter)
-        items: list[tuple[str, int]] = []
-        for d in (self.counters, self.gauges):
-            for name, s in d.items():
-                if (used_only and not s.value) or (match is not None and not match(name)):
-                    continue
-                items.append((name, s.value))
-        items.sort()
+        items = sorted((name, v.value) for name, v in self._selected((self.counters, self.gauges), match, used_only))
         lines = [f"{name}: {value}" for name, value in items]
         for name in sorted(self.histograms):
             h = self.histograms[name]
@@ -332,13 +334,7 @@ class Store:
         """Envoy's ``/stats?format=json``: counters/gauges as name/value, then one histograms entry."""
         self._refresh()
         match = self._matcher(filter)
-        items: list[tuple[str, int]] = []
-        for d in (self.counters, self.gauges):
-            for name, s in d.items():
-                if (used_only and not s.value) or (match is not None and not match(name)):
-                    continue
-                items.append((name, s.value))
-        items.sort()
+        items = sorted((name, v.value) for name, v in self._selected((self.counters, self.gauges), match, used_only))
         stats: list[dict] = [{"name": name, "value": value} for name, value in items]
         computed = []
         for name in sorted(self.histograms):
@@ -377,9 +373,7 @@ class Store:
         out: list[str] = []
         for kind, d in (("counter", self.counters), ("gauge", self.gauges)):
             groups: dict[str, list[str]] = {}
-            for name, s in d.items():
-                if (used_only and not s.value) or (match is not None and not match(name)):
-                    continue
+            for name, s in self._selected((d,), match, used_only):
                 metric, labels = self._tags(name)
                 line = f"{metric}{{{labels}}} {s.value}" if labels else f"{metric} {s.value}"
                 groups.setdefault(metric, []).append(line)
