@@ -75,13 +75,13 @@ def _can_bind_privileged() -> bool:
 
 def _preflight(topo: Topology) -> None:
     """Problems we can see before starting anything: missing programs, privileged ports."""
-    from meshctl.sidecars import check_sidecars, sidecar_launches_into
+    from meshctl.sidecars import check_sidecars, sidecar_launches
     from pods.replica import PYTHON_ALIASES, pod_ports
 
     problems, warnings = check_sidecars(topo)
     for w in warnings:
         click.echo(w, err=True)
-    launches = {} if problems else sidecar_launches_into(topo, None)
+    launches = {} if problems else sidecar_launches(topo)
     limit = _unprivileged_port_start()
     root = _can_bind_privileged()
     for pod in topo.pods.values():
@@ -564,12 +564,12 @@ def _resolve_target(target: str, project: str | None,
     procs = [p for p in status["processes"] if target in (p["pod"], p["replica"]) and p["role"] == "service"]
     if not procs:
         fail(f"no pod or replica named '{target}' in mesh '{state.mesh}'", USAGE_ERROR)
-    from meshctl.sidecars import sidecar_launches_into
+    from meshctl.sidecars import sidecar_launches
     from pods.topology import load_topology
 
     topo = load_topology(status["file"])
     pod = procs[0]["pod"]
-    launch = sidecar_launches_into(topo, None).get(pod)
+    launch = sidecar_launches(topo).get(pod)
     port = _pod_port(topo.pods[pod], launch)
     addrs = [(p["ip"], port) for p in procs]
     shown = f"http://{addrs[0][0]}:{port}{path}" + (f" (+{len(addrs) - 1} replicas)" if len(addrs) > 1 else "")
@@ -672,7 +672,7 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
 @project_option
 def prometheus_config(file: str, project: str | None) -> None:
     """Print the Prometheus scrape config for FILE (the running mesh's, if it is up)."""
-    from meshctl.sidecars import sidecar_launches_into
+    from meshctl.sidecars import sidecar_launches
     from pods.prometheus import CONFIG_FILE, POD_NAME, scrape_config
     from pods.replica import plan_mesh
     from pods.topology import PrometheusSpec
@@ -689,7 +689,7 @@ def prometheus_config(file: str, project: str | None) -> None:
     topo = add_prometheus(replace(topo, prometheus=None), spec, state.root / "prometheus") \
         if POD_NAME not in topo.pods else topo
     plan = plan_mesh(topo, state.hosts, taken=aliases_in_use(exclude=topo.name))
-    plan.sidecars = sidecar_launches_into(topo, None)
+    plan.sidecars = sidecar_launches(topo)
     click.echo(scrape_config(plan), nl=False)
 
 

@@ -62,18 +62,11 @@ def check_sidecars(topo: Topology) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
-def sidecar_launches_into(topo: Topology, config_dir: Path | None) -> dict[str, SidecarLaunch]:
-    """Launch plans; with ``config_dir`` None nothing is written (for readers such as ``traffic``)."""
-    if config_dir is not None:
-        return sidecar_launches(topo, config_dir)
-    import tempfile
+def sidecar_launches(topo: Topology, config_dir: Path | None = None) -> dict[str, SidecarLaunch]:
+    """How to start each pod's sidecar; short-form sections are written to ``config_dir``.
 
-    with tempfile.TemporaryDirectory() as tmp:
-        return sidecar_launches(topo, Path(tmp))
-
-
-def sidecar_launches(topo: Topology, config_dir: Path) -> dict[str, SidecarLaunch]:
-    """How to start each pod's sidecar; short-form sections are written to ``config_dir``."""
+    Without ``config_dir`` nothing is written: readers (validate, traffic, stats) only need the ports.
+    """
     out: dict[str, SidecarLaunch] = {}
     for pod in topo.pods.values():
         if pod.sidecar is None:
@@ -82,6 +75,8 @@ def sidecar_launches(topo: Topology, config_dir: Path) -> dict[str, SidecarLaunc
         public = bool(pod.sidecar.get("public_admin", False))
         if envoy_path is not None:
             args: tuple[str, ...] = ("--envoy", envoy_path)
+        elif config_dir is None:
+            args = ("--config", f"{pod.name}.json")
         else:
             config_dir.mkdir(parents=True, exist_ok=True)
             path = config_dir / f"{pod.name}.json"

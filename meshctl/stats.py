@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from meshctl.promtext import Labels, parse
-from meshctl.sidecars import sidecar_launches_into
+from meshctl.sidecars import sidecar_launches
 from meshctl.state import StateDir
 from meshctl.window import Window, bucket_deltas, counter_delta, histogram_quantile
 from pods.replica import SidecarLaunch
@@ -142,7 +142,7 @@ class Collector:
             self.status = await resp.json()
         if self.topology is None:
             self.topology = load_topology(self.status["file"])
-            self.launches = sidecar_launches_into(self.topology, None)
+            self.launches = sidecar_launches(self.topology)
         jobs: dict[str, str] = {}
         for p in self.status["processes"]:
             spec = self.topology.pods.get(p["pod"])
