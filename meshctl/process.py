@@ -11,7 +11,6 @@ of a process's output is preserved and no line is lost on exit.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
 import subprocess
@@ -23,11 +22,11 @@ from typing import Any
 import psutil
 
 from meshctl.logfile import RotatingLog
+from meshctl.parent_death import die_with_parent
 from meshctl.probes import probe
 from meshctl.reaper import MARKER_ENV, sweep
 from pods.replica import ProcessPlan
 
-PR_SET_PDEATHSIG = 1
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 10.0
 #: A run at least this long counts as stable and resets the backoff.
@@ -41,12 +40,11 @@ PROBE_INTERVAL_MAX_S = 0.25
 #: A process without a readiness probe counts as ready once it has run this long.
 NO_PROBE_SETTLE_S = 0.25
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _child_setup() -> None:
     """Runs in the child between fork and exec: die with the supervisor."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 

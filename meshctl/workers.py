@@ -18,6 +18,7 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 
 from meshctl.loadgen import Engine, LoadSpec, Results
+from meshctl.parent_death import die_with_parent
 
 #: Below this many requests (and without --duration) one process is quicker: forking costs more than it saves.
 MIN_REQUESTS_TO_FORK = 10_000
@@ -42,7 +43,8 @@ def split(spec: LoadSpec, workers: int) -> list[LoadSpec]:
 
 
 def _child(spec: LoadSpec, slot: int, counts: "multiprocessing.Array", conn: Connection,  # noqa: UP037
-           classify: Callable[[int, bytes], tuple[str, str]]) -> None:
+           classify: Callable[[int, bytes], tuple[str, str]], parent: int) -> None:
+    die_with_parent(parent)  # a killed `meshctl traffic` must not leave load running behind it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a run is interrupted
 
     async def main() -> Results:
@@ -77,7 +79,7 @@ def run_workers(spec: LoadSpec, workers: int, classify: Callable[[int, bytes], t
     procs, pipes = [], []
     for i, s in enumerate(shares):
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(s, i, counts, child, classify), daemon=True)
+        p = ctx.Process(target=_child, args=(s, i, counts, child, classify, os.getpid()), daemon=True)
         p.start()
         child.close()
         procs.append(p)

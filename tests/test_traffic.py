@@ -511,3 +511,27 @@ def test_workers_share_the_load_and_merge_exactly(meshctl):
     lat = r["latency_ms"]
     assert 0 < lat["min"] <= lat["p50"] <= lat["p99"] <= lat["max"]
     assert meshctl("traffic", srv.url, "--workers", "0", check=False).returncode == 2
+
+
+def test_killed_traffic_leaves_no_workers_sending_load(meshctl):
+    """kill -9 of `meshctl traffic` ends its worker processes too: no load keeps hitting the target."""
+    import psutil
+
+    with Server("127.0.178.1", ok) as srv:
+        p = subprocess.Popen([sys.executable, "-m", "meshctl", "traffic", srv.url, "--duration", "20s", "-c", "4",
+                              "--workers", "2", "--json"], env=meshctl.env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while len(srv.requests) < 100 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            workers = psutil.Process(p.pid).children(recursive=True)
+            assert len(workers) == 2
+        finally:
+            p.kill()
+            p.wait(10)
+        gone, alive = psutil.wait_procs(workers, timeout=3)
+        assert not alive, alive
+        seen = len(srv.requests)
+        time.sleep(0.3)
+        assert len(srv.requests) == seen  # the load stopped with the command
