@@ -116,16 +116,25 @@ class Report:
         return "\n".join(out)
 
 
-async def _progress(engine: Engine, total: int | None, duration: float | None) -> None:
-    """A rich progress bar on stderr while the load runs (TTY only)."""
+def _progress_bar() -> Any:
+    """A rich progress bar on stderr (the report goes to stdout); only drawn on a TTY by the callers."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = [TextColumn("[bold]traffic"), BarColumn(), TextColumn("{task.completed}/{task.total} requests"),
+    columns = [TextColumn("[bold]traffic"), BarColumn(), TextColumn("{task.completed} requests"),
                TextColumn("{task.fields[rps]:.0f} rps"), TimeElapsedColumn()]
+    return Progress(*columns, transient=True, console=Console(stderr=True))
+
+
+def _model(spec: LoadSpec, workers: int = 1) -> str:
+    model = "open model" if spec.rate else f"closed model, {spec.concurrency} connections"
+    return model + (f", {workers} workers" if workers > 1 else "")
+
+
+async def _progress(engine: Engine, total: int | None, duration: float | None) -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
-    with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
+    with _progress_bar() as progress:
         task = progress.add_task("load", total=total or None, rps=0.0)
         while not engine.done.done():
             done = engine.results.requests
@@ -150,7 +159,7 @@ async def run(spec: LoadSpec, target: str, progress: bool = False) -> Report:
                 await bar
             except asyncio.CancelledError:
                 pass
-    return Report(target, results, "open model" if spec.rate else f"closed model, {spec.concurrency} connections")
+    return Report(target, results, _model(spec))
 
 
 def run_sync(spec: LoadSpec, target: str, progress: bool = False, workers: int = 1) -> Report:
@@ -167,24 +176,17 @@ def run_sync(spec: LoadSpec, target: str, progress: bool = False, workers: int =
 def _run_forked(spec: LoadSpec, target: str, progress: bool, workers: int) -> Report:
     from meshctl.workers import run_workers
 
-    model = "open model" if spec.rate else f"closed model, {spec.concurrency} connections"
-    model += f", {workers} workers"
     if not progress:
-        return Report(target, run_workers(spec, workers, classify), model)
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+        return Report(target, run_workers(spec, workers, classify), _model(spec, workers))
     start = time.monotonic()
-    columns = [TextColumn("[bold]traffic"), BarColumn(), TextColumn("{task.completed} requests"),
-               TextColumn("{task.fields[rps]:.0f} rps"), TimeElapsedColumn()]
-    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
+    with _progress_bar() as bar:
         task = bar.add_task("load", total=spec.n, rps=0.0)
 
         def update(done: int) -> None:
             bar.update(task, completed=done, rps=done / max(time.monotonic() - start, 1e-9))
 
         results = run_workers(spec, workers, classify, update)
-    return Report(target, results, model)
+    return Report(target, results, _model(spec, workers))
 
 
 def stderr_is_tty() -> bool:
