@@ -128,7 +128,9 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
                 sink.on_reset(self, "protocol error")
             return
         self.keep_alive = self.parser.should_keep_alive()
-        if not self.head_only and self.status not in (204, 304):
+        if not self.keep_alive and not self.head_only and self.status not in (204, 304):
+            # Only a response that cannot be kept alive may be delimited by the close: keep-alive
+            # responses (the common case) skip the scan.
             self.close_delimited = not any(n in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
         if self.sink is not None:
             self.sink.on_head(self, self.status, self.headers)
