@@ -24,6 +24,7 @@ import click
 
 from meshctl.control import ControlError, call
 from meshctl.state import StateDir, aliases_in_use, all_meshes, running_meshes
+from pods.runloop import run as run_loop
 
 if TYPE_CHECKING:
     from pods.topology import Topology
@@ -259,12 +260,7 @@ def _run_supervisor(topo: Topology, state: StateDir, foreground: bool) -> int:
             loop.add_signal_handler(sig, on_signal)
         return await sup.run()
 
-    try:
-        import uvloop
-
-        return uvloop.run(main_task())
-    except ImportError:
-        return asyncio.run(main_task())
+    return run_loop(main_task())
 
 
 def _up_detached(file: str, topo: Topology, state: StateDir, wait_timeout: float, extra: list[str],

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshctl.loadgen import Engine, LoadSpec, Results
+from pods.runloop import run as run_loop
 
 _VOLATILE = re.compile(
     r"\b(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|0x[0-9a-f]+|[0-9a-f]*\d[0-9a-f]{7,}|\d{4,})\b",
@@ -165,12 +166,7 @@ async def run(spec: LoadSpec, target: str, progress: bool = False) -> Report:
 def run_sync(spec: LoadSpec, target: str, progress: bool = False, workers: int = 1) -> Report:
     if workers > 1:
         return _run_forked(spec, target, progress, workers)
-    try:
-        import uvloop
-
-        return uvloop.run(run(spec, target, progress))
-    except ImportError:
-        return asyncio.run(run(spec, target, progress))
+    return run_loop(run(spec, target, progress))
 
 
 def _run_forked(spec: LoadSpec, target: str, progress: bool, workers: int) -> Report:

@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 
 from meshctl.loadgen import Engine, LoadSpec, Results
 from meshctl.parent_death import die_with_parent
+from pods.runloop import run as run_loop
 
 #: Below this many requests (and without --duration) one process is quicker: forking costs more than it saves.
 MIN_REQUESTS_TO_FORK = 10_000
@@ -61,12 +62,7 @@ def _child(spec: LoadSpec, slot: int, counts: "multiprocessing.Array", conn: Con
         finally:
             task.cancel()
 
-    try:
-        import uvloop
-
-        results = uvloop.run(main())
-    except ImportError:
-        results = asyncio.run(main())
+    results = run_loop(main())
     conn.send(results)
     conn.close()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from pods.loopback import bind_host
+from pods.runloop import run as run_loop
 from services import golog
 
 # In-flight requests get this long after SIGTERM; supervisors expect a prompt exit.
@@ -97,12 +98,6 @@ def run(app: web.Application, listeners: list[Listener]) -> None:
     without its metrics would silently vanish from the dashboards.
     """
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is optional
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
-    try:
-        runner(_serve(app, listeners))
+        run_loop(_serve(app, listeners))
     except BindError as exc:
         golog.fatal(exc)

@@ -18,6 +18,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
+from pods.runloop import run as run_loop  # noqa: E402
 from sidecar.config import Bootstrap, ConfigError  # noqa: E402
 from sidecar.envoy_config import load_envoy  # noqa: E402
 from sidecar.short_config import compile_short  # noqa: E402
@@ -83,12 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sidecar: warning: {warning}", file=sys.stderr)
     if args.check:
         return
-    try:
-        import uvloop
-
-        code = uvloop.run(serve(config, args.pod_ip, args.hosts, args.envoy or args.config))
-    except ImportError:
-        code = asyncio.run(serve(config, args.pod_ip, args.hosts, args.envoy or args.config))
+    code = run_loop(serve(config, args.pod_ip, args.hosts, args.envoy or args.config))
     sys.exit(code)
 
 
