@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from meshctl.control import ControlError, call
+from meshctl.client import ControlError, call
 from meshctl.state import StateDir, aliases_in_use, all_meshes, running_meshes
 from pods.runloop import run as run_loop
 
@@ -76,8 +76,8 @@ def _can_bind_privileged() -> bool:
 
 def _preflight(topo: Topology) -> None:
     """Problems we can see before starting anything: missing programs, privileged ports."""
-    from meshctl.sidecars import check_sidecars, sidecar_launches
     from pods.replica import PYTHON_ALIASES, pod_ports
+    from pods.sidecars import check_sidecars, sidecar_launches
 
     problems, warnings = check_sidecars(topo)
     for w in warnings:
@@ -239,8 +239,8 @@ def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_p
 
 
 def _run_supervisor(topo: Topology, state: StateDir, foreground: bool) -> int:
-    from meshctl.printer import Printer
-    from meshctl.supervisor import Supervisor
+    from meshctl.supervisor.printer import Printer
+    from meshctl.supervisor.supervisor import Supervisor
 
     sup = Supervisor(topo, state, Printer() if foreground else None)
 
@@ -387,9 +387,9 @@ def supervise(file: str, project: str, with_prometheus: bool, prometheus_bin: st
 @click.option("-t", "--timeout", default=30.0, show_default=True, help="Seconds to wait for the supervisor.")
 def down(project: str | None, timeout: float) -> None:
     """Stop a mesh: every process gets SIGTERM, then SIGKILL after its grace period."""
-    from meshctl.reaper import _marked
     from meshctl.state import mesh_lock_held
-    from meshctl.supervisor import reap_record
+    from meshctl.supervisor.reaper import _marked
+    from meshctl.supervisor.supervisor import reap_record
 
     state = _pick_mesh(project, need_running=False)
     pid = state.supervisor_alive()
@@ -481,7 +481,7 @@ def restart(name: str, project: str | None, role: str | None) -> None:
 @click.option("--role", type=click.Choice(["service", "sidecar"]))
 def logs(name: str, project: str | None, follow: bool, tail: int | None, role: str | None) -> None:
     """Print the logs of a pod (all its replicas) or a replica."""
-    from meshctl.logview import follow_logs, log_files
+    from meshctl.observe.logs import follow_logs, log_files
 
     state = _pick_mesh(project, need_running=False)
     files = log_files(state, name, role)
@@ -560,7 +560,7 @@ def _resolve_target(target: str, project: str | None,
     procs = [p for p in status["processes"] if target in (p["pod"], p["replica"]) and p["role"] == "service"]
     if not procs:
         fail(f"no pod or replica named '{target}' in mesh '{state.mesh}'", USAGE_ERROR)
-    from meshctl.sidecars import sidecar_launches
+    from pods.sidecars import sidecar_launches
     from pods.topology import load_topology
 
     topo = load_topology(status["file"])
@@ -613,8 +613,8 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
             timeout: float, as_json: bool, no_progress: bool, fail_under: float | None, allow_remote: bool,
             workers: int | None) -> None:
     """Send requests to a pod, a replica (a-1) or a URL; report groups, statuses, errors and latency."""
-    from meshctl.loadgen import LoadSpec
-    from meshctl.traffic import build_request, run_sync, stderr_is_tty
+    from meshctl.traffic.engine import LoadSpec
+    from meshctl.traffic.report import build_request, run_sync, stderr_is_tty
     from pods.addressing import is_loopback
 
     seconds = _duration_option(duration)
@@ -651,7 +651,7 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
     spec = LoadSpec(targets=tuple(addrs), request=request, head=method.upper() == "HEAD", n=n,
                     duration_s=min(seconds or MAX_DURATION_S, MAX_DURATION_S), concurrency=concurrency, rate=rate,
                     timeout_s=timeout)
-    from meshctl.workers import auto_workers
+    from meshctl.traffic.workers import auto_workers
 
     if workers is not None and workers < 1:
         fail("--workers must be at least 1", USAGE_ERROR)
@@ -668,9 +668,9 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
 @project_option
 def prometheus_config(file: str, project: str | None) -> None:
     """Print the Prometheus scrape config for FILE (the running mesh's, if it is up)."""
-    from meshctl.sidecars import sidecar_launches
     from pods.prometheus import CONFIG_FILE, POD_NAME, scrape_config
     from pods.replica import plan_mesh
+    from pods.sidecars import sidecar_launches
     from pods.topology import PrometheusSpec
 
     topo = _load(file, project)
@@ -700,10 +700,10 @@ def prometheus_config(file: str, project: str | None) -> None:
 def stats(project: str | None, window: str, interval: float, once: bool, watch: bool, count: int | None,
           output: str) -> None:
     """Live golden signals per pod and per edge (q quits); --once or -o json for scripts."""
-    from meshctl.stats import Collector
-    from meshctl.stats_view import live
-    from meshctl.stats_view import once as run_once
-    from meshctl.stats_view import watch as run_watch
+    from meshctl.observe.collector import Collector
+    from meshctl.observe.view import live
+    from meshctl.observe.view import once as run_once
+    from meshctl.observe.view import watch as run_watch
 
     seconds = _duration_option(window)
     if interval <= 0 or (count is not None and count < 1):

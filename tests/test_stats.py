@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from meshctl.promtext import parse
-from meshctl.window import Window, bucket_deltas, counter_delta, histogram_quantile
+from meshctl.observe.promtext import parse
+from meshctl.observe.window import Window, bucket_deltas, counter_delta, histogram_quantile
 from tests.conftest import ROOT, wait_for
 
 

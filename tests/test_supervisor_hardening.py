@@ -99,11 +99,12 @@ def test_a_killed_reaper_is_replaced(meshctl):
     rec = meshctl.record("reap")
     sup = psutil.Process(rec["supervisor"]["pid"])
     reapers = [c for c in psutil.process_iter(["cmdline"])
-               if c.info["cmdline"] and "meshctl.reaper" in c.info["cmdline"] and rec["run_id"] in c.info["cmdline"]]
+               if c.info["cmdline"] and "meshctl.supervisor.reaper" in c.info["cmdline"]
+               and rec["run_id"] in c.info["cmdline"]]
     assert len(reapers) == 1
     reapers[0].kill()
     assert wait_for(lambda: [c for c in psutil.process_iter(["cmdline"]) if c.info["cmdline"]
-                             and "meshctl.reaper" in c.info["cmdline"] and rec["run_id"] in c.info["cmdline"]
+                             and "meshctl.supervisor.reaper" in c.info["cmdline"] and rec["run_id"] in c.info["cmdline"]
                              and c.pid != reapers[0].pid], 5)
     time.sleep(0.3)
     sup.kill()

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from meshctl.histogram import LatencyHistogram
-from meshctl.traffic import BODY_WIDTH, classify, mask_body
+from meshctl.traffic.histogram import LatencyHistogram
+from meshctl.traffic.report import BODY_WIDTH, classify, mask_body
 from tests.conftest import ROOT, wait_for
 
 HTTP_SERVER = "[python, -m, http.server, --bind, '${POD_IP}', '8000']"

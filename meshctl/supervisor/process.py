@@ -21,10 +21,10 @@ from typing import Any
 
 import psutil
 
-from meshctl.logfile import RotatingLog
 from meshctl.parent_death import die_with_parent
-from meshctl.probes import probe
-from meshctl.reaper import MARKER_ENV, sweep
+from meshctl.supervisor.logfile import RotatingLog
+from meshctl.supervisor.probes import probe
+from meshctl.supervisor.reaper import MARKER_ENV, sweep
 from pods.replica import ProcessPlan
 
 BACKOFF_BASE_S = 0.2

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshctl.loadgen import Engine, LoadSpec, Results
+from meshctl.traffic.engine import Engine, LoadSpec, Results
 from pods.runloop import run as run_loop
 
 _VOLATILE = re.compile(
@@ -170,7 +170,7 @@ def run_sync(spec: LoadSpec, target: str, progress: bool = False, workers: int =
 
 
 def _run_forked(spec: LoadSpec, target: str, progress: bool, workers: int) -> Report:
-    from meshctl.workers import run_workers
+    from meshctl.traffic.workers import run_workers
 
     if not progress:
         return Report(target, run_workers(spec, workers, classify), _model(spec, workers))

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
-from meshctl.loadgen import Engine, LoadSpec, Results
 from meshctl.parent_death import die_with_parent
+from meshctl.traffic.engine import Engine, LoadSpec, Results
 from pods.runloop import run as run_loop
 
 #: Below this many requests (and without --duration) one process is quicker: forking costs more than it saves.

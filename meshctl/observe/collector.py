@@ -16,11 +16,11 @@ from typing import Any
 
 import aiohttp
 
-from meshctl.promtext import Labels, parse
-from meshctl.sidecars import sidecar_launches
+from meshctl.observe.promtext import Labels, parse
+from meshctl.observe.window import Window, bucket_deltas, counter_delta, histogram_quantile
 from meshctl.state import StateDir
-from meshctl.window import Window, bucket_deltas, counter_delta, histogram_quantile
 from pods.replica import SidecarLaunch
+from pods.sidecars import sidecar_launches
 from pods.topology import Topology, load_topology
 
 SCRAPE_TIMEOUT_S = 1.0

@@ -21,7 +21,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from meshctl.stats import Collector, Snapshot
+from meshctl.observe.collector import Collector, Snapshot
 
 
 def _num(v: float | None, fmt: str = "{:.1f}") -> str:

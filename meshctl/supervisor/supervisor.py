@@ -20,19 +20,19 @@ from typing import Any
 
 import psutil
 
-from meshctl.control import serve
-from meshctl.forwarder import Forwarder
-from meshctl.logfile import RotatingLog
-from meshctl.printer import Printer
-from meshctl.process import ManagedProcess, State
-from meshctl.reaper import kill_groups_since, kill_run
-from meshctl.sidecars import sidecar_launches
 from meshctl.state import StateDir, aliases_in_use, process_alive, write_text_atomic
+from meshctl.supervisor.control_server import serve
+from meshctl.supervisor.forwarder import Forwarder
+from meshctl.supervisor.logfile import RotatingLog
+from meshctl.supervisor.printer import Printer
+from meshctl.supervisor.process import ManagedProcess, State
+from meshctl.supervisor.reaper import kill_groups_since, kill_run
 from pods.hosts import write_hosts_atomic
 from pods.prometheus import CONFIG_FILE as PROMETHEUS_CONFIG
 from pods.prometheus import POD_NAME as PROMETHEUS_POD
 from pods.prometheus import scrape_config
 from pods.replica import MeshPlan, plan_mesh
+from pods.sidecars import sidecar_launches
 from pods.topology import Topology
 
 FAILED_STATES = (State.CRASHLOOP, State.EXITED, State.FAILED)
@@ -191,7 +191,7 @@ class Supervisor:
     def _start_reaper(self) -> None:
         """Start the reaper and watch it: if it dies, a new one gets the current process groups."""
         self._reaper = subprocess.Popen(
-            [sys.executable, "-m", "meshctl.reaper", self.run_id], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "meshctl.supervisor.reaper", self.run_id], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         loop = asyncio.get_running_loop()
         pidfd = os.pidfd_open(self._reaper.pid)

@@ -1,24 +1,20 @@
-"""The control plane: an HTTP API on a unix socket (mode 0600) in the state dir.
+"""The supervisor's side of the control plane: an HTTP API on a unix socket (mode 0600) in the state dir.
 
 A unix socket rather than a TCP port: only the owner can talk to the
-supervisor, and no address of the loopback range is spent on it. The CLI side
-uses a tiny synchronous client so that ``meshctl ps`` does not pay for an
-event loop.
+supervisor, and no address of the loopback range is spent on it. The one
+client is ``meshctl.client``.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from meshctl.supervisor import Supervisor
+    from meshctl.supervisor.supervisor import Supervisor
 
 
 def build_app(sup: Supervisor) -> web.Application:
@@ -63,35 +59,3 @@ async def serve(sup: Supervisor, path: Path) -> web.AppRunner:
         os.umask(old)
     os.chmod(path, 0o600)
     return runner
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
-class ControlError(Exception):
-    pass
-
-
-def call(path: Path, method: str, url: str, timeout: float = 10.0) -> dict[str, Any]:
-    """One request to the supervisor; raises ControlError with a readable reason."""
-    conn = _UnixConnection(str(path), timeout)
-    try:
-        conn.request(method, url)
-        resp = conn.getresponse()
-        body = json.loads(resp.read() or b"{}")
-    except (OSError, ValueError, http.client.HTTPException) as exc:
-        raise ControlError(f"cannot reach the supervisor at {path}: {exc}") from None
-    finally:
-        conn.close()
-    if resp.status >= 400:
-        raise ControlError(body.get("error", f"HTTP {resp.status}"))
-    return body

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from meshctl.histogram import LatencyHistogram
+from meshctl.traffic.histogram import LatencyHistogram
 
 BODY_KEEP = 2048  # bytes of each response body kept for grouping
 RECONNECT_DELAY_S = 0.01

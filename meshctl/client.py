@@ -1,0 +1,45 @@
+"""The one client of a running supervisor's control API (``meshctl.supervisor.control_server``).
+
+Synchronous and tiny, so that ``meshctl ps`` does not pay for an event loop or
+a web framework.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class ControlError(Exception):
+    pass
+
+
+def call(path: Path, method: str, url: str, timeout: float = 10.0) -> dict[str, Any]:
+    """One request to the supervisor; raises ControlError with a readable reason."""
+    conn = _UnixConnection(str(path), timeout)
+    try:
+        conn.request(method, url)
+        resp = conn.getresponse()
+        body = json.loads(resp.read() or b"{}")
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise ControlError(f"cannot reach the supervisor at {path}: {exc}") from None
+    finally:
+        conn.close()
+    if resp.status >= 400:
+        raise ControlError(body.get("error", f"HTTP {resp.status}"))
+    return body
