@@ -6,6 +6,11 @@ imitation. One job per pod for its declared metrics endpoint and one per pod
 for its sidecar's admin (``/stats/prometheus``), one target per replica,
 labelled ``pod``, ``replica`` and ``role``. Replica aliases are stable for a
 mesh's life, so restarts keep every target right.
+
+Job names are unique by construction: a pod's metrics job is the pod's name
+(a DNS label) and its sidecar's job is ``POD/sidecar``; a pod name cannot
+contain ``/``, so a pod called ``x-sidecar`` no longer collides with the
+sidecar of pod ``x`` (Prometheus refuses duplicate job names).
 """
 
 from __future__ import annotations
@@ -20,6 +25,13 @@ from pods.topology import PodSpec, ProcessSpec, PrometheusSpec, PublishSpec, Rea
 
 POD_NAME = "prometheus"
 CONFIG_FILE = "prometheus.yml"
+#: Joins a pod's name and "sidecar" in a job name; pod names (DNS labels) cannot contain it.
+JOB_SEPARATOR = "/"
+
+
+def sidecar_job(pod: str) -> str:
+    """The scrape job of ``pod``'s sidecar admin."""
+    return f"{pod}{JOB_SEPARATOR}sidecar"
 
 
 def with_prometheus(topo: Topology, spec: PrometheusSpec, config_dir: Path) -> Topology:
@@ -53,7 +65,7 @@ def scrape_config(plan: MeshPlan) -> str:
                              name))
         launch = plan.sidecars.get(name)
         if launch is not None and launch.admin_port:
-            jobs.append(_job(f"{name}-sidecar", "/stats/prometheus",
+            jobs.append(_job(sidecar_job(name), "/stats/prometheus",
                              [(r.ip, launch.admin_port, r.name, "sidecar") for r in replicas], name))
     doc = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval,

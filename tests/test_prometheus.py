@@ -38,9 +38,9 @@ def test_generated_config_passes_promtool(meshctl, tmp_path):
     res = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stdout + res.stderr
     jobs = {j["job_name"]: j for j in yaml.safe_load(out)["scrape_configs"]}
-    assert jobs["a-sidecar"]["metrics_path"] == "/stats/prometheus"
+    assert jobs["a/sidecar"]["metrics_path"] == "/stats/prometheus"
     assert jobs["b"]["metrics_path"] == "/metrics"
-    labels = jobs["a-sidecar"]["static_configs"][0]["labels"]
+    labels = jobs["a/sidecar"]["static_configs"][0]["labels"]
     assert labels == {"pod": "a", "replica": "a-0", "role": "sidecar"}
 
 
@@ -70,7 +70,7 @@ def test_seed_numbers_in_prometheus_agree_with_traffic(meshctl):
     assert b_total == 1000 + retries  # every retry is one more request at B
     assert b_errors == retries + final_500
     assert 175 <= retries <= 305  # ~240 for ERROR_RATE 20 (4 standard deviations)
-    up_labels = query('up{job="a-sidecar"}')[0]["metric"]
+    up_labels = query('up{job="a/sidecar"}')[0]["metric"]
     assert up_labels["pod"] == "a" and up_labels["replica"] == "a-0" and up_labels["role"] == "sidecar"
 
 
