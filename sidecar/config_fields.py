@@ -11,17 +11,15 @@ key there is almost always a typo and is an error with a suggestion.
 from __future__ import annotations
 
 import difflib
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pods.durations import parse_duration
 from pods.loopback import is_pod_local
-from sidecar.config import RETRY_ON, CircuitBreakers, ConfigError, RetryPolicy
+from sidecar.config import RETRY_ON, CircuitBreakers, Cluster, ConfigError, Endpoint, Listener, RetryPolicy
 
 LB_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 @dataclass
@@ -136,20 +134,24 @@ def _kind(value: Any) -> str:
 
 
 def duration(ctx: Ctx, value: Any, path: str) -> float:
-    """Seconds from Envoy's "1.5s", our "100ms", protobuf-JSON {seconds, nanos} or a bare number.
+    """Seconds from Envoy's "1.5s", our "100ms", the topology's "1m30s", protobuf-JSON {seconds, nanos} or a number.
 
-    A bare number is seconds: that is what the protobuf Duration means, and
-    guessing milliseconds for small numbers would silently change timeouts.
+    Strings go through the topology's own parser, so a duration that validates
+    in one place means the same everywhere. A bare number is seconds: that is
+    what the protobuf Duration means, and guessing milliseconds for small
+    numbers would silently change timeouts.
     """
     if isinstance(value, bool):
         raise ctx.error(path, f"expected a duration such as '0.25s', got {_kind(value)}")
     if isinstance(value, (int, float)):
         secs = float(value)
     elif isinstance(value, str):
-        m = _DURATION.match(value)
-        if not m:
-            raise ctx.error(path, f"invalid duration {value!r} (expected e.g. '0.25s', '15s' or '100ms')")
-        secs = float(m.group(1)) * _UNITS[m.group(2)]
+        parsed = parse_duration(value)
+        if parsed is None:
+            if value.strip().startswith("-"):
+                raise ctx.error(path, f"duration must not be negative, got {value!r}")
+            raise ctx.error(path, f"invalid duration {value!r} (expected e.g. '0.25s', '15s', '100ms' or '1m30s')")
+        secs = parsed
     elif isinstance(value, dict):
         check_keys(ctx, value, path, ("seconds", "nanos"))
         try:
@@ -236,6 +238,22 @@ def circuit_breaker_threshold(ctx: Ctx, value: Any, path: str) -> CircuitBreaker
 
 
 # --- addresses ------------------------------------------------------------------
+
+def self_routed(listeners: Iterable[Listener], clusters: Iterable[Cluster]) -> Iterator[tuple[Cluster, Endpoint,
+                                                                                                Listener]]:
+    """Cluster endpoints that are one of this sidecar's own listeners (addresses already pod-local).
+
+    A request sent there comes straight back in and is forwarded again, each
+    hop holding a connection and a buffer, until the process runs out of
+    memory; Envoy would do the same, so this is refused at load time.
+    """
+    own = {(lst.address, lst.port): lst for lst in listeners}  # (listeners always bind the pod alias)
+    for c in clusters:
+        for ep in c.endpoints:
+            lst = own.get((ep.host, ep.port))
+            if lst is not None:
+                yield c, ep, lst
+
 
 def local_host(host: str, pod_ip: str) -> str:
     """Inside a pod, the wildcard and loopback addresses are the pod's own alias."""

@@ -49,6 +49,7 @@ from sidecar.config_fields import (
     lb_policy,
     local_host,
     retry_policy,
+    self_routed,
     sub,
 )
 
@@ -603,3 +604,9 @@ def _cross_check(ctx: Ctx, listeners: list[Listener], clusters: list[Cluster], a
                 raise ctx.error(sub(lpath, "address"), f"{lst.original_address}:{lst.port} is already used by "
                                                        f"{bound[key]}")
         bound[(lst.address, lst.port)] = f"listener {lst.name!r}"
+    for c, ep, lst in self_routed(listeners, clusters):
+        i = clusters.index(c)
+        raise ctx.error(f"static_resources.clusters[{i}].load_assignment",
+                        f"endpoint {ep.host}:{ep.port} of cluster {c.name!r} is this sidecar's own listener "
+                        f"{lst.name!r} ({lst.original_address}:{lst.port}): every request would loop back into "
+                        "the sidecar")

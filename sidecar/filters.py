@@ -25,13 +25,16 @@ CONTROL_HEADERS = frozenset({
     b"x-envoy-upstream-rq-timeout-ms", b"x-envoy-upstream-rq-per-try-timeout-ms", b"content-length",
 })
 _DROP = HOP_BY_HOP | CONTROL_HEADERS
+#: End-to-end headers this proxy relies on: a Connection nomination never removes them. (The downstream codec
+#: already refuses nominations of Host and X-Forwarded-*, as Envoy does; x-request-id must keep joining traces.)
+_NEVER_NOMINATED = frozenset({b"host", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto"})
 
 
 def strip_hop_by_hop(stream: Stream, headers: Headers) -> Headers:
     """Connection-level headers belong to one hop (RFC 7230 6.1), as do our control headers."""
     conn = stream.seen.get(b"connection")
     if conn is not None:
-        extra = connection_tokens(headers)
+        extra = connection_tokens(headers) - _NEVER_NOMINATED
         return [h for h in headers if h[0] not in _DROP and h[0] not in extra]
     return [h for h in headers if h[0] not in _DROP]
 
@@ -40,12 +43,11 @@ def forwarded_for(stream: Stream, headers: Headers) -> Headers:
     """Append the client's address so the upstream can see who asked."""
     ip = stream.conn.remote_ip
     seen = stream.seen
-    if b"x-forwarded-for" in seen:
-        for i, (n, v) in enumerate(headers):
-            if n == b"x-forwarded-for":
-                headers[i] = (n, v + b", " + ip)
-                break
-    else:
+    for i, (n, v) in enumerate(headers) if b"x-forwarded-for" in seen else ():
+        if n == b"x-forwarded-for":
+            headers[i] = (n, v + b", " + ip)
+            break
+    else:  # (also when an earlier filter removed it: the client's address must always get through)
         headers.append((b"x-forwarded-for", ip))
     if b"x-forwarded-proto" not in seen:
         headers.append((b"x-forwarded-proto", b"http"))

@@ -9,16 +9,19 @@ slowly, the upstream side is paused, never buffered without bound.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import httptools
 
-from sidecar.flow_control import WriteFlowControl
+from sidecar.flow_control import FAILED, PIPELINED, ReadFlowControl, WriteFlowControl
 from sidecar.http1 import LAST_CHUNK, Headers, chunk, no_body_expected, serialize_headers, status_line
 from sidecar.request_info import FLAG_DOWNSTREAM_PROTOCOL_ERROR, RequestInfo
+from sidecar.stats import Counter
 
 Handler = Callable[["Stream"], None]
 
@@ -26,6 +29,75 @@ Handler = Callable[["Stream"], None]
 BODY_BUFFER_LIMIT = 1024 * 1024
 MAX_URL_BYTES = 16 * 1024
 HIGH_WATER = 256 * 1024
+#: Envoy's default max_request_headers_count: the 101st request header is a 431.
+MAX_HEADERS_COUNT = 100
+#: What nghttp2 (and so Envoy) accepts in an authority: anything else in Host is a 400 (http.invalid_authority).
+_AUTHORITY_BYTES = b"-.0123456789:ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcdefghijklmnopqrstuvwxyz~!$&'()*+,;=%@"
+#: Envoy refuses a Connection header that nominates these (removing them would hide who asked), or 10+ tokens.
+_NOT_NOMINABLE = frozenset({b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
+MAX_CONNECTION_TOKENS = 9
+BAD_REQUEST = b"Bad Request"  # Envoy's body for a request its codec refuses
+
+
+class StreamEnd(enum.Enum):
+    """How a stream ended, as the connection manager counts it."""
+
+    COMPLETE = "complete"  # served: the response went out whole
+    LOCAL_RESET = "local_reset"  # served, but we cut the response short (Envoy: downstream_rq_tx_reset)
+    CLIENT_RESET = "client_reset"  # the client left while it was being served (downstream_rq_rx_reset)
+    CLIENT_LEFT_EARLY = "client_left_early"  # the client left mid-upload, before it could be served
+    PROTOCOL_ERROR = "protocol_error"  # refused by the codec, never served
+
+
+class StreamReceiver(Protocol):
+    """What the layer serving a stream (the router) hears from the downstream side: nothing else."""
+
+    def on_request_body(self, data: bytes) -> None:
+        """A piece of a request body too large to buffer (``Stream.streaming``)."""
+
+    def on_request_end(self) -> None:
+        """The last byte of such a body arrived."""
+
+    def on_downstream_reset(self) -> None:
+        """The stream ends under the receiver's feet (client gone, protocol error): stop the upstream work."""
+
+
+class ConnectionManager(Protocol):
+    """What a downstream connection tells the layer above it (the HTTP connection manager, or the admin)."""
+
+    def on_connection_open(self, conn: DownstreamProtocol) -> None: ...
+
+    def on_connection_close(self, conn: DownstreamProtocol) -> None: ...
+
+    def on_request(self, stream: Stream) -> None:
+        """A request head (and its body, unless it streams) arrived and its turn came: serve it."""
+
+    def on_stream_done(self, stream: Stream, end: StreamEnd) -> None:
+        """Every stream that had a request head ends here exactly once (served or not)."""
+
+    def on_idle_timeout(self, conn: DownstreamProtocol) -> None:
+        """The connection was silent too long and is being closed."""
+
+
+class HandlerOnly:
+    """A ``ConnectionManager`` that only serves requests (the admin interface)."""
+
+    __slots__ = ("on_request",)
+
+    def __init__(self, handler: Handler) -> None:
+        self.on_request = handler
+
+    def on_connection_open(self, conn: DownstreamProtocol) -> None:
+        pass
+
+    def on_connection_close(self, conn: DownstreamProtocol) -> None:
+        pass
+
+    def on_stream_done(self, stream: Stream, end: StreamEnd) -> None:
+        pass
+
+    def on_idle_timeout(self, conn: DownstreamProtocol) -> None:
+        pass
 
 
 class Stream:
@@ -33,9 +105,9 @@ class Stream:
 
     __slots__ = (
         "conn", "method", "url", "headers", "http_version", "keep_alive", "body", "body_complete",
-        "streaming", "body_sink", "body_done_sink", "info", "head_sent", "chunked_response", "done",
+        "streaming", "receiver", "info", "head_sent", "chunked_response", "done",
         "head_only", "header_bytes", "content_length", "chunked_request", "expect_continue",
-        "response_close", "bytes_sent", "on_cancel", "seen", "envoy_headers", "headers_done", "continue_sent",
+        "response_close", "bytes_sent", "seen", "envoy_headers", "headers_done", "continue_sent",
     )
 
     def __init__(self, conn: DownstreamProtocol) -> None:
@@ -52,8 +124,7 @@ class Stream:
         self.body = bytearray()
         self.body_complete = False
         self.streaming = False  # body larger than the buffer limit: forwarded as it comes, no replay
-        self.body_sink: Callable[[bytes], None] | None = None
-        self.body_done_sink: Callable[[], None] | None = None
+        self.receiver: StreamReceiver | None = None  # who serves it (the router), while it does
         now = time.time()
         self.info = RequestInfo(start_time=now, start_monotonic=time.monotonic(),
                                 downstream_remote=conn.remote, downstream_local=conn.local)
@@ -61,7 +132,6 @@ class Stream:
         self.chunked_response = False
         self.done = False
         self.head_only = False
-        self.on_cancel: Callable[[], None] | None = None  # stops the upstream work if the client leaves
         self.header_bytes = 0
         self.content_length: int | None = None
         self.chunked_request = False
@@ -112,11 +182,29 @@ class Stream:
         out.append(b"\r\n")
         self.conn.write(b"".join(out))
 
-    def send_body(self, data: bytes) -> None:
+    def send_body(self, data: bytes) -> bool:
+        """Queue body bytes; False when the client is not keeping up (see ``when_writable``)."""
+        conn = self.conn
         if self.head_only or not data or self.done:
-            return
+            return not conn.write_paused
         self.bytes_sent += len(data)
-        self.conn.write(chunk(data) if self.chunked_response else data)
+        conn.write(chunk(data) if self.chunked_response else data)
+        return not conn.write_paused
+
+    def flush(self) -> None:
+        """Send what was queued, in one write."""
+        self.conn.flush()
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the client has drained its backlog (or is gone)."""
+        self.conn.when_writable(callback)
+
+    def pause_reading(self, reason: int) -> None:
+        """Stop reading this stream's connection for ``reason`` (a ``sidecar.flow_control`` reason)."""
+        self.conn.reading.pause(reason)
+
+    def resume_reading(self, reason: int) -> None:
+        self.conn.reading.resume(reason)
 
     def finish(self) -> None:
         if self.done:
@@ -146,23 +234,19 @@ class Stream:
         self.conn.stream_finished(self, broken=True)
 
 
+#: Byte counters of connections nobody counts (the admin's).
+_UNCOUNTED = Counter("uncounted")
+
+
 class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
-    def __init__(self, handler: Handler, on_open: Callable[[], None] | None = None,
-                 on_close: Callable[[], None] | None = None, max_header_bytes: int = 60 * 1024,
-                 on_protocol_error: Callable[[Stream, int], None] | None = None,
-                 on_stream_done: Callable[[Stream], None] | None = None,
-                 on_early_close: Callable[[Stream], None] | None = None, idle_timeout_s: float = 0.0,
-                 on_idle_timeout: Callable[[], None] | None = None) -> None:
-        self.handler = handler
+    def __init__(self, manager: ConnectionManager, max_header_bytes: int = 60 * 1024,
+                 idle_timeout_s: float = 0.0) -> None:
+        self.manager = manager
         self.idle_timeout_s = idle_timeout_s  # enforced by the sidecar's sweeper; 0: never
-        self.on_idle_timeout = on_idle_timeout
-        self.on_early_close = on_early_close
-        self.on_stream_done = on_stream_done
-        self.on_open = on_open
-        self.on_close = on_close
-        self.on_protocol_error = on_protocol_error
         self.max_header_bytes = max_header_bytes
+        self.rx_bytes = self.tx_bytes = _UNCOUNTED  # the manager points these at its counters
         self.transport: asyncio.Transport | None = None
+        self.reading = ReadFlowControl(None)
         self.parser = httptools.HttpRequestParser(self)
         self.remote = ""
         self.remote_ip = b""
@@ -175,7 +259,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         self.drain_waiters: list[Callable[[], None]] = []
         self.wbuf: list[bytes] = []
         self.loop = asyncio.get_event_loop()
-        self.last_activity = self.loop.time()  # for the idle sweeper (slow or silent clients)
+        self.last_activity = self.opened_at = self.loop.time()  # for the idle sweeper (slow or silent clients)
         self.in_head = False  # between a request's first byte and the end of its headers
         self.head_bytes = 0
         self.failed = False  # a protocol error was seen: ignore further input
@@ -185,40 +269,39 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
     # -- connection ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.reading.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
         self.remote = f"{peer[0]}:{peer[1]}" if peer else ""
         self.remote_ip = peer[0].encode() if peer else b""
         self.local = f"{sock[0]}:{sock[1]}" if sock else ""
-        if self.on_open:
-            self.on_open()
+        self.manager.on_connection_open(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         s = self.active
         if s is not None and not s.done:
             s.info.response_flags.append("DC")
-            if s.on_cancel is not None:
-                s.on_cancel()  # the client is gone: stop the upstream attempt too
+            if s.receiver is not None:
+                s.receiver.on_downstream_reset()  # the client is gone: stop the upstream attempt too
             s.done = True
             self.active = None
-            if self.on_stream_done is not None:
-                self.on_stream_done(s)
+            self.manager.on_stream_done(s, StreamEnd.CLIENT_RESET)
         cur = self.current
-        if cur is not None and cur is not s and cur.headers_done and not cur.done and self.on_early_close:
+        if cur is not None and cur is not s and cur.headers_done and not cur.done:
             cur.done = True  # the client left mid-upload, before the request could be served
             cur.info.response_flags.append("DC")
             cur.describe_request()
-            self.on_early_close(cur)
+            self.manager.on_stream_done(cur, StreamEnd.CLIENT_LEFT_EARLY)
         self.queue.clear()
         for w in self.drain_waiters:
             w()
         self.drain_waiters.clear()
-        if self.on_close:
-            self.on_close()
+        self.manager.on_connection_close(self)
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        self.rx_bytes.value += len(data)
         if self.failed:
             return
         if self.in_head:
@@ -240,21 +323,21 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             # httptools wraps exceptions raised in our callbacks; a _Reject carries its own status.
             rej = exc.__context__
             if isinstance(rej, _Reject):
-                self._protocol_error(rej.status, rej.body)
+                self._protocol_error(rej.status, rej.body, rej.flag)
             else:
                 self._protocol_error(400, b"malformed request")
 
-    def _protocol_error(self, status: int, body: bytes) -> None:
+    def _protocol_error(self, status: int, body: bytes, flag: str | None = FLAG_DOWNSTREAM_PROTOCOL_ERROR) -> None:
         self.failed = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self.reading.pause(FAILED)
         s = self.current
         if s is not None and s is self.active:
             # The request being served went bad mid-body: end it through the normal path, once.
             s.keep_alive = False
-            s.info.response_flags.append(FLAG_DOWNSTREAM_PROTOCOL_ERROR)
-            if s.on_cancel is not None:
-                s.on_cancel()
+            if flag is not None:
+                s.info.response_flags.append(flag)
+            if s.receiver is not None:
+                s.receiver.on_downstream_reset()
             if not s.head_sent:
                 s.reply(status, body)
             else:
@@ -264,7 +347,8 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         stream = s or Stream(self)
         stream.keep_alive = False
         stream.describe_request()
-        stream.info.response_flags.append(FLAG_DOWNSTREAM_PROTOCOL_ERROR)
+        if flag is not None:
+            stream.info.response_flags.append(flag)
         stream.info.response_code = status
         if self.active is not None or self.queue:
             self.deferred_error = (stream, status, body)  # earlier pipelined requests are answered first
@@ -272,9 +356,8 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         self._send_error(stream, status, body)
 
     def _send_error(self, stream: Stream, status: int, body: bytes) -> None:
-        if self.on_protocol_error:
-            self.on_protocol_error(stream, status)
-        hdrs: Headers = [(b"content-type", b"text/plain")]
+        self.manager.on_stream_done(stream, StreamEnd.PROTOCOL_ERROR)
+        hdrs: Headers = [(b"content-type", b"text/plain")] if body else []
         self.write(status_line(status) + serialize_headers(hdrs)
                    + b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
         self.close()
@@ -289,6 +372,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             self.wbuf = []
             if self.transport is not None and not self.closed:
                 self.transport.write(data)
+                self.tx_bytes.value += len(data)
                 self.last_activity = self.loop.time()
 
     def close(self) -> None:
@@ -318,6 +402,8 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         s.header_bytes += len(name) + len(value) + 4
         if s.header_bytes > self.max_header_bytes:
             raise _Reject(431, b"request header fields too large")
+        if len(s.headers) >= MAX_HEADERS_COUNT:
+            raise _Reject(431, b"Request Header Fields Too Large")  # Envoy's body (http1.too_many_headers)
         name = name.lower()
         s.headers.append((name, value))
         seen = s.seen
@@ -343,7 +429,13 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         self.in_head = False
         if s.method == b"CONNECT":
             raise _Reject(405, b"CONNECT is not supported")
+        if s.http_version != "1.1" and s.http_version != "1.0":
+            raise _Reject(400, b"")  # HTTP/0.9 has no headers, so no Host: Envoy answers an empty 400
         seen = s.seen
+        if s.url[:1] == b"/" or s.url == b"*":
+            self._check_authority(s)  # (absolute form: the router takes the authority from the URL)
+        if b"connection" in seen:
+            self._check_connection(s)
         te = seen.get(b"transfer-encoding")
         cl = seen.get(b"content-length")
         expect = seen.get(b"expect")
@@ -363,13 +455,43 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             s.body_complete = True
             self._ready(s)
 
+    @staticmethod
+    def _check_authority(s: Stream) -> None:
+        """Origin form names its target only through Host, which therefore must exist and be well formed.
+
+        Envoy (accept_http_10 on, no default host) answers a missing Host with an empty 400 and no response
+        flag, for HTTP/1.0 too; an empty Host is allowed (RFC 7230 5.4).
+        """
+        host = s.seen.get(b"host")
+        if host is None:
+            raise _Reject(400, b"", None)
+        if host.translate(None, _AUTHORITY_BYTES):
+            raise _Reject(400, BAD_REQUEST)
+
+    @staticmethod
+    def _check_connection(s: Stream) -> None:
+        """Connection tokens nominate hop-by-hop headers (RFC 7230 6.1); Envoy refuses the dangerous ones.
+
+        Nominating X-Forwarded-* would let a client erase what the proxies before us recorded, and a pseudo
+        header or 10+ tokens is not a real request: 400 with DPE, as Envoy. Envoy removes a nominated Host
+        and then finds Host missing; we never drop Host, so that request gets the same empty 400 directly.
+        """
+        tokens = [t.strip().lower() for n, v in s.headers if n == b"connection" for t in v.split(b",")]
+        if len(tokens) > MAX_CONNECTION_TOKENS:
+            raise _Reject(400, BAD_REQUEST)
+        for t in tokens:
+            if t in _NOT_NOMINABLE or t[:1] == b":":
+                raise _Reject(400, BAD_REQUEST)
+            if t == b"host" and (s.url[:1] == b"/" or s.url == b"*"):
+                raise _Reject(400, b"", None)
+
     def on_body(self, body: bytes) -> None:
         s = self.current
         assert s is not None
         s.info.bytes_received += len(body)
         if s.streaming:
-            if s.body_sink is not None:
-                s.body_sink(body)
+            if s.receiver is not None:
+                s.receiver.on_request_body(body)
             else:
                 s.body += body
             return
@@ -386,8 +508,8 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             return  # no body: already dispatched
         s.body_complete = True
         if s.streaming:
-            if s.body_done_sink is not None:
-                s.body_done_sink()
+            if s.receiver is not None:
+                s.receiver.on_request_end()
         else:
             self._ready(s)
 
@@ -397,8 +519,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             self._start(s)
         else:
             self.queue.append(s)
-            if self.transport is not None:
-                self.transport.pause_reading()  # pipelined: don't read further ahead
+            self.reading.pause(PIPELINED)  # don't read further ahead
 
     def _send_continue(self, s: Stream) -> None:
         if not s.continue_sent and not s.body_complete:
@@ -411,7 +532,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         if s.expect_continue:
             self._send_continue(s)
         try:
-            self.handler(s)
+            self.manager.on_request(s)
         except Exception as exc:  # a bug must cost one request, never the process
             if not s.head_sent:
                 s.info.response_flags.append("LR")
@@ -425,8 +546,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         if s is not self.active:
             return
         self.active = None
-        if self.on_stream_done is not None:
-            self.on_stream_done(s)
+        self.manager.on_stream_done(s, StreamEnd.LOCAL_RESET if broken else StreamEnd.COMPLETE)
         if broken or not s.keep_alive or s.response_close or not s.body_complete:
             self.close()
             return
@@ -448,12 +568,13 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
                 stream, status, body = self.deferred_error
                 self.deferred_error = None
                 self._send_error(stream, status, body)
-            elif self.transport is not None and not self.failed:
-                self.transport.resume_reading()
+            else:
+                self.reading.resume(PIPELINED)
 
 
 
 class _Reject(Exception):
-    def __init__(self, status: int, body: bytes) -> None:
+    def __init__(self, status: int, body: bytes, flag: str | None = FLAG_DOWNSTREAM_PROTOCOL_ERROR) -> None:
         self.status = status
         self.body = body
+        self.flag = flag  # None: a local reply Envoy's HCM makes (no response flag), not a codec error

@@ -38,6 +38,7 @@ from sidecar.config_fields import (
     lb_policy,
     local_host,
     retry_policy,
+    self_routed,
     sub,
 )
 
@@ -59,10 +60,11 @@ def compile_short(section: dict, pod_ip: str, public_admin: bool = False, source
     listeners: list[Listener] = []
     clusters: list[Cluster] = []
     ports: dict[int, str] = {admin.port: "admin.port"}
+    targets: dict[str, str] = {}  # cluster name -> the key that names its target, for error messages
     for key, build in (("ingress", _ingress), ("egress", _egress)):
         if obj.get(key) is None:
             continue
-        listener, cl = build(ctx, obj[key], key, pod_ip, logs)
+        listener, cl, to_paths = build(ctx, obj[key], key, pod_ip, logs)
         if listener.port in ports:
             raise ctx.error(sub(key, "port"), f"port {listener.port} is already used by {ports[listener.port]}")
         ports[listener.port] = sub(key, "port")
@@ -71,6 +73,12 @@ def compile_short(section: dict, pod_ip: str, public_admin: bool = False, source
                 raise ctx.error(key, f"cluster name {c.name!r} is also used by the ingress; rename the target")
         listeners.append(listener)
         clusters.extend(cl)
+        targets.update(to_paths)
+    for c, ep, lst in self_routed(listeners, clusters):
+        where = "" if ep.host == pod_ip else f"{ep.host}:"
+        raise ctx.error(targets[c.name], f"{where}{ep.port} is this sidecar's own {lst.name} listener "
+                                                  f"({ports[lst.port]}): every request would loop back into the "
+                                                  f"sidecar (point it at the service, not at its sidecar)")
     return Bootstrap(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin, warnings=tuple(ctx.warnings))
 
 
@@ -122,7 +130,7 @@ def _route_kw(ctx: Ctx, obj: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str,
-             logs: tuple[AccessLog, ...]) -> tuple[Listener, list[Cluster]]:
+             logs: tuple[AccessLog, ...]) -> tuple[Listener, list[Cluster], dict[str, str]]:
     obj = as_dict(ctx, value, path, allow_none=False)
     check_keys(ctx, obj, path, ("port", "to", "timeout", "retry_policy", "connect_timeout"))
     for key in ("port", "to"):
@@ -136,7 +144,8 @@ def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str,
     vhost = VirtualHost(name="local_service", domains=("*",), routes=(route,))
     hcm = HttpConnectionManager(stat_prefix="ingress_http", access_logs=logs,
                                 route_config=RouteConfig(name="ingress_route", virtual_hosts=(vhost,)))
-    return Listener(name="ingress", address=pod_ip, port=port, hcm=hcm, original_address="0.0.0.0"), [cluster]
+    listener = Listener(name="ingress", address=pod_ip, port=port, hcm=hcm, original_address="0.0.0.0")
+    return listener, [cluster], {cluster.name: sub(path, "to")}
 
 
 def _cluster_kw(ctx: Ctx, obj: dict[str, Any], path: str) -> dict[str, Any]:
@@ -151,7 +160,7 @@ def _cluster_kw(ctx: Ctx, obj: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
-            logs: tuple[AccessLog, ...]) -> tuple[Listener, list[Cluster]]:
+            logs: tuple[AccessLog, ...]) -> tuple[Listener, list[Cluster], dict[str, str]]:
     obj = as_dict(ctx, value, path, allow_none=False)
     check_keys(ctx, obj, path, ("port", "routes"))
     if "port" not in obj:
@@ -202,7 +211,7 @@ def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
     hcm = HttpConnectionManager(stat_prefix="egress_http", access_logs=logs,
                                 route_config=RouteConfig(name="egress_route", virtual_hosts=tuple(vhosts)))
     listener = Listener(name="egress", address=pod_ip, port=port, hcm=hcm, original_address="127.0.0.1")
-    return listener, list(clusters.values())
+    return listener, list(clusters.values()), {c.name: sub(cluster_paths[t], "to") for t, c in clusters.items()}
 
 
 def _hosts(ctx: Ctx, r: dict[str, Any], path: str) -> list[str]:
