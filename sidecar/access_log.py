@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import atexit
 import collections
-import errno
+import logging
 import os
 import re
 import select
@@ -42,6 +42,10 @@ FLUSH_BYTES = 64 * 1024
 #: Lines queued beyond this (destination stalled for long) are dropped and counted, to bound memory (~25 MB RSS).
 MAX_QUEUED_LINES = 20_000
 _WRITE_CHUNK = 256 * 1024
+#: A failing destination is reported at most this often (plus once when it recovers), not once per batch.
+ERROR_REPORT_INTERVAL_S = 10.0
+
+log = logging.getLogger("sidecar.access_log")
 
 Formatter = Callable[[RequestInfo], str]
 
@@ -275,8 +279,11 @@ class _Sink:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.refs = 0
-        self.dropped = 0
+        self.dropped = 0  # lines lost: queue full, or the destination refused them (counted, never silent)
         self.write_errors = 0
+        self._failing_since: float | None = None  # monotonic time of the first error of the current failure
+        self._reported_at = 0.0
+        self._dropped_at_report = 0
         self.idle = threading.Event()  # set when the writer has nothing queued nor in flight
         self.idle.set()
 
@@ -289,7 +296,11 @@ class _Sink:
         while True:
             self.wake.wait(FLUSH_INTERVAL_S)
             self.wake.clear()
-            self.drain()
+            try:
+                self.drain()
+            except Exception:  # a bug here must cost lines (counted by drain), never the writer: later lines matter
+                log.exception("access log %s: writer error, continuing", self.path)
+                self.idle.set()
             if self.stopping and not self.queue:
                 return
 
@@ -307,10 +318,18 @@ class _Sink:
                     size += len(s)
             except IndexError:
                 pass
-            self._write("".join(parts).encode("utf-8", "replace"))
+            data = "".join(parts).encode("utf-8", "replace")
+            try:
+                self._write(data)
+            except BaseException:
+                self.dropped += len(parts)  # whatever happened, these lines are not in the file
+                raise
         self.idle.set()
 
     def _write(self, data: bytes) -> None:
+        """Write one batch; on an error the rest of the batch is dropped, counted and reported, and the next
+        batch tries again (a full disk or a lost pipe may come back; a writer that died would lose every
+        later line silently)."""
         view = memoryview(data)
         while view:
             try:
@@ -322,9 +341,24 @@ class _Sink:
                 continue
             except OSError as e:
                 self.write_errors += 1
-                if e.errno not in (errno.EPIPE, errno.EBADF, errno.ENOSPC, errno.EIO):
-                    raise
-                return  # destination gone: drop this batch rather than spin
+                self.dropped += max(1, bytes(view).count(b"\n"))  # (a partly written line counts as lost)
+                self._report_failure(e)
+                return
+        if self._failing_since is not None:
+            log.warning("access log %s: writing again after %.1f s of errors; %d lines dropped in all",
+                        self.path, time.monotonic() - self._failing_since, self.dropped)
+            self._failing_since = None
+
+    def _report_failure(self, e: OSError) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._reported_at < ERROR_REPORT_INTERVAL_S:
+            return
+        log.error("access log %s: write failed: %s; %d lines dropped so far (%d since the last report)",
+                  self.path, e.strerror or e, self.dropped, self.dropped - self._dropped_at_report)
+        self._reported_at = now
+        self._dropped_at_report = self.dropped
 
     def stop(self, timeout: float | None) -> None:
         self.stopping = True

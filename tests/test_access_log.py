@@ -215,3 +215,52 @@ def test_queued_lines_flushed_at_exit_without_close(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=60)
     assert path.read_text().splitlines() == ["200"] * 1000
+
+
+def _fd_of(path: str) -> int:
+    """The descriptor this process holds open on ``path`` (the writer's own, found from outside)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == path:
+                return int(name)
+        except OSError:
+            continue
+    raise AssertionError(f"{path} is not open")
+
+
+def test_writer_survives_write_errors_and_counts_drops(tmp_path, caplog):
+    path = str(tmp_path / "failing.log")
+    logger = AccessLogger(path, "%REQ(X-REQUEST-ID)%\n")
+    asyncio.run(logger.start())
+    fd = _fd_of(path)
+    saved = os.dup(fd)
+
+    def log(tag: str, n: int) -> None:
+        for i in range(n):
+            logger.log(filled(request_headers={"x-request-id": f"{tag}-{i}"}))
+        assert logger.flush(5)
+
+    caplog.set_level("WARNING", logger="sidecar.access_log")
+    try:
+        log("before", 2)
+        # The same descriptor now refuses writes: first with an errno nobody plans for (EINVAL, an eventfd
+        # wants 8-byte writes), then with ENOSPC (/dev/full); the lines are lost, the writer must not be.
+        efd = os.eventfd(0)
+        os.dup2(efd, fd)
+        os.close(efd)
+        log("einval", 3)
+        assert logger.dropped == 3
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, fd)
+        os.close(full)
+        log("enospc", 2)
+        assert logger.dropped == 5
+        os.dup2(saved, fd)  # the destination recovers
+        log("after", 2)
+    finally:
+        os.close(saved)
+        logger.close()
+    assert [ln for ln in open(path).read().splitlines()] == ["before-0", "before-1", "after-0", "after-1"]
+    assert any(r.levelname == "ERROR" and "write failed" in r.getMessage() for r in caplog.records), caplog.text
+    assert any(r.levelname == "WARNING" and "writing again" in r.getMessage() and "5 lines dropped" in r.getMessage()
+               for r in caplog.records), caplog.text
