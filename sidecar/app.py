@@ -16,7 +16,7 @@ from sidecar.admin import Admin
 from sidecar.cluster import ClusterRuntime
 from sidecar.config import Bootstrap
 from sidecar.router import HcmRuntime
-from sidecar.server import DownstreamProtocol, Stream
+from sidecar.server import DownstreamProtocol, HandlerOnly
 from sidecar.stats import ClusterStats, HcmStats, ListenerStats, ServerStats, Store
 
 DRAIN_S = 5.0
@@ -35,7 +35,7 @@ class Sidecar:
         self.clusters: dict[str, ClusterRuntime] = {}
         self.loggers: dict[str, AccessLogger] = {}
         self.servers: list[asyncio.AbstractServer] = []
-        self.connections: set[DownstreamProtocol] = set()
+        self.hcms: list[HcmRuntime] = []
         self.state = "PRE_INITIALIZING"
         self.started = time.monotonic()
         self._stop = asyncio.Event()
@@ -58,15 +58,18 @@ class Sidecar:
             hstats = HcmStats(self.store, hcm_cfg.stat_prefix)
             lstats = ListenerStats(self.store, f"{lst.address}_{lst.port}", hcm_cfg.stat_prefix)
             hcm = HcmRuntime(hcm_cfg, self.clusters, hstats, lstats, loggers)
+            self.hcms.append(hcm)
+            max_header = hcm_cfg.max_request_headers_kb * 1024
             server = await loop.create_server(
-                self._protocol_factory(hcm, hstats, lstats), lst.address, lst.port,
-                reuse_address=True, backlog=2048)
+                lambda hcm=hcm, max_header=max_header: DownstreamProtocol(hcm, max_header,
+                                                                          hcm.cfg.stream_idle_timeout_s),
+                lst.address, lst.port, reuse_address=True, backlog=2048)
             self.servers.append(server)
         if self.config.admin is not None:
             admin = Admin(self)
             a = self.config.admin
             self.servers.append(await loop.create_server(
-                lambda: DownstreamProtocol(admin.handle), a.address, a.port, reuse_address=True))
+                lambda: DownstreamProtocol(HandlerOnly(admin.handle)), a.address, a.port, reuse_address=True))
         for logger in self.loggers.values():
             await logger.start()
         self._sweeper = loop.create_task(self._sweep_idle())
@@ -78,54 +81,14 @@ class Sidecar:
         while True:
             await asyncio.sleep(IDLE_SWEEP_S)
             now = asyncio.get_running_loop().time()
-            for conn in list(self.connections):
+            for conn in self.all_connections():
                 if conn.idle_timeout_s and now - conn.last_activity > conn.idle_timeout_s:
-                    if conn.on_idle_timeout is not None:
-                        conn.on_idle_timeout()
+                    conn.manager.on_idle_timeout(conn)
                     conn.close()
 
-    def _protocol_factory(self, hcm: HcmRuntime, hstats: HcmStats, lstats: ListenerStats):  # noqa: ANN202
-        max_header = hcm.cfg.max_request_headers_kb * 1024
-        connections = self.connections
-        server_stats = self.server_stats
-
-        def protocol_error(stream: Stream, status: int) -> None:
-            hstats.downstream_cx_protocol_error.value += 1
-            hstats.downstream_rq_total.value += 1
-            hstats.downstream_rq_active.value += 1
-            hcm.stream_done(stream)
-
-        def early_close(stream: Stream) -> None:
-            """A request whose client left before it could be served still gets its log line."""
-            hstats.downstream_rq_rx_reset.value += 1
-            hstats.downstream_rq_total.value += 1
-            hstats.downstream_rq_active.value += 1
-            hcm.stream_done(stream)
-
-        def factory() -> DownstreamProtocol:
-            proto: DownstreamProtocol
-
-            def opened() -> None:
-                connections.add(proto)
-                hstats.downstream_cx_total.value += 1
-                hstats.downstream_cx_active.value += 1
-                lstats.downstream_cx_total.value += 1
-                lstats.downstream_cx_active.value += 1
-                server_stats.total_connections.value += 1
-
-            def closed() -> None:
-                connections.discard(proto)
-                hstats.downstream_cx_active.value -= 1
-                hstats.downstream_cx_destroy.value += 1
-                lstats.downstream_cx_active.value -= 1
-                lstats.downstream_cx_destroy.value += 1
-
-            proto = DownstreamProtocol(hcm.handle, opened, closed, max_header, protocol_error, hcm.stream_done,
-                                       early_close, hcm.cfg.stream_idle_timeout_s,
-                                       hstats.downstream_cx_idle_timeout.inc)
-            return proto
-
-        return factory
+    def all_connections(self) -> list[DownstreamProtocol]:
+        """Every open data-path connection (a copy: closing one changes its manager's set)."""
+        return [c for hcm in self.hcms for c in hcm.connections]
 
     def refresh_server_stats(self) -> None:
         self.server_stats.refresh(time.monotonic() - self.started, self.state)
@@ -145,9 +108,9 @@ class Sidecar:
         for s in self.servers:
             s.close()
         deadline = time.monotonic() + DRAIN_S
-        while time.monotonic() < deadline and any(c.active is not None for c in self.connections):
+        while time.monotonic() < deadline and any(c.active is not None for c in self.all_connections()):
             await asyncio.sleep(0.02)
-        for c in list(self.connections):
+        for c in self.all_connections():
             c.close()
         for cluster in self.clusters.values():
             cluster.close()

@@ -31,9 +31,12 @@ class ClusterRuntime:
         self._by_addr: dict[tuple[str, int], Pool] = {}
         self._rr = 0
         self.active_retries = 0
-        self.active_requests = 0
+        self.active_requests = 0  # admitted requests not finished yet: the breaker's count and the gauge's
+        self.pending_requests = 0  # requests waiting for a new connection
         self._refresher: asyncio.Task[None] | None = None
         self.breakers = cfg.circuit_breakers
+        stats.store.derived_gauge(stats.prefix + "upstream_rq_active", lambda: self.active_requests)
+        stats.store.derived_gauge(stats.prefix + "upstream_rq_pending_active", lambda: self.pending_requests)
 
     async def start(self) -> None:
         await self.refresh()
@@ -45,7 +48,8 @@ class ClusterRuntime:
             await asyncio.sleep(self.cfg.dns_refresh_rate_s)
             await self.refresh()
 
-    async def _resolve(self, host: str, port: int) -> list[str]:
+    async def _resolve(self, host: str, port: int) -> list[str] | None:
+        """The addresses of ``host``; None when the lookup failed (as opposed to finding nothing)."""
         if is_ip(host):
             return [host]
         ips = self.resolver.lookup(host)
@@ -55,14 +59,18 @@ class ClusterRuntime:
         try:
             infos = await loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_STREAM)
         except OSError:
-            return []
+            return None
         return list(dict.fromkeys(i[4][0] for i in infos))
 
     async def refresh(self) -> None:
         self.stats.update_attempt.inc()
         addrs: list[tuple[str, int]] = []
+        failed = False
         for ep in self.cfg.endpoints:
             ips = await self._resolve(ep.host, ep.port)
+            if ips is None:
+                failed = True
+                ips = []
             if self.cfg.type == "LOGICAL_DNS":
                 ips = ips[:1]
             addrs.extend((ip, ep.port) for ip in ips)
@@ -74,11 +82,16 @@ class ClusterRuntime:
         for addr, pool in self._by_addr.items():
             if addr not in addrs:
                 pool.close()
+        if set(addrs) != set(self._by_addr):
+            self.stats.membership_change.inc()
         self._by_addr = {(p.host, p.port): p for p in pools}
         self.pools = pools
         self.stats.membership_total.set(len(pools))
         self.stats.membership_healthy.set(len(pools))
-        self.stats.update_success.inc()
+        if failed:
+            self.stats.update_failure.inc()
+        else:
+            self.stats.update_success.inc()
 
     def choose(self) -> Pool | None:
         pools = self.pools

@@ -14,6 +14,7 @@ dozen microseconds of Python.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 
 import httptools
@@ -22,6 +23,7 @@ from sidecar.access_log import AccessLogger
 from sidecar.cluster import ClusterRuntime
 from sidecar.config import HttpConnectionManager, Route, VirtualHost
 from sidecar.filters import DEFAULT_REQUEST_FILTERS, RequestFilter
+from sidecar.flow_control import PEER_SLOW
 from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, Headers, chunk, connection_tokens
 from sidecar.request_info import (
     FLAG_NO_HEALTHY_UPSTREAM,
@@ -35,7 +37,7 @@ from sidecar.request_info import (
 )
 from sidecar.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET, RetryState
 from sidecar.routing import RouteTable
-from sidecar.server import Stream
+from sidecar.server import DownstreamProtocol, Stream, StreamEnd
 from sidecar.stats import ClusterStats, HcmStats, ListenerStats
 from sidecar.upstream import Pool, UpstreamConnection
 
@@ -47,22 +49,53 @@ _FAIL_REPLIES = {
     PROTOCOL_ERROR: (503, RESET_BODY + b"protocol error", FLAG_UPSTREAM_PROTOCOL_ERROR),
     PER_TRY_TIMEOUT: (504, b"upstream request timeout", FLAG_UPSTREAM_REQUEST_TIMEOUT),
 }
-_FORWARD = 1
-_DISCARD = 2
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+class ForwarderState(enum.Enum):
+    """Where one request is in the router. Every request ends in DONE, through ``Forwarder._finish`` only."""
+
+    CREATED = "created"  # not admitted by the cluster's circuit breaker yet: holds nothing
+    SCHEDULED = "scheduled"  # admitted; an attempt is due (the first one, or a retry after its backoff)
+    CONNECTING = "connecting"  # waiting for a new upstream connection (Envoy: a pending request)
+    WAITING = "waiting"  # the request went out on a connection; waiting for the response head
+    STREAMING = "streaming"  # the response head went downstream; the body follows
+    DONE = "done"
+
+
+class AttemptMode(enum.Enum):
+    """What an upstream try does with its response."""
+
+    AWAITING_HEAD = "awaiting_head"  # the retry-or-forward decision is not taken yet
+    FORWARDING = "forwarding"  # it is the response: the body goes downstream
+    DISCARDING = "discarding"  # retried or too late: the body is read (to pool the connection) and dropped
+
+
+class Ending(enum.Enum):
+    """How ``Forwarder._finish`` ends a request."""
+
+    COMPLETE = "complete"  # the upstream response went out whole
+    LOCAL_REPLY = "local_reply"  # a reply generated here (503 UF, 504 UT...)
+    BROKEN = "broken"  # the response was under way: the client is cut off
+    CANCELLED = "cancelled"  # the stream ended on the downstream side (client gone, protocol error)
+
+
+# Module-level aliases: the hot path compares identities without two attribute lookups each time.
+_CREATED, _SCHEDULED, _CONNECTING, _WAITING, _STREAMING, _DONE = ForwarderState
+_AWAITING_HEAD, _FORWARDING, _DISCARDING = AttemptMode
+_COMPLETE, _LOCAL_REPLY, _BROKEN, _CANCELLED = Ending
 
 
 class Attempt:
     """One upstream try; the ``ResponseSink`` of the connection it runs on."""
 
-    __slots__ = ("fwd", "pool", "conn", "mode", "status", "started", "completed", "timer", "reused", "request_done")
+    __slots__ = ("fwd", "pool", "conn", "mode", "started", "completed", "timer", "reused", "request_done")
 
     def __init__(self, fwd: Forwarder, pool: Pool, conn: UpstreamConnection, reused: bool) -> None:
         self.fwd = fwd
         self.pool = pool
         self.conn = conn
-        self.mode = 0
-        self.status = 0
+        self.mode = _AWAITING_HEAD
         self.started = time.monotonic()
         self.completed = False
         self.timer: asyncio.TimerHandle | None = None
@@ -70,28 +103,27 @@ class Attempt:
         self.request_done = False  # every byte of the request (body included) was handed to the connection
 
     def on_head(self, conn: UpstreamConnection, status: int, headers: Headers) -> None:
-        self.status = status
         if self.timer is not None:
             self.timer.cancel()  # the per-try timeout covers the wait for the head (Envoy)
             self.timer = None
         self.fwd.on_head(self, status, headers)
 
     def on_body(self, data: bytes) -> None:
-        if self.mode == _FORWARD:
+        if self.mode is _FORWARDING:
             stream = self.fwd.stream
-            stream.send_body(data)
-            if stream.conn.write_paused:
-                conn = self.conn
-                conn.pause_reading()  # the client reads slowly: slow the upstream down
-                stream.conn.when_writable(conn.resume_reading)
+            if not stream.send_body(data):
+                reading = self.conn.reading  # the client reads slowly: slow the upstream down
+                reading.pause(PEER_SLOW)
+                stream.when_writable(lambda: reading.resume(PEER_SLOW))
 
     def flush(self) -> None:
-        if self.mode == _FORWARD:
-            self.fwd.stream.conn.flush()
+        if self.mode is _FORWARDING:
+            self.fwd.stream.flush()
 
     def on_complete(self, conn: UpstreamConnection) -> None:
         self.completed = True
         self.pool.active_requests -= 1
+        conn.reading.resume(PEER_SLOW)  # nothing more to hold back: a pooled connection must be readable
         if self.request_done:
             self.pool.release(conn)
         else:
@@ -99,8 +131,8 @@ class Attempt:
             # connection would send the rest of this body as the start of someone else's request.
             self.fwd.stop_body()
             conn.reset()
-        if self.mode == _FORWARD:
-            self.fwd.on_response_complete(self)
+        if self.mode is _FORWARDING:
+            self.fwd.on_response_complete()
 
     def on_reset(self, conn: UpstreamConnection, reason: str) -> None:
         if self.completed:
@@ -109,14 +141,14 @@ class Attempt:
         self.pool.active_requests -= 1
         if self.timer is not None:
             self.timer.cancel()
-        if self.mode == 0:
+        if self.mode is _AWAITING_HEAD:
             self.fwd.on_failure(self, PROTOCOL_ERROR if reason == "protocol error" else RESET)
-        elif self.mode == _FORWARD:
+        elif self.mode is _FORWARDING:
             self.fwd.broken(FLAG_UPSTREAM_CONNECTION_TERMINATION)
 
     def on_per_try_timeout(self) -> None:
         self.timer = None
-        if self.mode == 0 and not self.completed:
+        if self.mode is _AWAITING_HEAD and not self.completed:
             self.abandon()
             self.fwd.on_failure(self, PER_TRY_TIMEOUT)
 
@@ -133,11 +165,16 @@ class Attempt:
 
 
 class Forwarder:
-    """Forwards one request to a cluster with retries (the router filter's per-request state)."""
+    """Forwards one request to a cluster with retries (the router filter's per-request state).
+
+    It is the stream's ``StreamReceiver`` while it serves it, and talks to the stream only through
+    ``send_head`` / ``send_body`` / ``flush`` / ``when_writable`` / ``finish`` / ``reply`` / ``abort`` and
+    ``pause_reading`` / ``resume_reading``.
+    """
 
     __slots__ = ("hcm", "stream", "cluster", "cstats", "headers", "path", "retry", "timeout_s", "deadline",
-                 "attempts", "retried", "in_retry", "attempt", "finished", "global_timer", "retry_timer",
-                 "connecting", "holding", "loop", "flags", "quiet_retry_used")
+                 "attempts", "state", "attempt", "retry_slot", "global_timer", "retry_timer", "connecting",
+                 "loop", "flags", "quiet_retry_used", "body_conn")
 
     def __init__(self, hcm: HcmRuntime, stream: Stream, route: Route, vh: VirtualHost, cluster: ClusterRuntime,
                  headers: Headers, path: bytes) -> None:
@@ -156,80 +193,131 @@ class Forwarder:
         self.timeout_s = timeout_s
         self.deadline = stream.info.start_monotonic + timeout_s if timeout_s > 0 else None
         self.attempts = 0
-        self.retried = False
-        self.in_retry = False
+        self.state = _CREATED
         self.attempt: Attempt | None = None
-        self.finished = False
+        self.retry_slot = False  # holds one of the cluster's max_retries slots (from scheduling to outcome)
         self.global_timer: asyncio.TimerHandle | None = None
         self.retry_timer: asyncio.TimerHandle | None = None
         self.connecting: asyncio.Task[None] | None = None
-        self.holding = False
         self.flags: list[str] = []
         self.quiet_retry_used = False
+        self.body_conn: UpstreamConnection | None = None  # where a streamed request body goes
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
         cluster = self.cluster
         if cluster.active_requests >= cluster.breakers.max_requests:
-            self.cstats.upstream_rq_pending_overflow.value += 1
-            self.local_reply(503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
+            self.cstats.upstream_rq_pending_overflow.value += 1  # Envoy counts a max_requests overflow here
+            self._finish(_LOCAL_REPLY, 503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
             return
-        cluster.active_requests += 1
-        self.cstats.upstream_rq_active.value += 1
-        self.holding = True
-        self.stream.on_cancel = self.cancel
+        cluster.active_requests += 1  # given back by _finish, whatever the ending
+        self.state = _SCHEDULED
+        self.stream.receiver = self
         if self.deadline is not None:
             self.global_timer = self.loop.call_later(self.timeout_s, self.on_global_timeout)
         self.next_attempt()
 
-    def _release(self) -> None:
-        """Exactly once per request: give back breaker slots and timers."""
-        if self.finished:
+    def _finish(self, ending: Ending, status: int = 0, body: bytes = b"", flag: str | None = None) -> None:
+        """The one way out: all accounting, then tell the stream (unless it ended on its own side)."""
+        prev = self.state
+        if prev is _DONE:
             return
-        self.finished = True
-        if self.holding:
-            self.cluster.active_requests -= 1
-            self.cstats.upstream_rq_active.value -= 1
-        if self.in_retry:
-            self.in_retry = False
-            self.cluster.active_retries -= 1
-        for timer in (self.global_timer, self.retry_timer):
-            if timer is not None:
-                timer.cancel()
+        self.state = _DONE
+        cluster = self.cluster
+        if prev is not _CREATED:
+            cluster.active_requests -= 1
+        if prev is _CONNECTING:
+            cluster.pending_requests -= 1
+        if self.retry_slot:
+            self.retry_slot = False
+            cluster.active_retries -= 1
+        if self.global_timer is not None:
+            self.global_timer.cancel()
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
         if self.connecting is not None:
             self.connecting.cancel()
-        self.stream.on_cancel = None
+            self.connecting = None
+            if ending is _CANCELLED:  # the client left before a connection was had
+                self.cstats.upstream_rq_cancelled.value += 1
+        self.body_conn = None
+        stream = self.stream
+        if stream.receiver is self:
+            stream.receiver = None
+        attempt = self.attempt
+        if ending is _COMPLETE:
+            cstats = self.cstats
+            if attempt is not None:
+                cstats.upstream_rq_time.record((time.monotonic() - attempt.started) * 1000)
+            cstats.upstream_rq_completed.value += 1
+            stream.finish()
+            return
+        if attempt is not None:
+            attempt.abandon()  # a no-op once the attempt completed
+        info_flags = stream.info.response_flags
+        info_flags.extend(f for f in self.flags if f not in info_flags)
+        if ending is _LOCAL_REPLY:
+            self.hcm.local_reply(stream, status, body, flag)
+        elif ending is _BROKEN:
+            if flag is not None:
+                info_flags.append(flag)
+            stream.abort()
+        # _CANCELLED: the stream already ended on the downstream side; there is nobody to answer
 
-    def local_reply(self, status: int, body: bytes, flag: str) -> None:
-        self._release()
-        self.stream.info.response_flags.extend(f for f in self.flags if f not in self.stream.info.response_flags)
-        self.hcm.local_reply(self.stream, status, body, flag)
+    # -- StreamReceiver: what the downstream side tells us ---------------------------------
+    def on_downstream_reset(self) -> None:
+        """The client went away (or its request went bad): stop the upstream work too."""
+        self._finish(_CANCELLED)
 
-    def cancel(self) -> None:
-        """The client went away: stop the upstream work too."""
-        if self.attempt is not None:
-            self.attempt.abandon()
-        self._release()
+    def on_request_body(self, data: bytes) -> None:
+        conn = self.body_conn
+        if conn is None:
+            if self.attempt is None:
+                self.stream.body += data  # no connection yet: held until the request goes out
+            return  # otherwise the attempt ended before the body did: nobody takes it
+        conn.write(chunk(data) if self.stream.chunked_request else data)
+        if conn.write_paused:  # the upstream cannot take more: stop reading the client
+            stream = self.stream
+            stream.pause_reading(PEER_SLOW)
+            conn.when_writable(lambda: stream.resume_reading(PEER_SLOW))
+
+    def on_request_end(self) -> None:
+        conn = self.body_conn
+        if conn is None or self.attempt is None:
+            return
+        if self.stream.chunked_request:
+            conn.write(LAST_CHUNK)
+        self.attempt.request_done = True
+
+    def stop_body(self) -> None:
+        """No more request body goes upstream (the attempt ended before it was all sent)."""
+        self.body_conn = None
 
     # -- attempts ---------------------------------------------------------------
-    def next_attempt(self, fresh: bool = False) -> None:
+    def next_attempt(self, quiet: bool = False) -> None:
+        """Start an attempt. ``quiet``: resend the current one on a fresh connection (not a new attempt)."""
         self.retry_timer = None
-        if self.finished:
+        if self.state is not _SCHEDULED:
             return
-        pool = self.cluster.choose()
+        cluster = self.cluster
+        pool = cluster.choose()
         if pool is None:
-            self.local_reply(503, b"no healthy upstream", FLAG_NO_HEALTHY_UPSTREAM)
+            self.cstats.upstream_cx_none_healthy.value += 1
+            self._finish(_LOCAL_REPLY, 503, b"no healthy upstream", FLAG_NO_HEALTHY_UPSTREAM)
             return
-        self.attempts += 1
+        if not quiet:
+            self.attempts += 1
+            self.cstats.upstream_rq_total.value += 1
         info = self.stream.info
         info.attempts = self.attempts
         info.upstream_host = pool.address
-        self.cstats.upstream_rq_total.value += 1
-        conn = None if fresh else pool.take_idle()
+        conn = None if quiet else pool.take_idle()
         if conn is not None:
             self._send(pool, conn, True)
         else:
-            self.cstats.upstream_cx_total.value += 1
+            self.state = _CONNECTING
+            cluster.pending_requests += 1
+            self.cstats.upstream_rq_pending_total.value += 1
             self.connecting = self.loop.create_task(self._connect(pool))
 
     async def _connect(self, pool: Pool) -> None:
@@ -238,21 +326,23 @@ class Forwarder:
             timeout = max(0.001, min(timeout, self.deadline - time.monotonic()))
         try:
             conn = await pool.connect(timeout)
-        except (OSError, TimeoutError):
+        except OSError:  # refused, unreachable, or timed out (the pool counts which)
             self.connecting = None
-            self.cstats.upstream_cx_connect_fail.value += 1
-            if not self.finished:
+            if self.state is _CONNECTING:
+                self.cluster.pending_requests -= 1
                 self.on_failure(None, CONNECT_FAILURE)
             return
         self.connecting = None
-        if self.finished:
+        if self.state is not _CONNECTING:
             pool.release(conn)
             return
+        self.cluster.pending_requests -= 1
         self._send(pool, conn, False)
 
     def _send(self, pool: Pool, conn: UpstreamConnection, reused: bool) -> None:
         attempt = Attempt(self, pool, conn, reused)
         self.attempt = attempt
+        self.state = _WAITING
         pool.active_requests += 1
         s = self.stream
         conn.send(self.request_bytes(), attempt, s.method == b"HEAD")
@@ -288,80 +378,58 @@ class Forwarder:
         Flow control both ways: when the upstream's send buffer is full, the client is not read.
         """
         s = self.stream
-        framed = s.chunked_request
-        down = s.conn
-
-        def send(data: bytes) -> None:
-            conn.write(chunk(data) if framed else data)
-            if conn.write_paused and down.transport is not None and not down.closed:
-                down.transport.pause_reading()
-                conn.when_writable(resume)
-
-        def resume() -> None:
-            if down.transport is not None and not down.closed and not down.failed:
-                down.transport.resume_reading()
-
-        def done() -> None:
-            if framed:
-                conn.write(LAST_CHUNK)
-            attempt.request_done = True
-
+        self.body_conn = conn
         if s.body:
-            send(bytes(s.body))
+            data = bytes(s.body)
             s.body.clear()
+            self.on_request_body(data)
         if s.body_complete:
-            done()
-        else:
-            s.body_sink = send
-            s.body_done_sink = done
-
-    def stop_body(self) -> None:
-        """No more request body goes upstream (the attempt ended before it was all sent)."""
-        self.stream.body_sink = None
-        self.stream.body_done_sink = None
+            self.on_request_end()
 
     # -- outcomes ---------------------------------------------------------------------
-    def _attempt_outcome(self) -> None:
+    def _release_retry_slot(self) -> None:
         """An attempt's result is known: a retry in progress no longer holds a breaker slot (Envoy)."""
-        if self.in_retry:
-            self.in_retry = False
+        if self.retry_slot:
+            self.retry_slot = False
             self.cluster.active_retries -= 1
 
     def on_head(self, attempt: Attempt, status: int, headers: Headers) -> None:
-        if self.finished:
-            attempt.mode = _DISCARD
+        if self.state is not _WAITING or attempt is not self.attempt:
+            attempt.mode = _DISCARDING
             return
-        self._attempt_outcome()
+        self._release_retry_slot()
         retry = self.retry
         if retry.retry_on and retry.status_retriable(status) and self._may_retry():
-            attempt.mode = _DISCARD
+            attempt.mode = _DISCARDING
             self.cstats.retry_response(status)
             self._schedule_retry()
             return
-        attempt.mode = _FORWARD
+        attempt.mode = _FORWARDING
+        self.state = _STREAMING
         self._commit(attempt, status, headers)
 
     def on_failure(self, attempt: Attempt | None, kind: str) -> None:
-        if self.finished:
+        if self.state is _DONE:
             return
-        self._attempt_outcome()
+        if (kind == RESET and attempt is not None and attempt.reused and not self.quiet_retry_used
+                and self.stream.replayable and self.stream.method in _IDEMPOTENT):
+            # A pooled connection the server had already closed: not this request's fault. Like nginx,
+            # send it again once, on a fresh connection: the same attempt (not counted again, and it keeps
+            # its retry slot), not a retry (no budget spent).
+            self.quiet_retry_used = True
+            self.state = _SCHEDULED
+            self.next_attempt(quiet=True)
+            return
+        self._release_retry_slot()
         if kind == PER_TRY_TIMEOUT:
             self.cstats.upstream_rq_per_try_timeout.value += 1
-        elif (kind == RESET and attempt is not None and attempt.reused and not self.quiet_retry_used
-              and self.stream.replayable and self.stream.method in _IDEMPOTENT):
-            # A pooled connection the server had already closed: not this request's fault. Like nginx,
-            # retry once, on a fresh connection, without spending the retry budget (idempotent only).
-            self.quiet_retry_used = True
-            self.attempts -= 1
-            self.next_attempt(fresh=True)
-            return
         kind_for_policy = PER_TRY_TIMEOUT if kind == PER_TRY_TIMEOUT else (
             CONNECT_FAILURE if kind == CONNECT_FAILURE else RESET)
         if self.retry.failure_retriable(kind_for_policy) and self._may_retry():
             self._schedule_retry()
             return
         status, body, flag = _FAIL_REPLIES[kind]
-        self.local_reply(status, body, flag)
+        self._finish(_LOCAL_REPLY, status, body, flag)
 
     def _may_retry(self) -> bool:
         retry = self.retry
@@ -382,8 +450,8 @@ class Forwarder:
         retry = self.retry
         retry.retries_left -= 1
         retry.attempt_retries += 1
-        self.retried = True
-        self.in_retry = True
+        self.state = _SCHEDULED
+        self.retry_slot = True
         self.cluster.active_retries += 1
         self.cstats.upstream_rq_retry.value += 1
         delay = retry.backoff_s()
@@ -393,23 +461,19 @@ class Forwarder:
 
     def on_global_timeout(self) -> None:
         self.global_timer = None
-        if self.finished:
+        if self.state is _DONE:
             return
         self.cstats.upstream_rq_timeout.value += 1
-        attempt = self.attempt
-        if attempt is not None and attempt.mode == _FORWARD:
-            attempt.abandon()
-            self.broken(FLAG_UPSTREAM_REQUEST_TIMEOUT)
-            return
-        if attempt is not None:
-            attempt.abandon()
-        self.local_reply(504, b"upstream request timeout", FLAG_UPSTREAM_REQUEST_TIMEOUT)
+        if self.state is _STREAMING:
+            self._finish(_BROKEN, flag=FLAG_UPSTREAM_REQUEST_TIMEOUT)
+        else:
+            self._finish(_LOCAL_REPLY, 504, b"upstream request timeout", FLAG_UPSTREAM_REQUEST_TIMEOUT)
 
     # -- response --------------------------------------------------------------------
     def _commit(self, attempt: Attempt, status: int, headers: Headers) -> None:
         cstats = self.cstats
         cstats.response(status)
-        if self.retried and not self.retry.status_retriable(status):
+        if self.retry.attempt_retries and not self.retry.status_retriable(status):
             cstats.upstream_rq_retry_success.value += 1
         info = self.stream.info
         if self.flags:
@@ -438,21 +502,20 @@ class Forwarder:
         info.raw_response_headers = kept
         self.stream.send_head(status, kept, length)
 
-    def on_response_complete(self, attempt: Attempt) -> None:
-        self.cstats.upstream_rq_time.record((time.monotonic() - attempt.started) * 1000)
-        self.cstats.upstream_rq_completed.value += 1
-        self._release()
-        self.stream.finish()
+    def on_response_complete(self) -> None:
+        self._finish(_COMPLETE)
 
     def broken(self, flag: str) -> None:
         """The upstream failed after the head went out: all we can do is cut the client off."""
-        self._release()
-        self.stream.info.response_flags.append(flag)
-        self.stream.abort()
+        self._finish(_BROKEN, flag=flag)
 
 
 class HcmRuntime:
-    """One listener's HTTP connection manager."""
+    """One listener's HTTP connection manager: the ``ConnectionManager`` of its downstream connections.
+
+    Connection and stream accounting (Envoy's ``http.<prefix>.downstream_*`` and the listener's stats) is
+    all here; ``downstream_rq_active`` is read from the connections themselves.
+    """
 
     def __init__(self, cfg: HttpConnectionManager, clusters: dict[str, ClusterRuntime], stats: HcmStats,
                  listener_stats: ListenerStats, loggers: list[AccessLogger],
@@ -465,6 +528,44 @@ class HcmRuntime:
         self.loggers = loggers
         self.filters = filters
         self.loop = asyncio.get_event_loop()
+        self.connections: set[DownstreamProtocol] = set()
+        stats.store.derived_gauge(stats.prefix + "downstream_rq_active", self._active_requests)
+
+    def _active_requests(self) -> int:
+        return sum(1 for c in self.connections if c.active is not None)
+
+    # -- ConnectionManager ------------------------------------------------------------
+    def on_connection_open(self, conn: DownstreamProtocol) -> None:
+        self.connections.add(conn)
+        stats = self.stats
+        conn.rx_bytes = stats.downstream_cx_rx_bytes_total
+        conn.tx_bytes = stats.downstream_cx_tx_bytes_total
+        stats.downstream_cx_total.value += 1
+        stats.downstream_cx_http1_total.value += 1
+        stats.downstream_cx_active.value += 1
+        stats.downstream_cx_http1_active.value += 1
+        lstats = self.listener_stats
+        lstats.downstream_cx_total.value += 1
+        lstats.downstream_cx_active.value += 1
+
+    def on_connection_close(self, conn: DownstreamProtocol) -> None:
+        self.connections.discard(conn)
+        length_ms = (self.loop.time() - conn.opened_at) * 1000
+        stats = self.stats
+        stats.downstream_cx_active.value -= 1
+        stats.downstream_cx_http1_active.value -= 1
+        stats.downstream_cx_destroy.value += 1
+        stats.downstream_cx_length_ms.record(length_ms)
+        lstats = self.listener_stats
+        lstats.downstream_cx_active.value -= 1
+        lstats.downstream_cx_destroy.value += 1
+        lstats.downstream_cx_length_ms.record(length_ms)
+
+    def on_idle_timeout(self, conn: DownstreamProtocol) -> None:
+        if conn.active is not None or conn.current is not None:
+            self.stats.downstream_rq_idle_timeout.value += 1  # a request stalled (Envoy's stream_idle_timeout)
+        else:
+            self.stats.downstream_cx_idle_timeout.value += 1  # an idle keep-alive connection
 
     def local_reply(self, stream: Stream, status: int, body: bytes, flag: str | None) -> None:
         if stream.head_sent:
@@ -475,11 +576,11 @@ class HcmRuntime:
             flags.append(flag)
         stream.reply(status, body)
 
-    def handle(self, stream: Stream) -> None:
+    def on_request(self, stream: Stream) -> None:
         info = stream.info
         stats = self.stats
         stats.downstream_rq_total.value += 1
-        stats.downstream_rq_active.value += 1
+        stats.downstream_rq_http1_total.value += 1
         url = stream.url
         info.method = stream.method.decode("latin-1")
         headers = stream.headers
@@ -499,6 +600,7 @@ class HcmRuntime:
             path = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
             # absolute form wins over Host (RFC 7230 5.4)
             headers = [(b"host", authority), *(h for h in headers if h[0] != b"host")]
+        stats.rq_total.value += 1  # Envoy's router counts every request it sees, routed or not
         for f in self.filters:
             headers = f(stream, headers)
         info.path = path.decode("latin-1")
@@ -523,15 +625,27 @@ class HcmRuntime:
         if route.prefix_rewrite is not None and route.match.prefix is not None:
             info.original_path = info.path
             path = route.prefix_rewrite.encode() + path[len(route.match.prefix):]
-        Forwarder(self, stream, route, vh, cluster, headers, path).start()  # type: ignore[arg-type]
+        Forwarder(self, stream, route, vh, cluster, headers, path).start()
 
-    def stream_done(self, stream: Stream) -> None:
+    def on_stream_done(self, stream: Stream, end: StreamEnd) -> None:
         """Every request ends here exactly once: downstream stats and the access log."""
+        stats = self.stats
+        if end is not StreamEnd.COMPLETE:
+            if end is StreamEnd.LOCAL_RESET:
+                stats.downstream_rq_tx_reset.value += 1
+            elif end is StreamEnd.CLIENT_RESET:
+                stats.downstream_rq_rx_reset.value += 1
+            else:  # never reached on_request: a request all the same
+                stats.downstream_rq_total.value += 1
+                stats.downstream_rq_http1_total.value += 1
+                if end is StreamEnd.PROTOCOL_ERROR:
+                    stats.downstream_cx_protocol_error.value += 1
+                else:
+                    stats.downstream_rq_rx_reset.value += 1
         info = stream.info
         elapsed = time.monotonic() - info.start_monotonic
         info.duration_ms = int(elapsed * 1000)
-        self.stats.downstream_rq_active.value -= 1
-        self.stats.response(info.response_code)
+        stats.response(info.response_code)
         self.listener_stats.response(info.response_code)
         self.stats.downstream_rq_time.record(elapsed * 1000)
         for logger in self.loggers:

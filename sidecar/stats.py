@@ -62,6 +62,23 @@ class Gauge(_Value):
         self.value = value
 
 
+class DerivedGauge:
+    """A gauge read from the state it describes (open connections, requests in flight), never kept by hand.
+
+    Nothing can increment it, so it cannot drift from its source or be right only after a render.
+    """
+
+    __slots__ = ("name", "source")
+
+    def __init__(self, name: str, source: Callable[[], int]) -> None:
+        self.name = name
+        self.source = source
+
+    @property
+    def value(self) -> int:
+        return self.source()
+
+
 class Histogram:
     """Fixed-bucket histogram in ms, Envoy's default buckets.
 
@@ -266,6 +283,12 @@ class Store:
             g = self.gauges[name] = Gauge(name)
         return g
 
+    def derived_gauge(self, name: str, source: Callable[[], int]) -> DerivedGauge:
+        """Register (or replace) the gauge ``name`` as a view of ``source``."""
+        g = DerivedGauge(name, source)
+        self.gauges[name] = g  # type: ignore[assignment]
+        return g
+
     def histogram(self, name: str) -> Histogram:
         h = self.histograms.get(name)
         if h is None:
@@ -402,18 +425,22 @@ class Store:
 
 # --- per-scope stat bundles for the data path ------------------------------------------------------------------------
 
+# Only stats the sidecar really counts, with Envoy's meaning. Not exported because nothing here could count them:
+# upstream_cx_overflow (max_connections is not enforced), upstream_rq_rx_reset / upstream_rq_tx_reset (Envoy 1.40
+# leaves them at 0 for HTTP/1 upstreams: a reset there is a connection close, see upstream_cx_destroy_*),
+# update_empty (EDS only).
 _CLUSTER_COUNTERS = (
     "upstream_rq_total", "upstream_rq_completed", "upstream_rq_retry", "upstream_rq_retry_success",
     "upstream_rq_retry_limit_exceeded", "upstream_rq_retry_overflow", "upstream_rq_timeout",
     "upstream_rq_per_try_timeout", "upstream_rq_pending_overflow", "upstream_rq_pending_total",
-    "upstream_rq_rx_reset", "upstream_rq_tx_reset", "upstream_rq_cancelled",
+    "upstream_rq_cancelled",
     "upstream_cx_total", "upstream_cx_http1_total", "upstream_cx_connect_fail", "upstream_cx_connect_timeout",
     "upstream_cx_destroy", "upstream_cx_destroy_local", "upstream_cx_destroy_remote", "upstream_cx_none_healthy",
-    "upstream_cx_overflow", "upstream_cx_rx_bytes_total", "upstream_cx_tx_bytes_total",
-    "membership_change", "update_attempt", "update_success", "update_failure", "update_empty",
+    "upstream_cx_rx_bytes_total", "upstream_cx_tx_bytes_total",
+    "membership_change", "update_attempt", "update_success", "update_failure",
 )
-_CLUSTER_GAUGES = ("upstream_cx_active", "upstream_rq_active", "upstream_rq_pending_active",
-                   "membership_total", "membership_healthy")
+#: upstream_rq_active and upstream_rq_pending_active are views of the cluster's state (``ClusterRuntime``).
+_CLUSTER_GAUGES = ("upstream_cx_active", "membership_total", "membership_healthy")
 _CLUSTER_HISTOGRAMS = ("upstream_rq_time", "upstream_cx_connect_ms", "upstream_cx_length_ms")
 
 
@@ -467,15 +494,19 @@ class ClusterStats:
         pair[1].value += 1
 
 
+# Not exported because nothing here could count them: downstream_rq_timeout (no request_timeout),
+# downstream_rq_too_large (large bodies are streamed, never refused), no_cluster (routes to unknown clusters are
+# refused when the configuration is loaded).
 _HCM_COUNTERS = (
     "downstream_cx_total", "downstream_cx_destroy", "downstream_cx_http1_total", "downstream_cx_protocol_error",
     "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total", "downstream_cx_idle_timeout",
-    "downstream_rq_total", "downstream_rq_http1_total", "downstream_rq_completed", "downstream_rq_timeout",
-    "downstream_rq_idle_timeout", "downstream_rq_rx_reset", "downstream_rq_tx_reset", "downstream_rq_too_large",
+    "downstream_rq_total", "downstream_rq_http1_total", "downstream_rq_completed",
+    "downstream_rq_idle_timeout", "downstream_rq_rx_reset", "downstream_rq_tx_reset",
     "downstream_rq_1xx", "downstream_rq_2xx", "downstream_rq_3xx", "downstream_rq_4xx", "downstream_rq_5xx",
-    "no_route", "no_cluster", "rq_direct_response", "rq_total",
+    "no_route", "rq_direct_response", "rq_total",
 )
-_HCM_GAUGES = ("downstream_cx_active", "downstream_cx_http1_active", "downstream_rq_active")
+#: downstream_rq_active is a view of the connection manager's streams (``HcmRuntime``).
+_HCM_GAUGES = ("downstream_cx_active", "downstream_cx_http1_active")
 _HCM_HISTOGRAMS = ("downstream_rq_time", "downstream_cx_length_ms")
 
 
@@ -486,9 +517,10 @@ class HcmStats:
     manager, so we do too (they show as 0 before traffic).
     """
 
-    __slots__ = ("prefix", "_xx") + _HCM_COUNTERS + _HCM_GAUGES + _HCM_HISTOGRAMS
+    __slots__ = ("store", "prefix", "_xx") + _HCM_COUNTERS + _HCM_GAUGES + _HCM_HISTOGRAMS
 
     def __init__(self, store: Store, stat_prefix: str) -> None:
+        self.store = store
         store.register_hcm_prefix(stat_prefix)
         self.prefix = p = f"http.{stat_prefix}."
         for n in _HCM_COUNTERS:
@@ -517,8 +549,8 @@ def listener_stat_address(address: str, port: int) -> str:
     return f"{address}_{port}"
 
 
-_LISTENER_COUNTERS = ("downstream_cx_total", "downstream_cx_destroy", "downstream_cx_overflow",
-                      "no_filter_chain_match")
+# Not exported: downstream_cx_overflow (no listener connection limit), no_filter_chain_match (one filter chain).
+_LISTENER_COUNTERS = ("downstream_cx_total", "downstream_cx_destroy")
 _LISTENER_GAUGES = ("downstream_cx_active",)
 _LISTENER_HTTP = ("downstream_rq_1xx", "downstream_rq_2xx", "downstream_rq_3xx", "downstream_rq_4xx",
                   "downstream_rq_5xx", "downstream_rq_completed")
@@ -590,7 +622,8 @@ class ServerStats:
         self.uptime = store.gauge("server.uptime")
         self.memory_allocated = store.gauge("server.memory_allocated")
         self.memory_physical_size = store.gauge("server.memory_physical_size")
-        self.total_connections = store.gauge("server.total_connections")
+        # Envoy's meaning: connections open now, on every listener. Derived, so it is right whenever read.
+        self.total_connections = store.derived_gauge("server.total_connections", self._open_connections)
         self.concurrency = store.gauge("server.concurrency")
         self.concurrency.set(concurrency)
         self.version = store.gauge("server.version")
@@ -611,8 +644,7 @@ class ServerStats:
         rss = _rss_bytes()
         self.memory_allocated.set(rss)
         self.memory_physical_size.set(rss)
-        total = 0
-        for name, g in self.store.gauges.items():
-            if name.startswith("listener.") and name.endswith(".downstream_cx_active") and ".http." not in name:
-                total += g.value
-        self.total_connections.set(total)
+
+    def _open_connections(self) -> int:
+        return sum(g.value for name, g in self.store.gauges.items()
+                   if name.startswith("listener.") and name.endswith(".downstream_cx_active") and ".http." not in name)

@@ -9,14 +9,15 @@ to the client (or are dropped for a retried attempt) without an extra queue.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 import httptools
 
-from sidecar.flow_control import WriteFlowControl
+from sidecar.flow_control import ReadFlowControl, WriteFlowControl
 from sidecar.http1 import Headers
-from sidecar.stats import ClusterStats
+from sidecar.stats import ClusterStats, Store
 
 
 class ResponseSink(Protocol):
@@ -29,7 +30,8 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "headers", "closed", "keep_alive", "head_only",
-                 "write_paused", "drain_waiters", "status", "close_delimited", "stale_parser", "head_bytes")
+                 "write_paused", "drain_waiters", "status", "close_delimited", "stale_parser", "head_bytes",
+                 "reading", "opened_at")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -46,14 +48,19 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
         self.close_delimited = False
         self.stale_parser = False
         self.head_bytes = 0
+        self.reading = ReadFlowControl(None)
+        self.opened_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.reading.transport = transport  # type: ignore[assignment]
+        self.opened_at = time.monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        closed_here = self.closed  # close() and reset() mark the connection before asyncio reports it lost
         self.closed = True
         self.pool.discard(self)
-        self.pool.on_closed()
+        self.pool.on_closed(closed_here, time.monotonic() - self.opened_at)
         sink, self.sink = self.sink, None
         if sink is not None:
             if self.status and self.close_delimited:
@@ -79,12 +86,15 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
         # message cut short never comes back here (its connection is closed, not pooled).
         assert self.transport is not None
         self.transport.write(data)
+        self.pool.stats.upstream_cx_tx_bytes_total.value += len(data)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+            self.pool.stats.upstream_cx_tx_bytes_total.value += len(data)
 
     def data_received(self, data: bytes) -> None:
+        self.pool.stats.upstream_cx_rx_bytes_total.value += len(data)
         if self.sink is None:
             self.close()  # bytes nobody asked for: the connection is not reusable
             return
@@ -163,13 +173,6 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
 
 
 MAX_RESPONSE_HEAD_BYTES = 96 * 1024
@@ -180,7 +183,8 @@ class Pool:
 
     def __init__(self, host: str, port: int, source_ip: str | None, max_idle: int = 64,
                  stats: ClusterStats | None = None) -> None:
-        self.stats = stats
+        # Connection stats are always counted somewhere (a pool built alone counts into a private store).
+        self.stats = stats if stats is not None else ClusterStats(Store(), f"{host}:{port}")
         self.host = host
         self.port = port
         self.source_ip = source_ip
@@ -197,19 +201,46 @@ class Pool:
         return None
 
     async def connect(self, timeout: float) -> UpstreamConnection:
+        """A new connection; counts upstream_cx_total (as Envoy, also when it fails) and its outcome."""
         loop = asyncio.get_running_loop()
         local = (self.source_ip, 0) if self.source_ip else None
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, local_addr=local),
-            timeout)
-        if self.stats is not None:
-            self.stats.upstream_cx_active.value += 1
+        stats = self.stats
+        stats.upstream_cx_total.value += 1
+        stats.upstream_cx_http1_total.value += 1
+        started = time.monotonic()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, local_addr=local),
+                timeout)
+        except TimeoutError:
+            # Envoy counts a timed-out connect as a failure too, and the connection as destroyed by us.
+            stats.upstream_cx_connect_timeout.value += 1
+            stats.upstream_cx_connect_fail.value += 1
+            stats.upstream_cx_destroy.value += 1
+            stats.upstream_cx_destroy_local.value += 1
+            raise
+        except OSError:
+            stats.upstream_cx_connect_fail.value += 1
+            stats.upstream_cx_destroy.value += 1
+            stats.upstream_cx_destroy_remote.value += 1
+            raise
+        except asyncio.CancelledError:  # the request went away first: we dropped the connect
+            stats.upstream_cx_destroy.value += 1
+            stats.upstream_cx_destroy_local.value += 1
+            raise
+        stats.upstream_cx_connect_ms.record((time.monotonic() - started) * 1000)
+        stats.upstream_cx_active.value += 1
         return conn
 
-    def on_closed(self) -> None:
-        if self.stats is not None:
-            self.stats.upstream_cx_active.value -= 1
-            self.stats.upstream_cx_destroy.value += 1
+    def on_closed(self, closed_here: bool, lifetime_s: float) -> None:
+        stats = self.stats
+        stats.upstream_cx_active.value -= 1
+        stats.upstream_cx_destroy.value += 1
+        if closed_here:
+            stats.upstream_cx_destroy_local.value += 1
+        else:
+            stats.upstream_cx_destroy_remote.value += 1
+        stats.upstream_cx_length_ms.record(lifetime_s * 1000)
 
     def release(self, conn: UpstreamConnection) -> None:
         if conn.closed or not conn.keep_alive or len(self.idle) >= self.max_idle:
