@@ -8,28 +8,16 @@ command shows a traceback for a mistake of the user's.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
+from urllib.parse import quote
 
 import click
 
-from meshctl.client import ControlError, call
-from meshctl.state import StateDir, aliases_in_use, all_meshes, running_meshes
-from pods.runloop import run as run_loop
-
-if TYPE_CHECKING:
-    from pods.topology import Topology
-
-USAGE_ERROR = 2
+from meshctl.lifecycle import USAGE_ERROR, MeshError, PlanError, ask, make_plan, pick_mesh
+from meshctl.state import StateDir
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -37,101 +25,38 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def _load(file: str, project: str | None = None) -> Topology:
-    from pods.topology import TopologyError, load_topology
-
-    try:
-        topo = load_topology(file)
-    except TopologyError as err:
+def _report(err: MeshError) -> NoReturn:
+    """Plan problems are FILE:LINE lines of their own; other errors get the command's prefix."""
+    if isinstance(err, PlanError):
         for problem in err.problems:
             click.echo(str(problem), err=True)
-        sys.exit(USAGE_ERROR)
-    for warning in topo.warnings:
+        sys.exit(err.code)
+    fail(str(err), err.code)
+
+
+def _plan(file: str, project: str | None = None, with_prometheus: bool = False,
+          prometheus_bin: str | None = None) -> Any:
+    try:
+        plan = make_plan(file, project, with_prometheus, prometheus_bin)
+    except MeshError as err:
+        _report(err)
+    for warning in plan.warnings:
         click.echo(str(warning), err=True)
-    if project:
-        topo = replace(topo, name=project)
-    return topo
-
-
-def _unprivileged_port_start() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
-    except (OSError, ValueError):
-        return 1024
-
-
-CAP_NET_BIND_SERVICE = 10
-
-
-def _can_bind_privileged() -> bool:
-    """Root is not enough (capabilities can be dropped) and not needed (the capability is)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_NET_BIND_SERVICE & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.geteuid() == 0
-
-
-def _preflight(topo: Topology) -> None:
-    """Problems we can see before starting anything: missing programs, privileged ports."""
-    from pods.replica import PYTHON_ALIASES, pod_ports
-    from pods.sidecars import check_sidecars, sidecar_launches
-
-    problems, warnings = check_sidecars(topo)
-    for w in warnings:
-        click.echo(w, err=True)
-    launches = {} if problems else sidecar_launches(topo)
-    limit = _unprivileged_port_start()
-    root = _can_bind_privileged()
-    for pod in topo.pods.values():
-        prog = pod.service.command[0] if pod.service.command else ""
-        if prog and prog not in PYTHON_ALIASES and "${" not in prog:
-            found = shutil.which(prog, path=os.environ.get("PATH")) if "/" not in prog else (
-                str(pod.service.workdir / prog) if os.access(pod.service.workdir / prog, os.X_OK) else None)
-            if not found:
-                problems.append(f"{topo.path}:{pod.service.command_line}: pod '{pod.name}': command "
-                                f"'{prog}' not found on PATH")
-        if not root:
-            ports = set(pod_ports(pod))
-            if pod.name in launches:
-                lp = launches[pod.name]
-                ports.update((p, pod.sidecar_line) for p in (*lp.listener_ports, lp.admin_port) if p)
-            for port, line in sorted(ports):
-                if port < limit:
-                    problems.append(
-                        f"{topo.path}:{line}: pod '{pod.name}' uses port {port}, which needs root here "
-                        f"(unprivileged ports start at {limit}); run as root or choose ports >= {limit}")
-                    break
-    if problems:
-        for p in problems:
-            click.echo(p, err=True)
-        sys.exit(USAGE_ERROR)
+    return plan
 
 
 def _pick_mesh(project: str | None, need_running: bool = True) -> StateDir:
-    if project:
-        state = StateDir.for_mesh(project)
-        if need_running and not state.supervisor_alive():
-            known = ", ".join(s.mesh for s in running_meshes()) or "none"
-            fail(f"mesh '{project}' is not running (running: {known})")
-        if not state.root.exists():
-            fail(f"no mesh named '{project}'")
-        return state
-    pool = running_meshes() if need_running else (running_meshes() or all_meshes())
-    if not pool:
-        fail("no mesh is running (start one with `meshctl up FILE`)")
-    if len(pool) > 1:
-        fail("several meshes are running: " + ", ".join(s.mesh for s in pool) + "; pick one with -p NAME")
-    return pool[0]
-
-
-def _status(state: StateDir) -> dict[str, Any]:
     try:
-        return call(state.control_socket, "GET", "/v1/status")
-    except ControlError as exc:
-        fail(str(exc))
+        return pick_mesh(project, need_running)
+    except MeshError as err:
+        _report(err)
+
+
+def _ask(state: StateDir, method: str, url: str, timeout: float = 10.0) -> dict[str, Any]:
+    try:
+        return ask(state, method, url, timeout)
+    except MeshError as err:
+        _report(err)
 
 
 def _check_project(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -157,10 +82,8 @@ def main() -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def validate(file: str) -> None:
     """Check a topology file; print one FILE:LINE line per problem (exit 2 if any)."""
-    topo = _load(file)
-    _preflight(topo)
-    replicas = sum(p.replicas for p in topo.pods.values())
-    click.echo(f"{file}: ok (mesh '{topo.name}', {len(topo.pods)} pods, {replicas} replicas)")
+    plan = _plan(file)
+    click.echo(f"{file}: ok (mesh '{plan.mesh}', {len(plan.pods)} pods, {len(plan.replicas())} replicas)")
 
 
 prometheus_options = [
@@ -176,37 +99,6 @@ def _with_prometheus_options(fn: Any) -> Any:
     return fn
 
 
-def _prepare(file: str, project: str | None, with_prometheus: bool, prometheus_bin: str | None,
-             announce: bool) -> Topology:
-    """The topology to run: loaded, checked, and with the Prometheus pod added when asked for."""
-    from pods.prometheus import with_prometheus as add_prometheus
-    from pods.topology import PrometheusSpec
-
-    topo = _load(file, project)
-    spec = topo.prometheus
-    if spec is None and (with_prometheus or prometheus_bin):
-        spec = PrometheusSpec()
-    if spec is not None and prometheus_bin:
-        spec = replace(spec, bin=prometheus_bin)
-    topo = replace(topo, prometheus=None)
-    if announce:
-        _preflight(topo)
-    if spec is None:
-        return topo
-    if not shutil.which(spec.bin):
-        if announce:
-            click.echo(f"{topo.path}:{spec.line}: prometheus: '{spec.bin}' not found; install it "
-                       "(apt-get install prometheus) or pass --prometheus-bin PATH. Starting the mesh without it.",
-                       err=True)
-        return topo
-    try:
-        return add_prometheus(topo, replace(spec, bin=shutil.which(spec.bin) or spec.bin),
-                              StateDir.for_mesh(topo.name).root / "prometheus")
-    except ValueError as exc:
-        click.echo(f"{topo.path}:{spec.line}: prometheus: {exc}", err=True)
-        sys.exit(USAGE_ERROR)
-
-
 @main.command(short_help="Start a mesh (foreground, or -d).")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; return once every pod is Ready.")
@@ -216,170 +108,38 @@ def _prepare(file: str, project: str | None, with_prometheus: bool, prometheus_b
 def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_prometheus: bool,
        prometheus_bin: str | None) -> None:
     """Start the mesh described by FILE (foreground unless -d; Ctrl-C stops it, twice forces)."""
-    topo = _prepare(file, project, with_prometheus, prometheus_bin, announce=True)
-    state = StateDir.for_mesh(topo.name)
-    pid = state.supervisor_alive()
-    if pid:
-        fail(f"mesh '{topo.name}' is already running (supervisor pid {pid}); `meshctl down -p {topo.name}` first")
-    from meshctl.state import acquire_mesh_lock
+    from meshctl.lifecycle import claim, run_supervisor, start_detached
 
+    plan = _plan(file, project, with_prometheus, prometheus_bin)
     try:
-        state.create()
-    except OSError as exc:
-        fail(str(exc))
-    lock = acquire_mesh_lock(state)  # held by the supervisor for its whole life
-    if lock is None:
-        fail(f"mesh '{topo.name}' is already running or starting; `meshctl down -p {topo.name}` first")
-    if detach:
-        extra = (["--prometheus"] if with_prometheus else []) + (
-            ["--prometheus-bin", prometheus_bin] if prometheus_bin else [])
-        _up_detached(file, topo, state, wait_timeout, extra, lock)
-    else:
-        sys.exit(_run_supervisor(topo, state, foreground=True))
-
-
-def _run_supervisor(topo: Topology, state: StateDir, foreground: bool) -> int:
-    from meshctl.supervisor.printer import Printer
-    from meshctl.supervisor.supervisor import Supervisor
-
-    sup = Supervisor(topo, state, Printer() if foreground else None)
-
-    async def main_task() -> int:
-        loop = asyncio.get_running_loop()
-        presses = 0
-
-        def on_signal() -> None:
-            nonlocal presses
-            presses += 1
-            if presses == 1:
-                sup.request_stop()
-            else:
-                sup.force_now()
-
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # a closed terminal too
-            loop.add_signal_handler(sig, on_signal)
-        return await sup.run()
-
-    return run_loop(main_task())
-
-
-def _up_detached(file: str, topo: Topology, state: StateDir, wait_timeout: float, extra: list[str],
-                 lock: int) -> None:
-    start = time.monotonic()
-    log = open(state.supervisor_log, "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshctl", "supervise", file, "--project", topo.name, *extra],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-        pass_fds=(lock,))
-    log.close()
-    os.close(lock)  # the supervisor holds the lock now
-    try:
-        _wait_ready(topo, state, proc, start, wait_timeout)
-    except KeyboardInterrupt:
-        _stop_supervisor(state, proc.pid)
-        fail(f"interrupted: mesh '{topo.name}' stopped", 130)
-
-
-def _wait_ready(topo: Topology, state: StateDir, proc: subprocess.Popen[bytes], start: float,
-                wait_timeout: float) -> None:
-    deadline = start + wait_timeout
-    status: dict[str, Any] | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = _tail_lines(state.supervisor_log, 10)
-            fail(f"the supervisor of mesh '{topo.name}' exited ({proc.returncode}):\n" + "\n".join(tail))
-        if state.control_socket.exists():
-            try:
-                status = call(state.control_socket, "GET", "/v1/status?resources=0", timeout=5)
-            except ControlError:
-                status = None
-        if status and status["processes"]:
-            procs = status["processes"]
-            broken = [p for p in procs if p["state"] in ("crashloop", "exited", "failed")]
-            if broken:
-                _fail_startup(state, topo, broken[0], proc)
-            if all(p["ready"] and p["pid"] and p["state"] == "running" for p in procs):
-                _print_ready(topo, status, time.monotonic() - start)
-                return
-        time.sleep(0.05)
-    not_ready = [p for p in (status or {}).get("processes", []) if not p["ready"]]
-    if not_ready:
-        _fail_startup(state, topo, not_ready[0], proc, timed_out=wait_timeout)
-    _stop_supervisor(state, proc.pid)
-    fail(f"mesh '{topo.name}' did not start within {wait_timeout:g}s")
-
-
-def _fail_startup(state: StateDir, topo: Topology, bad: dict[str, Any], proc: subprocess.Popen[bytes],
-                  timed_out: float | None = None) -> NoReturn:
-    key = f"{bad['replica']}/{bad['role']}"
-    why = (f"not ready after {timed_out:g}s" if timed_out else
-           f"{bad['state']}" + (f", last exit {bad['last_exit']}" if bad.get("last_exit") is not None else ""))
-    if bad.get("error"):
-        why += f": {bad['error']}"
-    click.echo(f"meshctl: {key} failed to get ready ({why}); last log lines:", err=True)
-    for line in _tail_lines(state.log_path(bad["replica"], bad["role"]), 15):
-        click.echo(f"  {key} | {line}", err=True)
-    _stop_supervisor(state, proc.pid)
-    click.echo(f"meshctl: mesh '{topo.name}' stopped; logs kept in {state.logs}", err=True)
-    sys.exit(1)
-
-
-def _print_ready(topo: Topology, status: dict[str, Any], elapsed: float) -> None:
-    click.echo(f"mesh '{topo.name}' ready in {elapsed:.2f}s")
+        state, lock = claim(plan)
+        if not detach:
+            sys.exit(run_supervisor(plan, state, foreground=True))
+        status, elapsed = start_detached(plan, state, lock, wait_timeout)
+    except MeshError as err:
+        _report(err)
+    click.echo(f"mesh '{plan.mesh}' ready in {elapsed:.2f}s")
     for p in status["processes"]:
         pubs = [f"{x['host']}->{x['pod_port']}" for x in status["publish"] if x["pod"] == p["pod"]]
         extra = f"  published {', '.join(pubs)}" if pubs else ""
         click.echo(f"  {p['replica']:<12} {p['ip']:<15} {p['role']:<8} pid {p['pid']}{extra}")
 
 
-def _stop_supervisor(state: StateDir, pid: int | None, timeout: float = 30.0) -> bool:
-    """Ask the supervisor to stop; SIGTERM it if it does not answer; wait for it."""
-    import psutil
-
-    try:
-        call(state.control_socket, "POST", "/v1/down", timeout=5)
-    except ControlError:
-        if pid:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    if pid:
-        try:
-            psutil.Process(pid).wait(timeout)
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
-            os.kill(pid, signal.SIGKILL)  # its reaper now kills what it leaves; wait for both
-            try:
-                psutil.Process(pid).wait(5)
-            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
-                pass
-            return False
-    return True
-
-
-def _tail_lines(path: Path, n: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()[-n:]
-
-
 @main.command(hidden=True)
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--project", required=True)
-@_with_prometheus_options
-def supervise(file: str, project: str, with_prometheus: bool, prometheus_bin: str | None) -> None:
-    """Run a mesh's supervisor in the background (used by `up -d`)."""
-    topo = _prepare(file, project, with_prometheus, prometheus_bin, announce=False)
-    state = StateDir.for_mesh(topo.name)
-    sys.exit(_run_supervisor(topo, state, foreground=False))
+@click.option("--project", required=True, callback=_check_project)
+def supervise(project: str) -> None:
+    """Run a mesh's supervisor in the background with the plan `up -d` writes to stdin."""
+    from meshctl.lifecycle import read_plan, run_supervisor
+
+    try:
+        plan = read_plan(sys.stdin.buffer)
+    except MeshError as err:
+        _report(err)
+    except Exception as exc:  # noqa: BLE001 - anything unpicklable is a usage error, not a traceback
+        fail(f"supervise: cannot read the plan on stdin: {exc}", USAGE_ERROR)
+    if plan.mesh != project:
+        fail(f"supervise: the plan is for mesh '{plan.mesh}', not '{project}'", USAGE_ERROR)
+    sys.exit(run_supervisor(plan, StateDir.for_mesh(project), foreground=False))
 
 
 @main.command(short_help="Stop a mesh and everything it started.")
@@ -387,26 +147,13 @@ def supervise(file: str, project: str, with_prometheus: bool, prometheus_bin: st
 @click.option("-t", "--timeout", default=30.0, show_default=True, help="Seconds to wait for the supervisor.")
 def down(project: str | None, timeout: float) -> None:
     """Stop a mesh: every process gets SIGTERM, then SIGKILL after its grace period."""
-    from meshctl.state import mesh_lock_held
-    from meshctl.supervisor.reaper import _marked
-    from meshctl.supervisor.supervisor import reap_record
+    from meshctl.lifecycle import down as stop_mesh
 
     state = _pick_mesh(project, need_running=False)
-    pid = state.supervisor_alive()
-    deadline = time.monotonic() + 10
-    while not pid and mesh_lock_held(state) and time.monotonic() < deadline:
-        time.sleep(0.05)  # an `up` is starting this mesh: wait for its supervisor, then stop it
-        pid = state.supervisor_alive()
-    clean = True
-    if pid:
-        clean = _stop_supervisor(state, pid, timeout)
-    time.sleep(0 if clean else 1.5)  # after a forced kill, the reaper needs a moment
-    left = reap_record(state)
-    run_id = (state.read_record() or {}).get("run_id", "")
-    survivors = _marked(run_id) if run_id else []
-    if survivors:
-        fail(f"mesh '{state.mesh}': {len(survivors)} processes survived the stop: "
-             + ", ".join(str(p.pid) for p in survivors[:10]))
+    try:
+        left = stop_mesh(state, timeout)
+    except MeshError as err:
+        _report(err)
     extra = f" (cleaned up {left} leftover processes)" if left else ""
     click.echo(f"mesh '{state.mesh}' is down{extra}")
 
@@ -430,7 +177,7 @@ def _fmt_bytes(n: int | None) -> str:
 def ps(project: str | None, output: str) -> None:
     """List the mesh's processes: state, readiness, restarts, CPU and memory."""
     state = _pick_mesh(project)
-    status = _status(state)
+    status = _ask(state, "GET", "/v1/status")
     if output == "json":
         keys = ("pod", "replica", "ip", "role", "pid", "state", "ready", "restarts", "last_exit",
                 "uptime_s", "cpu_percent", "rss_bytes")
@@ -466,10 +213,7 @@ def restart(name: str, project: str | None, role: str | None) -> None:
     """Restart a pod (all its replicas) or one replica."""
     state = _pick_mesh(project)
     url = f"/v1/restart/{name}" + (f"?role={role}" if role else "")
-    try:
-        result = call(state.control_socket, "POST", url, timeout=120)
-    except ControlError as exc:
-        fail(str(exc))
+    result = _ask(state, "POST", url, timeout=120)
     click.echo("restarted " + ", ".join(result["restarted"]))
 
 
@@ -477,7 +221,8 @@ def restart(name: str, project: str | None, role: str | None) -> None:
 @click.argument("name")
 @project_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
-@click.option("-n", "--tail", "tail", type=int, default=None, help="Only the last N lines of each log.")
+@click.option("-n", "--tail", "tail", type=click.IntRange(min=0), default=None,
+              help="Only the last N lines of each log.")
 @click.option("--role", type=click.Choice(["service", "sidecar"]))
 def logs(name: str, project: str | None, follow: bool, tail: int | None, role: str | None) -> None:
     """Print the logs of a pod (all its replicas) or a replica."""
@@ -498,42 +243,24 @@ def logs(name: str, project: str | None, follow: bool, tail: int | None, role: s
 def hosts(name: str, project: str | None, file: str | None) -> None:
     """Print the hosts file a pod (or replica) sees: /etc/hosts format."""
     if file:
-        from pods.replica import plan_mesh
-
-        topo = _load(file, project)
-        plan = plan_mesh(topo, StateDir.for_mesh(topo.name).hosts, taken=aliases_in_use(exclude=topo.name))
+        plan = _plan(file, project)
         reps = plan.find(name)
         if not reps:
             fail(f"no pod or replica named '{name}' in {file}", USAGE_ERROR)
         click.echo("\n".join(plan.hosts_text(r) for r in reps), nl=False)
         return
     state = _pick_mesh(project)
-    status = _status(state)
-    reps = sorted({p["replica"] for p in status["processes"] if name in (p["pod"], p["replica"])})
-    if not reps:
-        fail(f"no pod or replica named '{name}' in mesh '{state.mesh}'", USAGE_ERROR)
-    for r in reps:
-        click.echo((state.hosts / f"{r}.hosts").read_text(), nl=False)
-
-
-def _pod_port(spec: Any, launch: Any) -> int:
-    """Where a pod takes traffic on its alias: the sidecar's ingress listener, else the service port."""
-    if launch is not None:
-        ingress = [p for p in launch.listener_ports if p != launch.egress_port]
-        if ingress:
-            return ingress[0]
-    if spec.service.ready is not None and spec.service.ready.port:
-        return spec.service.ready.port
     try:
-        return int(spec.service.env.get("SERVICE_PORT", "80") or 80)
-    except ValueError:
-        return 80
+        found = ask(state, "GET", f"/v1/hosts/{quote(name, safe='')}")["hosts"]
+    except MeshError as err:
+        fail(str(err), USAGE_ERROR if "no pod or replica" in str(err) else err.code)
+    click.echo("\n".join(found[r] for r in sorted(found)), nl=False)
 
 
 def _resolve_target(target: str, project: str | None,
                     path: str) -> tuple[list[tuple[str, int]], str, str, str]:
     """(addresses, Host header, request path, URL shown) for a URL, a pod (published port, else its
-    replicas' ingress) or a replica."""
+    replicas' ingress) or a replica; pods and replicas as the running supervisor reports them."""
     import socket
     from urllib.parse import urlsplit
 
@@ -551,35 +278,31 @@ def _resolve_target(target: str, project: str | None,
             full_path = path
         return [(ips[0], port)], u.netloc, full_path, f"http://{u.netloc}{full_path}"
     state = _pick_mesh(project)
-    status = _status(state)
+    status = _ask(state, "GET", "/v1/status?resources=0")
     pubs = [x for x in status["publish"] if x["pod"] == target]
     if pubs:
         host = pubs[0]["host"]
         ip, _, port = host.rpartition(":")
         return [(ip, int(port))], host, path, f"http://{host}{path}"
-    procs = [p for p in status["processes"] if target in (p["pod"], p["replica"]) and p["role"] == "service"]
-    if not procs:
-        fail(f"no pod or replica named '{target}' in mesh '{state.mesh}'", USAGE_ERROR)
-    from pods.sidecars import sidecar_launches
-    from pods.topology import load_topology
-
-    topo = load_topology(status["file"])
-    pod = procs[0]["pod"]
-    launch = sidecar_launches(topo).get(pod)
-    port = _pod_port(topo.pods[pod], launch)
-    addrs = [(p["ip"], port) for p in procs]
-    shown = f"http://{addrs[0][0]}:{port}{path}" + (f" (+{len(addrs) - 1} replicas)" if len(addrs) > 1 else "")
-    return addrs, f"{addrs[0][0]}:{port}", path, shown
+    for pod in status["pods"]:
+        replicas = [r for r in pod["replicas"] if target in (pod["pod"], r["replica"])]
+        if replicas:
+            port = pod["port"]
+            addrs = [(r["ip"], port) for r in replicas]
+            shown = f"http://{addrs[0][0]}:{port}{path}" + (
+                f" (+{len(addrs) - 1} replicas)" if len(addrs) > 1 else "")
+            return addrs, f"{addrs[0][0]}:{port}", path, shown
+    fail(f"no pod or replica named '{target}' in mesh '{state.mesh}'", USAGE_ERROR)
 
 
-def _duration_option(value: str | None) -> float | None:
+def _duration_option(value: str | None, option: str) -> float | None:
     from pods.durations import parse_duration
 
     if value is None:
         return None
     seconds = parse_duration(value)
     if seconds is None or seconds <= 0:
-        fail(f"--duration: {value!r} is not a duration (e.g. 10s, 500ms, 1m)", USAGE_ERROR)
+        fail(f"{option}: {value!r} is not a positive duration (e.g. 10s, 500ms, 1m)", USAGE_ERROR)
     return seconds
 
 
@@ -617,7 +340,7 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
     from meshctl.traffic.report import build_request, run_sync, stderr_is_tty
     from pods.addressing import is_loopback
 
-    seconds = _duration_option(duration)
+    seconds = _duration_option(duration, "--duration")
     if n is None and seconds is None:
         n = 200
     if (n is not None and n < 1) or concurrency < 1 or (rate is not None and rate <= 0) or timeout <= 0:
@@ -668,25 +391,14 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
 @project_option
 def prometheus_config(file: str, project: str | None) -> None:
     """Print the Prometheus scrape config for FILE (the running mesh's, if it is up)."""
-    from pods.prometheus import CONFIG_FILE, POD_NAME, scrape_config
-    from pods.replica import plan_mesh
-    from pods.sidecars import sidecar_launches
-    from pods.topology import PrometheusSpec
+    from pods.prometheus import CONFIG_FILE
 
-    topo = _load(file, project)
-    state = StateDir.for_mesh(topo.name)
-    running = state.root / "prometheus" / CONFIG_FILE
-    if state.supervisor_alive() and running.exists():
-        click.echo(running.read_text(), nl=False)
+    plan = _plan(file, project, with_prometheus=True)
+    running = StateDir.for_mesh(plan.mesh).root / "prometheus" / CONFIG_FILE
+    if StateDir.for_mesh(plan.mesh).supervisor_alive() and running.exists():
+        click.echo(running.read_text(), nl=False)  # what the running Prometheus was given
         return
-    spec = topo.prometheus or PrometheusSpec()
-    from pods.prometheus import with_prometheus as add_prometheus
-
-    topo = add_prometheus(replace(topo, prometheus=None), spec, state.root / "prometheus") \
-        if POD_NAME not in topo.pods else topo
-    plan = plan_mesh(topo, state.hosts, taken=aliases_in_use(exclude=topo.name))
-    plan.sidecars = sidecar_launches(topo)
-    click.echo(scrape_config(plan), nl=False)
+    click.echo(plan.prometheus_config or "", nl=False)
 
 
 @main.command(short_help="Live golden signals per pod and edge.")
@@ -705,13 +417,17 @@ def stats(project: str | None, window: str, interval: float, once: bool, watch: 
     from meshctl.observe.view import once as run_once
     from meshctl.observe.view import watch as run_watch
 
-    seconds = _duration_option(window)
+    seconds = _duration_option(window, "--window")
     if interval <= 0 or (count is not None and count < 1):
         fail("--interval and --count must be positive", USAGE_ERROR)
     state = _pick_mesh(project)
     collector = Collector(state, window_s=seconds or 10.0)
     as_json = output == "json"
     interactive = sys.stdout.isatty() and sys.stdin.isatty() and not as_json
+    import asyncio
+
+    import aiohttp
+
     try:
         if once or (not interactive and not watch):
             asyncio.run(run_once(collector, interval, as_json))
@@ -719,7 +435,7 @@ def stats(project: str | None, window: str, interval: float, once: bool, watch: 
             asyncio.run(run_watch(collector, interval, as_json, count))
         else:
             asyncio.run(live(collector, interval))
-    except (OSError, ControlError) as exc:
+    except (OSError, aiohttp.ClientError) as exc:
         fail(f"cannot read the mesh's stats: {exc}")
     except KeyboardInterrupt:
         pass

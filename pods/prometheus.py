@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from pods.replica import MeshPlan
+from pods.replica import ReplicaLayout
 from pods.topology import PodSpec, ProcessSpec, PrometheusSpec, PublishSpec, ReadyProbe, Topology
 
 POD_NAME = "prometheus"
@@ -50,7 +50,7 @@ def with_prometheus(topo: Topology, spec: PrometheusSpec, config_dir: Path) -> T
     return replace(topo, pods={**topo.pods, POD_NAME: pod}, prometheus=spec)
 
 
-def scrape_config(plan: MeshPlan) -> str:
+def scrape_config(plan: ReplicaLayout) -> str:
     spec = plan.topology.prometheus
     interval = f"{(spec.scrape_interval_s if spec else 1.0):g}s"
     jobs = []

@@ -1,28 +1,26 @@
 """What each pod replica runs: its alias, its hosts file, its process plans.
 
 This is still the model: it says *what* to start (argv, env, probe, policy),
-never starts anything. The supervisor in ``meshctl/`` turns plans into
-processes.
+never starts anything. ``pods.plan`` assembles these into the mesh plan that
+the supervisor in ``meshctl/`` executes.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pods.addressing import allocate
 from pods.hosts import HostEntry, render_hosts
 from pods.loopback import expand_placeholders, localize
-from pods.topology import PodSpec, ProcessSpec, ReadyProbe, Topology
+from pods.markers import MARKER_ENV, PROCESS_ENV
+from pods.topology import ProcessSpec, ReadyProbe, Topology
 
 #: ``python`` in a command means meshctl's own interpreter, so demo services
 #: find the packages meshctl was installed with (no venv activation needed).
 PYTHON_ALIASES = ("python", "python3")
-#: Marks every process of a mesh run; lets the reaper find descendants that left
-#: their process group (setsid) after the supervisor died.
-MARKER_ENV = "MESHCTL_RUN_ID"
 
 
 @dataclass(frozen=True)
@@ -67,15 +65,18 @@ class SidecarLaunch:
 
 
 @dataclass
-class MeshPlan:
-    """A topology with addresses assigned: everything needed to run it."""
+class ReplicaLayout:
+    """A topology with addresses assigned: every replica's names and processes."""
 
     topology: Topology
     replicas: dict[str, list[Replica]]
     hosts_dir: Path
     run_id: str = ""
-    extra_env: dict[str, str] = field(default_factory=dict)
+    #: The environment every process starts from (the caller's), under the mesh's and the pod's own.
+    base_env: Mapping[str, str] = field(default_factory=dict)
     sidecars: dict[str, SidecarLaunch] = field(default_factory=dict)
+    #: Where each replica's sidecar serves its admin's mutating endpoints (a 0600 unix socket).
+    admin_dir: Path | None = None
 
     @property
     def mesh(self) -> str:
@@ -133,10 +134,7 @@ class MeshPlan:
             for name in ("NO_PROXY", "no_proxy"):
                 if name not in spec.service.env:
                     extra[name] = no_proxy
-        plan = self.process_plan(replica, "service", spec.service)
-        if extra:
-            plan = replace(plan, env={**plan.env, **{k: v for k, v in extra.items() if k not in plan.env}})
-        return plan
+        return self.process_plan(replica, "service", spec.service, extra)
 
     def sidecar_plan(self, replica: Replica) -> ProcessPlan | None:
         spec = self.topology.pods[replica.pod]
@@ -147,14 +145,23 @@ class MeshPlan:
             ready = ReadyProbe("http", port=launch.admin_port, path="/ready", line=spec.sidecar_line)
         else:
             ready = ReadyProbe("tcp", port=launch.listener_ports[0], line=spec.sidecar_line)
-        proc = ProcessSpec(command=("python", "-m", "sidecar", *launch.args, "--pod-ip", "${POD_IP}"), env={},
+        admin = ("--admin-socket", str(self.admin_socket(replica))) if self.admin_dir is not None else ()
+        proc = ProcessSpec(command=("python", "-m", "sidecar", *launch.args, "--pod-ip", "${POD_IP}", *admin), env={},
                            ready=ready, restart="always", stop_grace_s=spec.service.stop_grace_s,
                            workdir=spec.service.workdir, line=spec.sidecar_line)
         return self.process_plan(replica, "sidecar", proc)
 
+    def admin_socket(self, replica: Replica) -> Path:
+        assert self.admin_dir is not None
+        return self.admin_dir / f"{replica.name}.sock"
+
     def process_plan(self, replica: Replica, role: str, proc: ProcessSpec,
                      extra_env: Mapping[str, str] | None = None) -> ProcessPlan:
-        """Apply pod-local loopback and placeholders to one process of a replica."""
+        """Apply pod-local loopback and placeholders to one process of a replica.
+
+        The environment is layered like a shell's: the caller's (PATH, HOME, LANG...), then the
+        mesh's (POD_IP, the run marker, the sidecar's proxy), then the pod's own ``env``.
+        """
         values = {"POD_IP": replica.ip, "POD_NAME": replica.pod, "REPLICA": str(replica.index),
                   "MESH": self.mesh}
 
@@ -164,7 +171,8 @@ class MeshPlan:
         argv = [render(a) for a in proc.command]
         if argv and argv[0] in PYTHON_ALIASES:
             argv[0] = sys.executable
-        env = {
+        env = dict(self.base_env)
+        env.update({
             "POD_NAME": replica.pod,
             "POD_IP": replica.ip,
             "POD_REPLICA": str(replica.index),
@@ -172,14 +180,15 @@ class MeshPlan:
             "MESH_NAME": self.mesh,
             "MESH_HOSTS": str(self.hosts_path(replica)),
             "PYTHONUNBUFFERED": "1",
-        }
+        })
+        env.pop(MARKER_ENV, None)  # a meshctl run from inside a pod must not mark its mesh as ours
+        env.pop(PROCESS_ENV, None)
         if self.run_id:
             env[MARKER_ENV] = self.run_id
-            env["MESHCTL_PROCESS"] = f"{replica.name}/{role}"
-        env.update(self.extra_env)
-        env.update({k: render(v) for k, v in proc.env.items()})
+            env[PROCESS_ENV] = f"{replica.name}/{role}"
         if extra_env:
             env.update(extra_env)
+        env.update({k: render(v) for k, v in proc.env.items()})
         return ProcessPlan(replica=replica, role=role, argv=tuple(argv), env=env, cwd=proc.workdir,
                            ready=proc.ready, restart=proc.restart, stop_grace_s=proc.stop_grace_s,
                            line=proc.line)
@@ -194,24 +203,9 @@ class MeshPlan:
             out.append(self.service_plan(r))
         return out
 
-    def with_run_id(self, run_id: str) -> MeshPlan:
-        return replace(self, run_id=run_id)
 
 
-def plan_mesh(topology: Topology, hosts_dir: Path, taken: Iterable[str] = ()) -> MeshPlan:
-    """Assign aliases (avoiding ``taken``) and build the mesh plan."""
+def assign_replicas(topology: Topology, taken: Iterable[str] = ()) -> dict[str, list[Replica]]:
+    """Every pod's replicas on aliases that avoid ``taken``."""
     aliases = allocate({name: (pod.ip, pod.replicas) for name, pod in topology.pods.items()}, taken)
-    replicas = {name: [Replica(name, i, ip) for i, ip in enumerate(aliases[name])]
-                for name in topology.pods}
-    return MeshPlan(topology=topology, replicas=replicas, hosts_dir=hosts_dir)
-
-
-def pod_ports(pod: PodSpec) -> list[tuple[int, int]]:
-    """(port, line) pairs the pod listens on or publishes, for up-front privilege checks."""
-    out = [(c.port, c.line) for c in pod.port_claims()]
-    if pod.service.ready is not None and pod.service.ready.port:
-        out.append((pod.service.ready.port, pod.service.ready.line))
-    for p in pod.publish:
-        out.append((p.pod_port, p.line))
-        out.append((p.host_port, p.line))
-    return out
+    return {name: [Replica(name, i, ip) for i, ip in enumerate(aliases[name])] for name in topology.pods}

@@ -20,8 +20,6 @@ from meshctl.observe.promtext import Labels, parse
 from meshctl.observe.window import Window, bucket_deltas, counter_delta, histogram_quantile
 from meshctl.state import StateDir
 from pods.replica import SidecarLaunch
-from pods.sidecars import sidecar_launches
-from pods.topology import Topology, load_topology
 
 SCRAPE_TIMEOUT_S = 1.0
 Index = dict[tuple[str, Labels], float]
@@ -109,7 +107,8 @@ class Collector:
     def __init__(self, state: StateDir, window_s: float = 10.0) -> None:
         self.state = state
         self.window_s = window_s
-        self.topology: Topology | None = None
+        #: The mesh's pods as the supervisor describes them (``GET /v1/status``'s ``pods``).
+        self.pods: dict[str, dict[str, Any]] = {}
         self.launches: dict[str, SidecarLaunch] = {}
         self.status: dict[str, Any] = {}
         self.windows: dict[str, Window[Index]] = {}  # "replica/sidecar" or "replica/service" -> scrapes
@@ -140,19 +139,19 @@ class Collector:
         assert self.control is not None
         async with self.control.get("http://mesh/v1/status") as resp:
             self.status = await resp.json()
-        if self.topology is None:
-            self.topology = load_topology(self.status["file"])
-            self.launches = sidecar_launches(self.topology)
+        self.pods = {pod["pod"]: pod for pod in self.status["pods"]}
+        self.launches = {name: _launch(pod["sidecar"]) for name, pod in self.pods.items() if pod["sidecar"]}
         jobs: dict[str, str] = {}
         for p in self.status["processes"]:
-            spec = self.topology.pods.get(p["pod"])
-            if spec is None or not p["pid"]:
+            pod = self.pods.get(p["pod"])
+            if pod is None or not p["pid"]:
                 continue
             launch = self.launches.get(p["pod"])
+            metrics = pod["metrics"]
             if p["role"] == "sidecar" and launch is not None and launch.admin_port:
                 jobs[f"{p['replica']}/sidecar"] = f"http://{p['ip']}:{launch.admin_port}/stats/prometheus"
-            elif p["role"] == "service" and spec.metrics is not None:
-                jobs[f"{p['replica']}/service"] = f"http://{p['ip']}:{spec.metrics.port}{spec.metrics.path}"
+            elif p["role"] == "service" and metrics is not None:
+                jobs[f"{p['replica']}/service"] = f"http://{p['ip']}:{metrics['port']}{metrics['path']}"
         texts = await asyncio.gather(*(self._get(u) for u in jobs.values()))
         now = time.monotonic()
         for key, text in zip(jobs, texts, strict=True):
@@ -170,10 +169,9 @@ class Collector:
         return old.value, new.value, new.t - old.t
 
     def snapshot(self) -> Snapshot:
-        assert self.topology is not None
         pods, edges = [], []
         spans: list[float] = []
-        for name, spec in self.topology.pods.items():
+        for name, pod in self.pods.items():
             procs = [p for p in self.status.get("processes", []) if p["pod"] == name]
             replicas = sorted({p["replica"] for p in procs})
             launch = self.launches.get(name)
@@ -210,7 +208,7 @@ class Collector:
                     up5xx += (delta(old, new, "envoy_cluster_retry_upstream_rq_xx",
                                     envoy_response_code_class="5") or 0.0)
                     edges.extend(self._edges(name, r, launch, old, new, dt))
-                elif spec.metrics is not None:
+                elif pod["metrics"] is not None:
                     old, new, dt = self._span(f"{r}/service")
                     if dt is None:
                         continue
@@ -303,3 +301,11 @@ class Collector:
                 timeouts_per_s=m["timeouts"] / dt if dt and traffic else None,
                 p99_ms=histogram_quantile(0.99, m["hist"]) if traffic else None))
         return rows
+
+
+def _launch(sidecar: dict[str, Any]) -> SidecarLaunch:
+    """A sidecar as the control API describes it; only the fields ``stats`` reads."""
+    return SidecarLaunch(args=(), admin_port=sidecar["admin_port"], listener_ports=tuple(sidecar["listener_ports"]),
+                         egress_port=sidecar["egress_port"],
+                         ingress_stat_prefixes=tuple(sidecar["ingress_stat_prefixes"]),
+                         egress_clusters=tuple(sidecar["egress_clusters"]))

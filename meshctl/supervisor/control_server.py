@@ -34,12 +34,20 @@ def build_app(sup: Supervisor) -> web.Application:
             return web.json_response({"error": str(exc)}, status=409)
         return web.json_response({"restarted": [p.key for p in procs]})
 
+    async def hosts(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        found = sup.hosts(name)
+        if not found:
+            return web.json_response({"error": f"no pod or replica named {name!r}"}, status=404)
+        return web.json_response({"hosts": found})
+
     async def down(_: web.Request) -> web.Response:
         sup.request_stop()
         return web.json_response({"stopping": True})
 
     app = web.Application()
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/hosts/{name}", hosts)
     app.router.add_post("/v1/restart/{name}", restart)
     app.router.add_post("/v1/down", down)
     return app

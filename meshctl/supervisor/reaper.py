@@ -28,8 +28,7 @@ from collections.abc import Iterable, Mapping
 
 import psutil
 
-MARKER_ENV = "MESHCTL_RUN_ID"
-PROCESS_ENV = "MESHCTL_PROCESS"
+from pods.markers import MARKER_ENV, PROCESS_ENV
 
 __all__ = ["MARKER_ENV", "PROCESS_ENV", "kill_groups_since", "kill_run", "marked", "sweep"]
 

@@ -14,28 +14,20 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import psutil
 
-from meshctl.state import StateDir, aliases_in_use, process_alive, write_text_atomic
+from meshctl.state import StateDir, process_alive
 from meshctl.supervisor.control_server import serve
 from meshctl.supervisor.forwarder import Forwarder
 from meshctl.supervisor.logfile import RotatingLog
 from meshctl.supervisor.printer import Printer
-from meshctl.supervisor.process import ManagedProcess, State
+from meshctl.supervisor.process import ManagedProcess
 from meshctl.supervisor.reaper import kill_groups_since, kill_run
 from pods.hosts import write_hosts_atomic
-from pods.prometheus import CONFIG_FILE as PROMETHEUS_CONFIG
-from pods.prometheus import POD_NAME as PROMETHEUS_POD
-from pods.prometheus import scrape_config
-from pods.replica import MeshPlan, plan_mesh
-from pods.sidecars import sidecar_launches
-from pods.topology import Topology
-
-FAILED_STATES = (State.CRASHLOOP, State.EXITED, State.FAILED)
+from pods.plan import MeshPlan
 
 
 def reap_record(state: StateDir) -> int:
@@ -55,14 +47,13 @@ def reap_record(state: StateDir) -> int:
 
 
 class Supervisor:
-    def __init__(self, topology: Topology, state: StateDir, printer: Printer | None = None) -> None:
-        self.topology = topology
+    def __init__(self, plan: MeshPlan, state: StateDir, printer: Printer | None = None) -> None:
+        self.plan = plan
         self.state = state
         self.printer = printer
-        self.plan: MeshPlan | None = None
         self.processes: list[ManagedProcess] = []
         self.forwarders: list[Forwarder] = []
-        self.run_id = uuid.uuid4().hex
+        self.run_id = plan.run_id
         self.started = time.monotonic()
         self._stop = asyncio.Event()
         self._force = False
@@ -98,7 +89,7 @@ class Supervisor:
                 and all(p.ready for p in self.processes)):
             self._all_ready_reported = True
             if self.printer is not None:
-                self.printer.event(f"mesh {self.topology.name} ready: {len(self.plan.all_replicas())} "
+                self.printer.event(f"mesh {self.plan.mesh} ready: {len(self.plan.replicas())} "
                                    f"replicas, {len(self.processes)} processes in "
                                    f"{time.monotonic() - self.started:.2f}s")
 
@@ -119,11 +110,11 @@ class Supervisor:
         self._record_dirty = False
         me = psutil.Process()
         self.state.write_record({
-            "mesh": self.topology.name,
-            "file": str(self.topology.path),
+            "mesh": self.plan.mesh,
+            "file": str(self.plan.source),
             "run_id": self.run_id,
             "supervisor": {"pid": me.pid, "create_time": me.create_time()},
-            "aliases": [r.ip for r in self.plan.all_replicas()] if self.plan else [],
+            "aliases": [r.ip for r in self.plan.replicas()],
             "processes": [{"key": p.key, "pid": p.pid, "pgid": p.pid, "create_time": p.create_time}
                           for p in self.processes if p.is_alive()],
         })
@@ -131,17 +122,22 @@ class Supervisor:
     # -- queries --------------------------------------------------------------
     def status(self, resources: bool = True) -> dict[str, Any]:
         return {
-            "mesh": self.topology.name,
-            "file": str(self.topology.path),
+            "mesh": self.plan.mesh,
+            "file": str(self.plan.source),
             "supervisor": {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3)},
             "stopping": self._stop.is_set(),
             "publish": [{"host": f"{f.host_ip}:{f.host_port}", "pod_port": f.pod_port,
                          "pod": pod} for pod, f in self._forwarder_pods],
-            "processes": [p.status(resources) for p in self.processes],
+            "pods": self.plan.describe(),
+            "processes": [{**p.status(resources), "ports": self.plan.process_ports(p.plan)}
+                          for p in self.processes],
         }
 
+    def hosts(self, name: str) -> dict[str, str]:
+        """The hosts file of each replica named by ``name`` (a pod or a replica)."""
+        return {r.name: self.plan.hosts_text(r) for r in self.plan.find(name)}
+
     def find_processes(self, name: str, role: str | None = None) -> list[ManagedProcess]:
-        assert self.plan is not None
         names = {r.name for r in self.plan.find(name)}
         return [p for p in self.processes if p.plan.replica.name in names and (role is None or p.plan.role == role)]
 
@@ -160,15 +156,11 @@ class Supervisor:
         left = reap_record(self.state)
         if left and self.printer is not None:
             self.printer.event(f"cleaned up {left} processes left by a previous supervisor")
-        self.plan = plan_mesh(self.topology, self.state.hosts,
-                              taken=aliases_in_use(exclude=self.topology.name)).with_run_id(self.run_id)
-        self.plan.sidecars = sidecar_launches(self.topology, self.state.root / "sidecar")
-        if PROMETHEUS_POD in self.topology.pods:
-            config_dir = self.state.root / "prometheus"
-            (config_dir / "data").mkdir(parents=True, exist_ok=True)
-            write_text_atomic(config_dir / PROMETHEUS_CONFIG, scrape_config(self.plan))
-        for replica in self.plan.all_replicas():
-            write_hosts_atomic(self.plan.hosts_path(replica), self.plan.hosts_text(replica))
+        for d in self.plan.dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state.root / "admin", 0o700)  # the sidecars' admin sockets: the owner only
+        for path, text in self.plan.files.items():
+            write_hosts_atomic(path, text)
         self._start_reaper()
         self._write_record()
         runner = None
@@ -212,14 +204,13 @@ class Supervisor:
         loop.add_reader(pidfd, gone)
 
     async def _start_forwarders(self) -> bool:
-        assert self.plan is not None
-        for pod in self.topology.pods.values():
+        for pod in self.plan.pods.values():
             for pub in pod.publish:
                 fwd = Forwarder(pub.host_ip, pub.host_port, pub.pod_port, self._targets_of(pod.name))
                 try:
                     await fwd.start()
                 except OSError as exc:
-                    msg = (f"{self.topology.path}:{pub.line}: cannot publish {pub.host_ip}:{pub.host_port} "
+                    msg = (f"{self.plan.source}:{pub.line}: cannot publish {pub.host_ip}:{pub.host_port} "
                            f"for pod '{pod.name}': {exc.strerror or exc}")
                     if self.printer is not None:
                         self.printer.event(msg, error=True)
@@ -235,13 +226,12 @@ class Supervisor:
             procs = [p for p in self.processes if p.plan.replica.pod == pod]
             ready = sorted({p.plan.replica.ip for p in procs if p.ready}
                            - {p.plan.replica.ip for p in procs if not p.ready})
-            return ready, [r.ip for r in self.plan.replicas[pod]]  # type: ignore[union-attr]
+            return ready, [r.ip for r in self.plan.pods[pod].replicas]
         return targets
 
     def _start_processes(self) -> None:
-        assert self.plan is not None
         sidecars: dict[str, ManagedProcess] = {}
-        for plan in self.plan.process_plans():
+        for plan in self.plan.processes:
             log = RotatingLog(self.state.log_path(plan.replica.name, plan.role))
             after = sidecars.get(plan.replica.name) if plan.role == "service" else None
             proc = ManagedProcess(plan, log, self._on_line, self._on_event, self._on_change, after=after)

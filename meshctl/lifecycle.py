@@ -1,0 +1,315 @@
+"""A mesh's life as the CLI drives it: plan it, start it (here or in the background), find it, stop it.
+
+The CLI parses arguments and renders; everything here returns data or raises
+``MeshError`` with the message and exit code the user should see.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from meshctl.client import ControlError, call
+from meshctl.state import StateDir, acquire_mesh_lock, aliases_in_use, all_meshes, running_meshes
+from pods.plan import HostFacts, MeshPlan, plan_mesh
+from pods.source import Problem
+from pods.topology import PrometheusSpec
+
+USAGE_ERROR = 2
+CAP_NET_BIND_SERVICE = 10
+#: States in which a process will not become ready without help.
+BROKEN_STATES = ("crashloop", "exited", "failed")
+
+
+class MeshError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PlanError(MeshError):
+    """The topology cannot run; ``problems`` lists every reason (``FILE:LINE``)."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)), USAGE_ERROR)
+        self.problems = problems
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _can_bind_privileged() -> bool:
+    """Root is not enough (capabilities can be dropped) and not needed (the capability is)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_BIND_SERVICE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def host_facts(mesh: str | None) -> HostFacts:
+    return HostFacts(environ=dict(os.environ), taken_aliases=frozenset(aliases_in_use(exclude=mesh)),
+                     unprivileged_port_start=_unprivileged_port_start(),
+                     can_bind_privileged=_can_bind_privileged())
+
+
+def make_plan(file: str, project: str | None = None, with_prometheus: bool = False,
+              prometheus_bin: str | None = None) -> MeshPlan:
+    """Load, check and plan ``file``; raises PlanError with every problem (warnings are in the plan)."""
+    from pods.topology import TopologyError, load_topology
+
+    try:
+        topo = load_topology(file)
+    except TopologyError as err:
+        raise PlanError(err.problems) from None
+    if project:
+        topo = replace(topo, name=project)
+    spec = topo.prometheus
+    if spec is None and (with_prometheus or prometheus_bin):
+        spec = PrometheusSpec()
+    if spec is not None and prometheus_bin:
+        spec = replace(spec, bin=prometheus_bin)
+    plan = plan_mesh(topo, StateDir.for_mesh(topo.name).root, host_facts(topo.name), prometheus=spec)
+    if plan.errors:
+        raise PlanError(list(plan.problems))
+    return plan
+
+
+# --------------------------------------------------------------------------- finding a mesh
+
+
+def pick_mesh(project: str | None, need_running: bool = True) -> StateDir:
+    if project:
+        state = StateDir.for_mesh(project)
+        if need_running and not state.supervisor_alive():
+            known = ", ".join(s.mesh for s in running_meshes()) or "none"
+            raise MeshError(f"mesh '{project}' is not running (running: {known})")
+        if not state.root.exists():
+            raise MeshError(f"no mesh named '{project}'")
+        return state
+    pool = running_meshes() if need_running else (running_meshes() or all_meshes())
+    if not pool:
+        raise MeshError("no mesh is running (start one with `meshctl up FILE`)")
+    if len(pool) > 1:
+        raise MeshError("several meshes are running: " + ", ".join(s.mesh for s in pool) + "; pick one with -p NAME")
+    return pool[0]
+
+
+def ask(state: StateDir, method: str, url: str, timeout: float = 10.0) -> dict[str, Any]:
+    """One control API call, errors as MeshError."""
+    try:
+        return call(state.control_socket, method, url, timeout=timeout)
+    except ControlError as exc:
+        raise MeshError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- starting
+
+
+def claim(plan: MeshPlan) -> tuple[StateDir, int]:
+    """The mesh's state dir and its lock (an fd the supervisor keeps for its whole life)."""
+    state = StateDir.for_mesh(plan.mesh)
+    pid = state.supervisor_alive()
+    if pid:
+        raise MeshError(f"mesh '{plan.mesh}' is already running (supervisor pid {pid}); "
+                        f"`meshctl down -p {plan.mesh}` first")
+    try:
+        state.create()
+    except OSError as exc:
+        raise MeshError(str(exc)) from None
+    lock = acquire_mesh_lock(state)
+    if lock is None:
+        raise MeshError(f"mesh '{plan.mesh}' is already running or starting; `meshctl down -p {plan.mesh}` first")
+    return state, lock
+
+
+def run_supervisor(plan: MeshPlan, state: StateDir, foreground: bool) -> int:
+    """Run the mesh in this process until it is stopped (signals: one stops, a second forces)."""
+    import asyncio
+
+    from meshctl.supervisor.printer import Printer
+    from meshctl.supervisor.supervisor import Supervisor
+    from pods.runloop import run as run_loop
+
+    sup = Supervisor(plan, state, Printer() if foreground else None)
+
+    async def main_task() -> int:
+        loop = asyncio.get_running_loop()
+        presses = 0
+
+        def on_signal() -> None:
+            nonlocal presses
+            presses += 1
+            if presses == 1:
+                sup.request_stop()
+            else:
+                sup.force_now()
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # a closed terminal too
+            loop.add_signal_handler(sig, on_signal)
+        return await sup.run()
+
+    return run_loop(main_task())
+
+
+def read_plan(stream: Any) -> MeshPlan:
+    """The plan handed over by ``start_detached`` (pickled: it only ever crosses from us to our child)."""
+    plan = pickle.load(stream)
+    if not isinstance(plan, MeshPlan):
+        raise MeshError("supervise: stdin does not hold a mesh plan", USAGE_ERROR)
+    return plan
+
+
+def start_detached(plan: MeshPlan, state: StateDir, lock: int, wait_timeout: float) -> tuple[dict[str, Any], float]:
+    """Start the supervisor in the background with this very plan; wait until every process is ready.
+
+    Returns the final status and the seconds it took. On failure the mesh is stopped and MeshError says why.
+    """
+    start = time.monotonic()
+    with open(state.supervisor_log, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshctl", "supervise", "--project", plan.mesh], stdin=subprocess.PIPE,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=(lock,))
+    os.close(lock)  # the supervisor holds the lock now
+    try:
+        assert proc.stdin is not None
+        pickle.dump(plan, proc.stdin)
+        proc.stdin.close()
+        return _wait_ready(plan, state, proc, start, wait_timeout), time.monotonic() - start
+    except BrokenPipeError:
+        return _wait_ready(plan, state, proc, start, wait_timeout), time.monotonic() - start
+    except KeyboardInterrupt:
+        stop_supervisor(state, proc.pid)
+        raise MeshError(f"interrupted: mesh '{plan.mesh}' stopped", 130) from None
+
+
+def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], start: float,
+                wait_timeout: float) -> dict[str, Any]:
+    deadline = start + wait_timeout
+    status: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = tail_lines(state.supervisor_log, 10)
+            raise MeshError(f"the supervisor of mesh '{plan.mesh}' exited ({proc.returncode}):\n" + "\n".join(tail))
+        if state.control_socket.exists():
+            try:
+                status = call(state.control_socket, "GET", "/v1/status?resources=0", timeout=5)
+            except ControlError:
+                status = None
+        if status and status["processes"]:
+            procs = status["processes"]
+            broken = [p for p in procs if p["state"] in BROKEN_STATES]
+            if broken:
+                _fail_startup(plan, state, broken[0], proc)
+            if all(p["ready"] and p["pid"] and p["state"] == "running" for p in procs):
+                return status
+        time.sleep(0.05)
+    not_ready = [p for p in (status or {}).get("processes", []) if not p["ready"]]
+    if not_ready:
+        _fail_startup(plan, state, not_ready[0], proc, timed_out=wait_timeout)
+    stop_supervisor(state, proc.pid)
+    raise MeshError(f"mesh '{plan.mesh}' did not start within {wait_timeout:g}s")
+
+
+def _fail_startup(plan: MeshPlan, state: StateDir, bad: dict[str, Any], proc: subprocess.Popen[bytes],
+                  timed_out: float | None = None) -> None:
+    key = f"{bad['replica']}/{bad['role']}"
+    why = (f"not ready after {timed_out:g}s" if timed_out else
+           f"{bad['state']}" + (f", last exit {bad['last_exit']}" if bad.get("last_exit") is not None else ""))
+    if bad.get("error"):
+        why += f": {bad['error']}"
+    lines = [f"{key} failed to get ready ({why}); last log lines:"]
+    lines += [f"  {key} | {line}" for line in tail_lines(state.log_path(bad["replica"], bad["role"]), 15)]
+    stop_supervisor(state, proc.pid)
+    lines.append(f"meshctl: mesh '{plan.mesh}' stopped; logs kept in {state.logs}")
+    raise MeshError("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def stop_supervisor(state: StateDir, pid: int | None, timeout: float = 30.0) -> bool:
+    """Ask the supervisor to stop; SIGTERM it if it does not answer; wait for it. False: it had to be killed."""
+    import psutil
+
+    try:
+        call(state.control_socket, "POST", "/v1/down", timeout=5)
+    except ControlError:
+        if pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    if pid:
+        try:
+            psutil.Process(pid).wait(timeout)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)  # its reaper now kills what it leaves; wait for both
+            try:
+                psutil.Process(pid).wait(5)
+            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+                pass
+            return False
+    return True
+
+
+def down(state: StateDir, timeout: float) -> int:
+    """Stop the mesh and everything it started; returns how many leftovers of a dead supervisor were reaped."""
+    from meshctl.state import mesh_lock_held
+    from meshctl.supervisor.reaper import marked
+    from meshctl.supervisor.supervisor import reap_record
+
+    pid = state.supervisor_alive()
+    deadline = time.monotonic() + 10
+    while not pid and mesh_lock_held(state) and time.monotonic() < deadline:
+        time.sleep(0.05)  # an `up` is starting this mesh: wait for its supervisor, then stop it
+        pid = state.supervisor_alive()
+    if pid and not stop_supervisor(state, pid, timeout):
+        _wait_for_reaper(state)
+    left = reap_record(state)
+    run_id = (state.read_record() or {}).get("run_id", "")
+    survivors = marked(run_id) if run_id else []
+    if survivors:
+        raise MeshError(f"mesh '{state.mesh}': {len(survivors)} processes survived the stop: "
+                        + ", ".join(str(p.pid) for p in survivors[:10]))
+    return left
+
+
+def _wait_for_reaper(state: StateDir, timeout: float = 5.0) -> None:
+    """After a forced kill of the supervisor its reaper kills the mesh: wait until no marked process is left."""
+    from meshctl.supervisor.reaper import marked
+
+    run_id = (state.read_record() or {}).get("run_id", "")
+    deadline = time.monotonic() + timeout
+    while run_id and marked(run_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def tail_lines(path: Path, n: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-n:]

@@ -1,0 +1,267 @@
+"""The mesh plan: everything a mesh will run, computed before anything starts.
+
+``plan_mesh`` turns a validated topology and a few facts about the host into
+one complete, inert ``MeshPlan``: every replica's alias and hosts file, every
+process's argv/env/cwd/probe, the compiled sidecar configurations, the
+Prometheus scrape config, and the problems found on the way (``FILE:LINE``).
+The supervisor executes a plan without re-reading the YAML; every other
+command asks the running supervisor, which serves the plan's facts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pods.prometheus import CONFIG_FILE as PROMETHEUS_CONFIG
+from pods.prometheus import POD_NAME as PROMETHEUS_POD
+from pods.prometheus import scrape_config, with_prometheus
+from pods.replica import PYTHON_ALIASES, ProcessPlan, Replica, ReplicaLayout, SidecarLaunch, assign_replicas
+from pods.sidecars import compile_sidecars
+from pods.source import Problem
+from pods.topology import MetricsSpec, PodSpec, PrometheusSpec, PublishSpec, Topology
+
+#: The seed's and HTTP's default: a pod that declares no port is taken to serve on 80.
+DEFAULT_POD_PORT = 80
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the plan needs to know about the machine and the caller; read by the CLI, never here."""
+
+    environ: Mapping[str, str]
+    #: Addresses other meshes (or other programs) hold: new aliases avoid them.
+    taken_aliases: frozenset[str] = frozenset()
+    unprivileged_port_start: int = 1024
+    can_bind_privileged: bool = True
+
+
+@dataclass(frozen=True)
+class PodPlan:
+    name: str
+    replicas: tuple[Replica, ...]
+    #: Where the pod takes traffic on its alias: its sidecar's ingress listener, else its service port.
+    port: int
+    sidecar: SidecarLaunch | None
+    metrics: MetricsSpec | None
+    publish: tuple[PublishSpec, ...]
+    #: Ports the pod's service listens on, as far as the topology says (``*_PORT`` env, probe, metrics).
+    service_ports: tuple[int, ...]
+    line: int
+
+    def describe(self, admin_sockets: Mapping[str, Path]) -> dict[str, Any]:
+        """The pod as the control API reports it (``GET /v1/status``)."""
+        sidecar = None
+        if self.sidecar is not None:
+            s = self.sidecar
+            sidecar = {"admin_port": s.admin_port, "listener_ports": list(s.listener_ports),
+                       "egress_port": s.egress_port, "ingress_stat_prefixes": list(s.ingress_stat_prefixes),
+                       "egress_clusters": list(s.egress_clusters)}
+        return {
+            "pod": self.name,
+            "port": self.port,
+            "replicas": [{"replica": r.name, "ip": r.ip,
+                          "sidecar_admin": (f"{r.ip}:{self.sidecar.admin_port}"
+                                            if self.sidecar is not None and self.sidecar.admin_port else None),
+                          "admin_socket": str(admin_sockets[r.name]) if r.name in admin_sockets else None}
+                         for r in self.replicas],
+            "sidecar": sidecar,
+            "metrics": None if self.metrics is None else {"port": self.metrics.port, "path": self.metrics.path},
+            "publish": [{"host": f"{p.host_ip}:{p.host_port}", "pod_port": p.pod_port} for p in self.publish],
+        }
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    mesh: str
+    source: Path
+    state_root: Path
+    run_id: str
+    pods: dict[str, PodPlan]
+    #: Sidecar before service in each replica: the service starts once its sidecar is ready.
+    processes: tuple[ProcessPlan, ...]
+    #: Written (atomically) before anything starts: hosts files, sidecar configs, the scrape config.
+    files: dict[Path, str]
+    hosts_files: dict[str, Path]
+    admin_sockets: dict[str, Path]
+    dirs: tuple[Path, ...]
+    #: The scrape config for the mesh's Prometheus (None without a prometheus section or --prometheus).
+    prometheus_config: str | None = None
+    problems: tuple[Problem, ...] = field(default=())
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity != "error"]
+
+    def replicas(self) -> list[Replica]:
+        return [r for pod in self.pods.values() for r in pod.replicas]
+
+    def find(self, name: str) -> list[Replica]:
+        """Replicas named by ``name``: a pod name (all replicas) or a replica name (b-1)."""
+        if name in self.pods:
+            return list(self.pods[name].replicas)
+        return [r for r in self.replicas() if r.name == name]
+
+    def hosts_text(self, replica: Replica) -> str:
+        return self.files[self.hosts_files[replica.name]]
+
+    def process_ports(self, proc: ProcessPlan) -> list[int]:
+        """The ports a process listens on, on its replica's alias, as far as the plan knows."""
+        pod = self.pods[proc.replica.pod]
+        if proc.role == "sidecar":
+            assert pod.sidecar is not None
+            return sorted({*pod.sidecar.listener_ports, *([pod.sidecar.admin_port] if pod.sidecar.admin_port else [])})
+        return list(pod.service_ports)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [pod.describe(self.admin_sockets) for pod in self.pods.values()]
+
+
+def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus: PrometheusSpec | None = None,
+              run_id: str | None = None) -> MeshPlan:
+    """Everything ``topology`` will run, with the problems found; starts nothing, writes nothing.
+
+    ``prometheus`` overrides the topology's own section (``up --prometheus``).
+    """
+    run_id = run_id or uuid.uuid4().hex
+    problems: list[Problem] = list(topology.warnings)
+    path = str(topology.path)
+    spec = prometheus or topology.prometheus
+    topology = replace(topology, prometheus=None)
+    dirs: list[Path] = [state_root / "hosts", state_root / "admin"]
+    # Without the binary the mesh runs without Prometheus, but its scrape config is still planned
+    # (``meshctl prometheus-config`` serves users who run their own server).
+    without: set[str] = set()
+    if spec is not None:
+        found = shutil.which(spec.bin, path=facts.environ.get("PATH"))
+        if found is None:
+            problems.append(Problem(path, spec.line, f"prometheus: '{spec.bin}' not found; install it "
+                                    "(apt-get install prometheus) or pass --prometheus-bin PATH. "
+                                    "Starting the mesh without it.", "warning"))
+            without.add(PROMETHEUS_POD)
+        try:
+            topology = with_prometheus(topology, replace(spec, bin=found or spec.bin), state_root / "prometheus")
+        except ValueError as exc:
+            problems.append(Problem(path, spec.line, f"prometheus: {exc}"))
+            without.discard(PROMETHEUS_POD)
+        else:
+            dirs.append(state_root / "prometheus" / "data")
+    compiled = compile_sidecars(topology, state_root / "sidecar")
+    problems.extend(compiled.problems)
+    if compiled.files:
+        dirs.append(state_root / "sidecar")
+    layout = ReplicaLayout(topology=topology, replicas=assign_replicas(topology, facts.taken_aliases),
+                           hosts_dir=state_root / "hosts", run_id=run_id, base_env=dict(facts.environ),
+                           sidecars=compiled.launches, admin_dir=state_root / "admin")
+    prometheus_config = scrape_config(layout) if PROMETHEUS_POD in topology.pods else None
+    if without:
+        topology = replace(topology, pods={k: v for k, v in topology.pods.items() if k not in without})
+        layout = replace(layout, topology=topology,
+                         replicas={k: v for k, v in layout.replicas.items() if k not in without})
+        dirs.remove(state_root / "prometheus" / "data")
+    processes = [_resolve_command(p, topology, problems) for p in layout.process_plans()]
+    files: dict[Path, str] = {}
+    hosts_files: dict[str, Path] = {}
+    for replica in layout.all_replicas():
+        hosts_files[replica.name] = layout.hosts_path(replica)
+        files[layout.hosts_path(replica)] = layout.hosts_text(replica)
+    files.update(compiled.files)
+    if prometheus_config is not None and PROMETHEUS_POD in topology.pods:
+        files[state_root / "prometheus" / PROMETHEUS_CONFIG] = prometheus_config
+    if not facts.can_bind_privileged:
+        problems.extend(_privileged_ports(topology, compiled.launches, facts.unprivileged_port_start))
+    pods = {name: PodPlan(name=name, replicas=tuple(layout.replicas[name]),
+                          port=_pod_port(spec_, compiled.launches.get(name)), sidecar=compiled.launches.get(name),
+                          metrics=spec_.metrics, publish=spec_.publish, line=spec_.line,
+                          service_ports=_service_ports(spec_, compiled.launches.get(name)))
+            for name, spec_ in topology.pods.items()}
+    admin_sockets = {r.name: layout.admin_socket(r) for r in layout.all_replicas() if r.pod in compiled.launches}
+    return MeshPlan(mesh=topology.name, source=topology.path, state_root=state_root, run_id=run_id, pods=pods,
+                    processes=tuple(processes), files=files, hosts_files=hosts_files, admin_sockets=admin_sockets,
+                    dirs=tuple(dirs), prometheus_config=prometheus_config,
+                    problems=tuple(sorted(problems, key=lambda p: (p.line, p.message))))
+
+
+def _resolve_command(proc: ProcessPlan, topology: Topology, problems: list[Problem]) -> ProcessPlan:
+    """argv[0] as the absolute program the process will run, found with the PATH it will have.
+
+    Resolving here makes ``validate`` and the start agree: the program checked is the program run.
+    """
+    prog = proc.argv[0] if proc.argv else ""
+    if not prog or prog in PYTHON_ALIASES or "${" in prog:
+        return proc
+    if "/" in prog:
+        candidate = prog if os.path.isabs(prog) else str(proc.cwd / prog)
+        found = candidate if os.access(candidate, os.X_OK) and os.path.isfile(candidate) else None
+    else:
+        found = shutil.which(prog, path=proc.env.get("PATH", os.defpath))
+    if found is None:
+        pod = topology.pods[proc.replica.pod]
+        line = pod.service.command_line or pod.service.line if proc.role == "service" else proc.line
+        message = f"pod '{proc.replica.pod}': command '{prog}' not found" + (
+            "" if "/" in prog else " on PATH")
+        problem = Problem(str(topology.path), line, message)
+        if problem not in problems:
+            problems.append(problem)
+        return proc
+    return replace(proc, argv=(found, *proc.argv[1:]))
+
+
+def _privileged_ports(topology: Topology, launches: Mapping[str, SidecarLaunch], limit: int) -> list[Problem]:
+    out = []
+    for pod in topology.pods.values():
+        ports = set(_pod_ports(pod))
+        launch = launches.get(pod.name)
+        if launch is not None:
+            ports.update((p, pod.sidecar_line) for p in (*launch.listener_ports, launch.admin_port) if p)
+        for port, line in sorted(ports):
+            if port < limit:
+                out.append(Problem(str(topology.path), line,
+                                   f"pod '{pod.name}' uses port {port}, which needs root here (unprivileged ports "
+                                   f"start at {limit}); run as root or choose ports >= {limit}"))
+                break
+    return out
+
+
+def _pod_ports(pod: PodSpec) -> list[tuple[int, int]]:
+    """(port, line) pairs the pod listens on or publishes."""
+    out = [(c.port, c.line) for c in pod.port_claims()]
+    if pod.service.ready is not None and pod.service.ready.port:
+        out.append((pod.service.ready.port, pod.service.ready.line))
+    for p in pod.publish:
+        out.append((p.pod_port, p.line))
+        out.append((p.host_port, p.line))
+    return out
+
+
+def _service_ports(spec: PodSpec, launch: SidecarLaunch | None) -> tuple[int, ...]:
+    ports = {c.port for c in spec.port_claims()}
+    if spec.service.ready is not None and spec.service.ready.port:
+        ports.add(spec.service.ready.port)
+    if spec.metrics is not None:
+        ports.add(spec.metrics.port)
+    if launch is None:
+        ports.add(_pod_port(spec, None))
+    return tuple(sorted(ports))
+
+
+def _pod_port(spec: PodSpec, launch: SidecarLaunch | None) -> int:
+    if launch is not None:
+        ingress = [p for p in launch.listener_ports if p != launch.egress_port]
+        if ingress:
+            return ingress[0]
+    if spec.service.ready is not None and spec.service.ready.port:
+        return spec.service.ready.port
+    try:
+        return int(spec.service.env.get("SERVICE_PORT", DEFAULT_POD_PORT) or DEFAULT_POD_PORT)
+    except ValueError:
+        return DEFAULT_POD_PORT
