@@ -3,7 +3,9 @@
 Byte-level and protocol-agnostic. Each accepted connection picks the next ready
 replica (round robin) so a published pod with replicas is load balanced per
 connection. Flow control is end to end: when one side's transport buffer is
-full, reading from the other side pauses.
+full, reading from the other side pauses. Half-closes pass through (an EOF from
+one side becomes a write_eof on the other); once both directions have ended,
+both sockets are closed, and an error or close on either side closes the other.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class _Half(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: _Half | None = None
         self.pending: list[bytes] = []
+        #: This side has sent EOF: nothing more will come from it.
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -34,10 +38,18 @@ class _Half(asyncio.Protocol):
         peer.transport.write(data)
 
     def eof_received(self) -> bool:
-        if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
-            self.peer.transport.write_eof()
-            return True
-        return False
+        """Pass the half-close on; returning False makes asyncio close this side (after flushing it)."""
+        self.eof = True
+        peer = self.peer
+        if peer is None:
+            return True  # not linked yet (the upstream is connecting): link() passes the EOF on
+        if peer.transport is None or not peer.transport.can_write_eof():
+            return False  # connection_lost closes the peer
+        peer.transport.write_eof()
+        if peer.eof:  # both directions are done: nothing more can flow either way
+            peer.transport.close()
+            return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -54,21 +66,28 @@ class _Half(asyncio.Protocol):
 
     def link(self, peer: _Half) -> None:
         self.peer = peer
-        if self.pending and peer.transport is not None:
-            for chunk in self.pending:
-                peer.transport.write(chunk)
-            self.pending.clear()
+        if peer.transport is None:
+            return
+        for chunk in self.pending:
+            peer.transport.write(chunk)
+        self.pending.clear()
+        if self.eof and peer.transport.can_write_eof():
+            peer.transport.write_eof()
+            if peer.eof and self.transport is not None:
+                peer.transport.close()
+                self.transport.close()
 
 
 class _Downstream(_Half):
     def __init__(self, forwarder: Forwarder) -> None:
         super().__init__()
         self.forwarder = forwarder
+        self._connecting: asyncio.Task[None] | None = None  # a reference, or the loop may drop the task
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         transport.pause_reading()  # type: ignore[attr-defined]
-        asyncio.get_running_loop().create_task(self._connect())
+        self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
