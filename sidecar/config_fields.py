@@ -234,7 +234,15 @@ def circuit_breaker_threshold(ctx: Ctx, value: Any, path: str) -> CircuitBreaker
     names = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
     check_keys(ctx, obj, path, names if ctx.strict else (*names, "priority"))
     defaults = CircuitBreakers()
-    return CircuitBreakers(**{n: as_int(ctx, obj.get(n, getattr(defaults, n)), sub(path, n)) for n in names})
+    breakers = CircuitBreakers(**{n: as_int(ctx, obj.get(n, getattr(defaults, n)), sub(path, n)) for n in names})
+    for n in _UNENFORCED_THRESHOLDS:
+        if n in obj:  # a limit someone set and expects to hold: say it does not (yet)
+            ctx.warn(sub(path, n), "parsed but not enforced (no limit applies)")
+    return breakers
+
+
+#: Circuit-breaker thresholds the data path does not apply yet (max_requests and max_retries are applied).
+_UNENFORCED_THRESHOLDS = ("max_connections", "max_pending_requests")
 
 
 # --- addresses ------------------------------------------------------------------

@@ -387,3 +387,21 @@ def test_short_errors(section, message):
 def test_short_public_admin_address():
     b = compile_short({"admin": {"port": 9901, "address": "0.0.0.0"}}, POD, public_admin=True)
     assert b.admin.address == "0.0.0.0"
+
+
+def test_unenforced_circuit_breaker_thresholds_warn_naming_the_field():
+    doc = _minimal()
+    doc["static_resources"]["clusters"][0]["circuit_breakers"] = {"thresholds": [
+        {"max_connections": 10, "max_pending_requests": 20, "max_requests": 30, "max_retries": 1}]}
+    b = compile_envoy(doc, POD)
+    path = "static_resources.clusters[0].circuit_breakers.thresholds[0]"
+    for field in ("max_connections", "max_pending_requests"):
+        assert sum(f"{path}.{field}: parsed but not enforced" in w for w in b.warnings) == 1, b.warnings
+    # max_requests and max_retries are applied by the router (upstream_rq_pending_overflow, _retry_overflow)
+    assert not any(".max_requests" in w or ".max_retries" in w for w in b.warnings), b.warnings
+    short = compile_short({"egress": {"port": 9001, "routes": [
+        {"host": "b", "to": "b:80", "circuit_breakers": {"max_connections": 1, "max_pending_requests": 1}}]}}, POD)
+    assert [w for w in short.warnings if "not enforced" in w] == [
+        "sidecar.egress.routes[0].circuit_breakers.max_connections: parsed but not enforced (no limit applies)",
+        "sidecar.egress.routes[0].circuit_breakers.max_pending_requests: parsed but not enforced (no limit applies)"]
+    assert not any("not enforced" in w for w in compile_envoy(_minimal(), POD).warnings)  # defaults: silent
