@@ -2,7 +2,8 @@
 
 Each process runs in its own session/process group so that a stop reaches its
 whole tree, and with PR_SET_PDEATHSIG so that it dies with the supervisor even
-before the reaper acts. Exit is noticed through a pidfd on the event loop (no
+before the reaper acts (set by an exec wrapper, see meshctl/parent_death.py:
+no Python runs between fork and exec, the supervisor has threads). Exit is noticed through a pidfd on the event loop (no
 threads, no SIGCHLD games). stdout and stderr are merged into one pipe that the
 supervisor reads line by line into the log file and the printer, so the order
 of a process's output is preserved and no line is lost on exit.
@@ -21,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from meshctl.parent_death import die_with_parent
+from meshctl.parent_death import launch_argv
 from meshctl.supervisor.logfile import RotatingLog
 from meshctl.supervisor.probes import probe
 from meshctl.supervisor.reaper import MARKER_ENV, sweep
@@ -39,14 +40,6 @@ PROBE_INTERVAL_S = 0.05
 PROBE_INTERVAL_MAX_S = 0.25
 #: A process without a readiness probe counts as ready once it has run this long.
 NO_PROBE_SETTLE_S = 0.25
-
-
-
-def _child_setup() -> None:
-    """Runs in the child between fork and exec: die with the supervisor."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 class State(StrEnum):
@@ -141,10 +134,12 @@ class ManagedProcess:
     async def _spawn(self) -> bool:
         loop = asyncio.get_running_loop()
         try:
+            # Signals: SIGPIPE goes back to default (restore_signals), SIGINT is handled by the supervisor
+            # and so resets to default at exec; the event loop thread spawns, and it lives as long as we do.
             popen = subprocess.Popen(
-                self.plan.argv, env=self.plan.env, cwd=self.plan.cwd, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_child_setup, close_fds=True)
+                launch_argv(self.plan.argv, self.plan.env, self.plan.cwd), env=self.plan.env, cwd=self.plan.cwd,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True)
         except OSError as exc:
             self.error = f"cannot start {self.plan.argv[0]!r}: {exc.strerror or exc}"
             self.on_event(self, self.error)
@@ -170,6 +165,12 @@ class ManagedProcess:
         def on_exit() -> None:
             loop.remove_reader(pidfd)
             os.close(pidfd)
+            # Leftovers of the group die now, while the unreaped leader keeps its pid (and so the group id)
+            # from being reused: after the wait() a stranger could own that group.
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             code = popen.wait()
             self.ready = False  # at once: `up -d` must never see a dead process as ready
             self.ready_event.clear()
@@ -255,13 +256,8 @@ class ManagedProcess:
         self.on_event(self, "ready")
 
     async def _drain(self) -> None:
-        """Collect the last output; kill leftovers of the group, and any descendant that left it
-        (a daemonised child would otherwise keep the port the next instance needs)."""
-        if self.pid is not None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        """Collect the last output; kill any descendant that left the group (a daemonised child would
+        otherwise keep the port the next instance needs; the group itself died in on_exit)."""
         run_id = self.plan.env.get(MARKER_ENV, "")
         if run_id:
             await asyncio.get_running_loop().run_in_executor(None, sweep, run_id, self.key)
@@ -332,7 +328,7 @@ class ManagedProcess:
             return []
 
     def _signal(self, sig: int, tree: list[psutil.Process]) -> None:
-        if self.pid is not None:
+        if self.pid is not None and self.is_alive():  # once reaped, the pid (and group id) may be reused
             try:
                 os.killpg(self.pid, sig)
             except (ProcessLookupError, PermissionError):
