@@ -61,7 +61,7 @@ def _ask(state: StateDir, method: str, url: str, timeout: float = 10.0) -> dict[
 
 def _check_project(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Mesh names become directory names: no paths, no surprises."""
-    from meshctl.state import valid_mesh_name
+    from pods.names import valid_mesh_name
 
     if value is not None and not valid_mesh_name(value):
         raise click.BadParameter(f"{value!r} is not a mesh name (lower-case letters, digits, '.', '_', '-')")

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from meshctl.client import ControlError, call
-from meshctl.state import StateDir, acquire_mesh_lock, aliases_in_use, all_meshes, running_meshes
+from meshctl.state import (
+    StateDir,
+    acquire_mesh_lock,
+    aliases_by_mesh,
+    all_meshes,
+    listening_aliases,
+    meshctl_home,
+    running_meshes,
+)
 from pods.plan import HostFacts, MeshPlan, plan_mesh
 from pods.source import Problem
 from pods.topology import PrometheusSpec
@@ -63,8 +71,8 @@ def _can_bind_privileged() -> bool:
     return os.geteuid() == 0
 
 
-def host_facts(mesh: str | None) -> HostFacts:
-    return HostFacts(environ=dict(os.environ), taken_aliases=frozenset(aliases_in_use(exclude=mesh)),
+def host_facts() -> HostFacts:
+    return HostFacts(environ=dict(os.environ), mesh_aliases=aliases_by_mesh(), listening_aliases=listening_aliases(),
                      unprivileged_port_start=_unprivileged_port_start(),
                      can_bind_privileged=_can_bind_privileged())
 
@@ -74,6 +82,7 @@ def make_plan(file: str, project: str | None = None, with_prometheus: bool = Fal
     """Load, check and plan ``file``; raises PlanError with every problem (warnings are in the plan)."""
     from pods.topology import TopologyError, load_topology
 
+    facts, home = host_facts(), meshctl_home()  # first: the plan itself reads nothing of the host
     try:
         topo = load_topology(file)
     except TopologyError as err:
@@ -85,7 +94,7 @@ def make_plan(file: str, project: str | None = None, with_prometheus: bool = Fal
         spec = PrometheusSpec()
     if spec is not None and prometheus_bin:
         spec = replace(spec, bin=prometheus_bin)
-    plan = plan_mesh(topo, StateDir.for_mesh(topo.name).root, host_facts(topo.name), prometheus=spec)
+    plan = plan_mesh(topo, home / topo.name, facts, prometheus=spec)
     if plan.errors:
         raise PlanError(list(plan.problems))
     return plan

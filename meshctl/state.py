@@ -11,10 +11,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pods.atomic_file import write_atomic
+from pods.names import valid_mesh_name
 
 HOME_ENV = "MESHCTL_HOME"
 #: AF_UNIX paths are limited to 108 bytes on Linux.
@@ -26,18 +28,7 @@ def meshctl_home() -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1), mode=0o600, durable=True)
 
 
 def process_alive(pid: int, create_time: float) -> bool:
@@ -121,11 +112,6 @@ class StateDir:
         return None
 
 
-_MESH_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-
-
-def valid_mesh_name(name: str) -> bool:
-    return bool(_MESH_NAME.match(name)) and ".." not in name
 
 
 def mesh_lock_held(state: StateDir) -> bool:
@@ -162,7 +148,7 @@ def all_meshes() -> list[StateDir]:
     home = meshctl_home()
     if not home.is_dir():
         return []
-    return sorted(StateDir(d) for d in home.iterdir() if d.is_dir() and _MESH_NAME.match(d.name)
+    return sorted(StateDir(d) for d in home.iterdir() if d.is_dir() and valid_mesh_name(d.name)
                   and (d / "state.json").exists())
 
 
@@ -170,24 +156,20 @@ def running_meshes() -> list[StateDir]:
     return [s for s in all_meshes() if s.supervisor_alive()]
 
 
-def aliases_in_use(exclude: str | None = None) -> set[str]:
-    """Addresses other meshes hold, plus loopback addresses with listening sockets.
+def aliases_by_mesh() -> dict[str, frozenset[str]]:
+    """The aliases each running mesh (under this MESHCTL_HOME) holds."""
+    return {s.mesh: frozenset((s.read_record() or {}).get("aliases", [])) for s in running_meshes()}
 
-    Checking the sockets too means meshes under another MESHCTL_HOME (or any
-    other program bound to an alias) are avoided as well.
-    """
+
+def listening_aliases() -> frozenset[str]:
+    """Loopback addresses with listening sockets: meshes under another MESHCTL_HOME, or any other program."""
     import psutil
 
     taken: set[str] = set()
-    for s in running_meshes():
-        if s.mesh == exclude:
-            continue
-        rec = s.read_record() or {}
-        taken.update(rec.get("aliases", []))
     try:
         for c in psutil.net_connections(kind="inet4"):
             if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.ip.startswith("127."):
                 taken.add(c.laddr.ip)
     except (psutil.AccessDenied, OSError):
         pass
-    return taken
+    return frozenset(taken)

@@ -12,7 +12,6 @@ helpers) can reuse it.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -68,28 +67,3 @@ def parse_hosts(text: str) -> dict[str, list[str]]:
 def read_hosts(path: str | os.PathLike) -> dict[str, list[str]]:
     with open(path, encoding="utf-8", errors="replace") as f:
         return parse_hosts(f.read())
-
-
-def write_hosts_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace the file in one step.
-
-    Services re-read their hosts file while running (scaling changes the set
-    of replicas), so a reader must see either the old or the new file, never a
-    truncated one. A temp file in the same directory keeps ``os.replace`` a
-    same-filesystem rename, which is atomic.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp creates 0600; hosts files are world-readable like /etc/hosts.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

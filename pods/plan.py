@@ -35,8 +35,17 @@ class HostFacts:
     """What the plan needs to know about the machine and the caller; read by the CLI, never here."""
 
     environ: Mapping[str, str]
-    #: Addresses other meshes (or other programs) hold: new aliases avoid them.
-    taken_aliases: frozenset[str] = frozenset()
+    #: Aliases each running mesh holds (a mesh's own are free to it again), and loopback addresses
+    #: something listens on: new aliases avoid them.
+    mesh_aliases: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    listening_aliases: frozenset[str] = frozenset()
+
+    def taken_aliases(self, mesh: str) -> set[str]:
+        taken = set(self.listening_aliases)
+        for other, aliases in self.mesh_aliases.items():
+            if other != mesh:
+                taken |= aliases
+        return taken
     unprivileged_port_start: int = 1024
     can_bind_privileged: bool = True
 
@@ -159,7 +168,7 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
     problems.extend(compiled.problems)
     if compiled.files:
         dirs.append(state_root / "sidecar")
-    layout = ReplicaLayout(topology=topology, replicas=assign_replicas(topology, facts.taken_aliases),
+    layout = ReplicaLayout(topology=topology, replicas=assign_replicas(topology, facts.taken_aliases(topology.name)),
                            hosts_dir=state_root / "hosts", run_id=run_id, base_env=dict(facts.environ),
                            sidecars=compiled.launches, admin_dir=state_root / "admin")
     prometheus_config = scrape_config(layout) if PROMETHEUS_POD in topology.pods else None

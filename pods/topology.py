@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pods.addressing import LOOPBACK, alias_problem, is_ip, replica_aliases
 from pods.durations import parse_duration
+from pods.names import valid_mesh_name
 from pods.source import Entry, Map, Node, Problem, Report, Scalar, Seq, describe, report_duplicates, to_python
 from pods.source import build as build_tree
 from pods.source import compose as compose_yaml
@@ -41,7 +42,6 @@ READY_KEYS = ("tcp", "http", "port", "exec")
 METRICS_KEYS = ("port", "path")
 PROMETHEUS_KEYS = ("port", "publish", "bin", "scrape_interval", "ip")
 
-_MESH_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _POD_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -330,7 +330,7 @@ class _Validator:
         if entry is None:
             return _default_mesh_name(self.path)
         name = self.string(entry.value, "name")
-        if name is not None and not _MESH_NAME.fullmatch(name):
+        if name is not None and not valid_mesh_name(name):
             self.error(entry.value, f"name {name!r} is not a valid mesh name (lowercase letters, digits, "
                                     "'_', '.', '-', starting with a letter or digit, at most 63 chars)")
         return name or _default_mesh_name(self.path)

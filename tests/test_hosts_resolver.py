@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 
 from pods.aio_resolver import MeshResolver
-from pods.hosts import HostEntry, parse_hosts, read_hosts, render_hosts, write_hosts_atomic
+from pods.atomic_file import write_atomic
+from pods.hosts import HostEntry, parse_hosts, read_hosts, render_hosts
 from pods.resolver import HostsResolver
 
 
@@ -54,9 +55,9 @@ fe80::1%lo    ll.service
 
 def test_write_atomic_replaces_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / "hosts"
-    write_hosts_atomic(path, render_hosts([HostEntry("127.0.200.1", ("x",))]))
+    write_atomic(path, render_hosts([HostEntry("127.0.200.1", ("x",))]))
     first_inode = os.stat(path).st_ino
-    write_hosts_atomic(path, render_hosts([HostEntry("127.0.200.2", ("x",))]))
+    write_atomic(path, render_hosts([HostEntry("127.0.200.2", ("x",))]))
     assert read_hosts(path) == {"x": ["127.0.200.2"]}
     assert os.stat(path).st_ino != first_inode
     assert os.stat(path).st_mode & 0o777 == 0o644
@@ -67,7 +68,7 @@ def test_write_atomic_readers_never_see_partial_file(tmp_path):
     path = tmp_path / "hosts"
     big = [HostEntry(f"127.0.{i // 250}.{i % 250 + 1}", (f"svc{i}.service",)) for i in range(3000)]
     texts = [render_hosts(big), render_hosts(big[::-1])]
-    write_hosts_atomic(path, texts[0])
+    write_atomic(path, texts[0])
     stop = threading.Event()
     bad: list[int] = []
 
@@ -80,7 +81,7 @@ def test_write_atomic_readers_never_see_partial_file(tmp_path):
     thread.start()
     try:
         for i in range(50):
-            write_hosts_atomic(path, texts[i % 2])
+            write_atomic(path, texts[i % 2])
     finally:
         stop.set()
         thread.join()
@@ -89,13 +90,13 @@ def test_write_atomic_readers_never_see_partial_file(tmp_path):
 
 def test_hosts_resolver_lookup_and_reload(tmp_path):
     path = tmp_path / "hosts"
-    write_hosts_atomic(path, "127.0.200.1 b.service\n")
+    write_atomic(path, "127.0.200.1 b.service\n")
     resolver = HostsResolver(str(path))
     assert resolver.lookup("b.service") == ["127.0.200.1"]
     assert resolver.lookup("B.Service.") == ["127.0.200.1"]
     assert resolver.lookup("nothing.service") == []
 
-    write_hosts_atomic(path, "127.0.200.1 b.service\n127.0.201.1 b.service\n")
+    write_atomic(path, "127.0.200.1 b.service\n127.0.201.1 b.service\n")
     time.sleep(0.6)  # the file is re-checked at most every 0.5 s
     assert resolver.lookup("b.service") == ["127.0.200.1", "127.0.201.1"]
 
@@ -106,7 +107,7 @@ def test_hosts_resolver_lookup_and_reload(tmp_path):
 
 def test_hosts_resolver_resolve_order_and_fallback(tmp_path, monkeypatch):
     path = tmp_path / "hosts"
-    write_hosts_atomic(path, "127.0.200.7 localhost-ish.service\n127.0.200.8 localhost\n")
+    write_atomic(path, "127.0.200.7 localhost-ish.service\n127.0.200.8 localhost\n")
     resolver = HostsResolver(str(path))
     assert resolver.resolve("127.0.200.9") == ["127.0.200.9"]
     assert resolver.resolve("::1") == ["::1"]
@@ -131,7 +132,7 @@ def test_hosts_resolver_without_path(monkeypatch):
 
 def test_mesh_resolver_results_and_family_filter(tmp_path):
     path = tmp_path / "hosts"
-    write_hosts_atomic(path, "127.0.200.1 b.service\n127.0.201.1 b.service\n::1 b.service\n")
+    write_atomic(path, "127.0.200.1 b.service\n127.0.201.1 b.service\n::1 b.service\n")
 
     async def run() -> None:
         resolver = MeshResolver(str(path))
@@ -162,7 +163,7 @@ def test_mesh_resolver_results_and_family_filter(tmp_path):
 def test_mesh_resolver_drives_a_real_client_session(tmp_path):
     path = tmp_path / "hosts"
     # The first replica is down: aiohttp must fall over to the second one.
-    write_hosts_atomic(path, "127.0.208.1 hello.service\n127.0.209.1 hello.service\n")
+    write_atomic(path, "127.0.208.1 hello.service\n127.0.209.1 hello.service\n")
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text=f"hello from {request.host}")

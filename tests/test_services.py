@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pods.hosts import HostEntry, render_hosts, write_hosts_atomic
+from pods.atomic_file import write_atomic
+from pods.hosts import HostEntry, render_hosts
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT, METRICS_PORT = 18080, 18081
@@ -101,7 +102,7 @@ def start_b(spawn, alias: str, error_rate: str) -> Service:
 
 def start_a(spawn, tmp_path: Path, alias: str, b_alias: str, upstream: str | None = None) -> Service:
     hosts = tmp_path / f"hosts-{alias}"
-    write_hosts_atomic(hosts, render_hosts([HostEntry(b_alias, ("b.service",))], header="test pod"))
+    write_atomic(hosts, render_hosts([HostEntry(b_alias, ("b.service",))], header="test pod"))
     a = spawn(
         "a",
         SERVICE_HOST="0.0.0.0",
@@ -250,7 +251,7 @@ def test_a_honours_http_proxy(spawn, tmp_path):
     # egress proxy; nowhere.service resolves nowhere, so only the proxy path works.
     b = start_b(spawn, "127.0.200.1", "0")
     hosts = tmp_path / "empty-hosts"
-    write_hosts_atomic(hosts, "")
+    write_atomic(hosts, "")
     a = spawn(
         "a",
         SERVICE_PORT=str(PORT),
@@ -269,7 +270,7 @@ def test_a_honours_http_proxy(spawn, tmp_path):
 def test_a_honours_no_proxy(spawn, tmp_path):
     start_b(spawn, "127.0.200.1", "0")
     hosts = tmp_path / "hosts"
-    write_hosts_atomic(hosts, "127.0.200.1 b.service\n")
+    write_atomic(hosts, "127.0.200.1 b.service\n")
     a = spawn(
         "a",
         SERVICE_PORT=str(PORT),

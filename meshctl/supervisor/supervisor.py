@@ -26,7 +26,7 @@ from meshctl.supervisor.logfile import RotatingLog
 from meshctl.supervisor.printer import Printer
 from meshctl.supervisor.process import ManagedProcess
 from meshctl.supervisor.reaper import kill_groups_since, kill_run
-from pods.hosts import write_hosts_atomic
+from pods.atomic_file import write_atomic
 from pods.plan import MeshPlan
 
 
@@ -160,7 +160,7 @@ class Supervisor:
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state.root / "admin", 0o700)  # the sidecars' admin sockets: the owner only
         for path, text in self.plan.files.items():
-            write_hosts_atomic(path, text)
+            write_atomic(path, text)
         self._start_reaper()
         self._write_record()
         runner = None
