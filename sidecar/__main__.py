@@ -14,6 +14,7 @@ no_tls.install()  # before asyncio is imported anywhere: see sidecar/no_tls.py
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -44,14 +45,18 @@ def load(args: argparse.Namespace, pod_ip: str) -> Bootstrap:
     return compile_short(section or {}, pod_ip, public_admin=args.public_admin, source=args.config)
 
 
-async def serve(config: Bootstrap, pod_ip: str, hosts: str | None, source: str) -> int:
+log = logging.getLogger("sidecar")
+
+
+async def serve(config: Bootstrap, pod_ip: str, hosts: str | None, source: str,
+                admin_socket: str | None = None) -> int:
     from sidecar.app import Sidecar
 
-    sidecar = Sidecar(config, pod_ip, hosts, source)
+    sidecar = Sidecar(config, pod_ip, hosts, source, admin_socket=admin_socket)
     try:
         await sidecar.start()
     except OSError as exc:
-        print(f"sidecar: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        log.error("cannot listen: %s", exc.strerror or exc)
         await sidecar.shutdown()
         return 1
     loop = asyncio.get_running_loop()
@@ -59,6 +64,8 @@ async def serve(config: Bootstrap, pod_ip: str, hosts: str | None, source: str) 
         loop.add_signal_handler(sig, sidecar.request_stop)
     names = ", ".join(f"{lst.name}={lst.address}:{lst.port}" for lst in config.listeners)
     admin = f"; admin {config.admin.address}:{config.admin.port}" if config.admin else ""
+    if admin_socket:
+        admin += f"; admin socket {admin_socket}"
     print(f"sidecar: live: {names}{admin}", file=sys.stderr, flush=True)
     await sidecar.serve()
     return 0
@@ -73,8 +80,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="the pod alias: what 0.0.0.0/127.0.0.1/localhost mean (default $POD_IP)")
     parser.add_argument("--hosts", default=os.environ.get("MESH_HOSTS"), help="hosts file (default $MESH_HOSTS)")
     parser.add_argument("--public-admin", action="store_true", help="let the admin bind a non-pod address")
+    parser.add_argument("--admin-socket", metavar="PATH",
+                        help="serve the whole admin (POST /quitquitquit, /healthcheck/*, /config_dump) on this "
+                             "Unix socket, mode 0600; the TCP admin port only serves read-only pages")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="sidecar: %(levelname)s: %(message)s")
     try:
         config = load(args, args.pod_ip)
     except ConfigError as exc:
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sidecar: warning: {warning}", file=sys.stderr)
     if args.check:
         return
-    code = run_loop(serve(config, args.pod_ip, args.hosts, args.envoy or args.config))
+    code = run_loop(serve(config, args.pod_ip, args.hosts, args.envoy or args.config, args.admin_socket))
     sys.exit(code)
 
 

@@ -3,26 +3,45 @@
 Served by the same HTTP/1 protocol as the data path (no web framework: the
 sidecar's memory budget is 25 MB). Bound to the pod alias unless the
 topology opts in to a public address.
+
+Two doors: the TCP port is reachable by every pod and local user, so it only
+serves what Prometheus and readiness probes read; what changes the sidecar's
+state or shows its configuration is served on the admin Unix socket
+(``--admin-socket``, mode 0600), and answers 403 on TCP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 import os
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from sidecar.server import Stream
+import re2
+
+from sidecar.server import DownstreamProtocol, Handler, HandlerOnly, Stream
 
 if TYPE_CHECKING:
     from sidecar.app import Sidecar
 
 VERSION = "meshctl-sidecar/0.1.0 (Envoy-compatible admin subset)"
 JSON = b"application/json"
+#: Served on the TCP port too: read-only and free of secrets (Prometheus, readiness probes, meshctl stats).
+PUBLIC_PATHS = frozenset({"/", "/stats", "/stats/prometheus", "/clusters", "/ready", "/server_info"})
+#: A ?filter= search over all stat names gives up after this long (RE2 is linear, but in pattern size too).
+FILTER_BUDGET_S = 2.0
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad filter is the client's error, answered with a 400, not a log line
+_RE2_OPTIONS.max_mem = 1 << 20  # bounds the compiled program, hence compile time and per-name search time
+
+log = logging.getLogger("sidecar.admin")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -39,9 +58,38 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+class AdminConnections(HandlerOnly):
+    """The admin's connection manager: its connections join the sidecar's idle sweep, like a listener's,
+    so a client that connects and goes silent cannot hold one forever."""
+
+    def __init__(self, handler: Handler, connections: set[DownstreamProtocol]) -> None:
+        super().__init__(handler)
+        self.connections = connections
+
+    def on_connection_open(self, conn: DownstreamProtocol) -> None:
+        self.connections.add(conn)
+
+    def on_connection_close(self, conn: DownstreamProtocol) -> None:
+        self.connections.discard(conn)
+
+
+def _search_all(rx: Any, names: list[str], deadline: float) -> set[str] | None:
+    """The names ``rx`` finds something in; None when past ``deadline`` (runs in the regex thread: RE2
+    releases the GIL, so the event loop keeps serving meanwhile)."""
+    out = set()
+    for name in names:
+        if rx.search(name):
+            out.add(name)
+        if time.monotonic() > deadline:
+            return None
+    return out
+
+
 class Admin:
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: Sidecar, socket_path: str | None = None) -> None:
         self.sidecar = sidecar
+        self.socket_path = socket_path
+        self._regex_thread: ThreadPoolExecutor | None = None  # one: concurrent filters queue, never pile up cores
         self.routes: dict[str, tuple[str, Callable[[Stream, dict[str, list[str]]], None], str]] = {
             "/": ("GET", self.index, "this page"),
             "/stats": ("GET", self.stats, "counters, gauges, histograms (?format=json|prometheus, ?filter=RE)"),
@@ -55,11 +103,24 @@ class Admin:
             "/healthcheck/ok": ("POST", self.hc_ok, "pass readiness again"),
         }
 
-    def handle(self, stream: Stream) -> None:
+    def handle_tcp(self, stream: Stream) -> None:
+        """A request on the TCP port: anyone who can reach the pod."""
+        self._handle(stream, trusted=False)
+
+    def handle_socket(self, stream: Stream) -> None:
+        """A request on the admin socket: only the sidecar's own user can connect (mode 0600)."""
+        self._handle(stream, trusted=True)
+
+    def _handle(self, stream: Stream, trusted: bool) -> None:
         path, _, query = stream.url.decode("latin-1").partition("?")
         entry = self.routes.get(path)
         if entry is None:
             stream.reply(404, b"invalid path. admin commands are:\n" + self._help())
+            return
+        if not trusted and path not in PUBLIC_PATHS:
+            where = (f"on the admin socket {self.socket_path}" if self.socket_path
+                     else "on the admin socket, and this sidecar has none (--admin-socket PATH)")
+            stream.reply(403, f"{path} is only served {where}\n".encode())
             return
         method, fn, _ = entry
         if method == "POST" and stream.method != b"POST":
@@ -68,7 +129,8 @@ class Admin:
         fn(stream, parse_qs(query))
 
     def _help(self) -> bytes:
-        return "".join(f"  {p}: {d}\n" for p, (_, _, d) in self.routes.items()).encode()
+        return "".join(f"  {p}: {d}{'' if p in PUBLIC_PATHS else ' [admin socket only]'}\n"
+                       for p, (_, _, d) in self.routes.items()).encode()
 
     def index(self, stream: Stream, q: dict[str, list[str]]) -> None:
         stream.reply(200, b"admin commands are:\n" + self._help())
@@ -76,20 +138,65 @@ class Admin:
     def stats(self, stream: Stream, q: dict[str, list[str]]) -> None:
         fmt = q.get("format", ["text"])[0]
         filt = q.get("filter", [None])[0]
+        used_only = "usedonly" in q
         store = self.sidecar.store
         self.sidecar.refresh_server_stats()
+        if fmt == "prometheus":
+            self.prometheus(stream, q)
+            return
+        if not filt:
+            self._reply_stats(stream, fmt, store.render_json(None, used_only) if fmt == "json"
+                              else store.render_text(None, used_only))
+            return
+        # Envoy's filter is an RE2 regex: linear time, no backtracking (a Python `re` pattern such as
+        # ([a-z_]+)+X takes exponential time and would wedge the event loop, the data path included).
         try:
-            if filt:
-                re.compile(filt)
-        except re.error as exc:
-            stream.reply(400, f"invalid regex: {exc}\n".encode())
+            rx = re2.compile(filt, _RE2_OPTIONS)
+        except re2.error as exc:
+            msg = exc.args[0] if exc.args else b"invalid"
+            stream.reply(400, b"Invalid re2 regex: " + (msg if isinstance(msg, bytes) else str(msg).encode()))
+            return
+        rendered = store.render_json(None, used_only) if fmt == "json" else store.render_text(None, used_only)
+        asyncio.get_running_loop().create_task(self._filtered(stream, rx, fmt, rendered))
+
+    async def _filtered(self, stream: Stream, rx: Any, fmt: str, rendered: Any) -> None:
+        """Search the stat names off the loop, then answer with the rendering narrowed to the matches."""
+        if fmt == "json":
+            stats = rendered["stats"]
+            hists = stats[-1]["histograms"]["computed_quantiles"] if stats and "histograms" in stats[-1] else []
+            names = [s["name"] for s in stats if "name" in s] + [h["name"] for h in hists]
+        else:
+            lines = rendered.splitlines()
+            names = [ln.partition(": ")[0] for ln in lines]
+        if self._regex_thread is None:
+            self._regex_thread = ThreadPoolExecutor(1, thread_name_prefix="admin-filter")
+        try:
+            keep = await asyncio.get_running_loop().run_in_executor(
+                self._regex_thread, _search_all, rx, names, time.monotonic() + FILTER_BUDGET_S)
+        except RuntimeError:  # the executor was shut down: the sidecar is stopping
+            return
+        if keep is None:
+            log.warning("stats filter %r gave up after %.1f s", rx.pattern, FILTER_BUDGET_S)
+            stream.reply(503, f"filter took longer than {FILTER_BUDGET_S:g} s; simplify the regex\n".encode())
             return
         if fmt == "json":
-            stream.reply(200, json.dumps(store.render_json(filt)).encode(), content_type=JSON)
-        elif fmt == "prometheus":
-            self.prometheus(stream, q)
+            rendered["stats"] = [s for s in stats if s.get("name", "") in keep or "histograms" in s]
+            hists[:] = [h for h in hists if h["name"] in keep]
         else:
-            stream.reply(200, store.render_text(filt, used_only="usedonly" in q).encode())
+            rendered = "".join(ln + "\n" for ln, n in zip(lines, names, strict=True) if n in keep)
+        self._reply_stats(stream, fmt, rendered)
+
+    @staticmethod
+    def _reply_stats(stream: Stream, fmt: str, rendered: Any) -> None:
+        if fmt == "json":
+            stream.reply(200, json.dumps(rendered).encode(), content_type=JSON)
+        else:
+            stream.reply(200, rendered.encode())
+
+    def close(self) -> None:
+        """Stop the filter thread (a search under way ends at its deadline; nobody waits for it)."""
+        if self._regex_thread is not None:
+            self._regex_thread.shutdown(wait=False, cancel_futures=True)
 
     def prometheus(self, stream: Stream, q: dict[str, list[str]]) -> None:
         self.sidecar.refresh_server_stats()

@@ -8,25 +8,36 @@ after its sidecar is ready never sees a refused egress connection.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
 import time
+from collections.abc import Callable
 
 from pods.resolver import HostsResolver
 from sidecar.access_log import AccessLogger
-from sidecar.admin import Admin
+from sidecar.admin import Admin, AdminConnections
 from sidecar.cluster import ClusterRuntime
 from sidecar.config import Bootstrap
 from sidecar.router import HcmRuntime
-from sidecar.server import DownstreamProtocol, HandlerOnly
+from sidecar.server import DownstreamProtocol, Handler
 from sidecar.stats import ClusterStats, HcmStats, ListenerStats, ServerStats, Store
 
 DRAIN_S = 5.0
 IDLE_SWEEP_S = 1.0
 
+log = logging.getLogger("sidecar")
+
 
 class Sidecar:
     def __init__(self, config: Bootstrap, pod_ip: str | None = None, hosts_path: str | None = None,
-                 source: str = "") -> None:
+                 source: str = "", admin_socket: str | None = None) -> None:
         self.config = config
+        self.admin_socket = admin_socket
+        self._socket_inode: int | None = None  # of the admin socket we bound: never unlink someone else's
+        self.admin: Admin | None = None
         self.pod_ip = pod_ip
         self.source = source
         self.resolver = HostsResolver(hosts_path)
@@ -35,6 +46,7 @@ class Sidecar:
         self.clusters: dict[str, ClusterRuntime] = {}
         self.loggers: dict[str, AccessLogger] = {}
         self.servers: list[asyncio.AbstractServer] = []
+        self.connections: set[DownstreamProtocol] = set()  # the admin's; each HcmRuntime keeps its own
         self.hcms: list[HcmRuntime] = []
         self.state = "PRE_INITIALIZING"
         self.started = time.monotonic()
@@ -65,11 +77,16 @@ class Sidecar:
                                                                           hcm.cfg.stream_idle_timeout_s),
                 lst.address, lst.port, reuse_address=True, backlog=2048)
             self.servers.append(server)
-        if self.config.admin is not None:
-            admin = Admin(self)
-            a = self.config.admin
-            self.servers.append(await loop.create_server(
-                lambda: DownstreamProtocol(HandlerOnly(admin.handle)), a.address, a.port, reuse_address=True))
+        a = self.config.admin
+        if a is not None or self.admin_socket:
+            self.admin = Admin(self, self.admin_socket)
+            idle = a.idle_timeout_s if a is not None else 300.0
+            if a is not None:
+                self.servers.append(await loop.create_server(
+                    self._admin_factory(self.admin.handle_tcp, idle), a.address, a.port, reuse_address=True))
+            if self.admin_socket:
+                self.servers.append(await loop.create_unix_server(
+                    self._admin_factory(self.admin.handle_socket, idle), sock=self._bind_admin_socket()))
         for logger in self.loggers.values():
             await logger.start()
         self._sweeper = loop.create_task(self._sweep_idle())
@@ -87,8 +104,42 @@ class Sidecar:
                     conn.close()
 
     def all_connections(self) -> list[DownstreamProtocol]:
-        """Every open data-path connection (a copy: closing one changes its manager's set)."""
-        return [c for hcm in self.hcms for c in hcm.connections]
+        """Every open connection, admin and data path (a copy: closing one changes the sets)."""
+        return [*self.connections, *(c for hcm in self.hcms for c in hcm.connections)]
+
+    def _bind_admin_socket(self) -> socket.socket:
+        """The admin socket, mode 0600 from birth (umask at bind: no window in which another user could connect).
+
+        A socket file left by a previous run is replaced; one a live process still answers on is not.
+        """
+        path = self.admin_socket
+        assert path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(path) == 0:
+                    raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        self._socket_inode = os.stat(path).st_ino
+        return sock
+
+    def _admin_factory(self, handler: Handler, idle_timeout_s: float) -> Callable[[], DownstreamProtocol]:
+        manager = AdminConnections(handler, self.connections)
+        return lambda: DownstreamProtocol(manager, idle_timeout_s=idle_timeout_s)
 
     def refresh_server_stats(self) -> None:
         self.server_stats.refresh(time.monotonic() - self.started, self.state)
@@ -107,6 +158,9 @@ class Sidecar:
             self._sweeper.cancel()
         for s in self.servers:
             s.close()
+        if self.admin is not None:
+            self.admin.close()
+        self._unlink_admin_socket()
         deadline = time.monotonic() + DRAIN_S
         while time.monotonic() < deadline and any(c.active is not None for c in self.all_connections()):
             await asyncio.sleep(0.02)
@@ -116,3 +170,12 @@ class Sidecar:
             cluster.close()
         for logger in self.loggers.values():
             logger.close()
+
+    def _unlink_admin_socket(self) -> None:
+        if self.admin_socket and self._socket_inode is not None:
+            try:
+                if os.stat(self.admin_socket).st_ino == self._socket_inode:
+                    os.unlink(self.admin_socket)
+            except OSError as exc:
+                log.warning("cannot remove the admin socket %s: %s", self.admin_socket, exc.strerror or exc)
+            self._socket_inode = None

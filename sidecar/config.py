@@ -147,6 +147,7 @@ class Admin:
     address: str
     port: int
     access_log_path: str | None = None
+    idle_timeout_s: float = 300.0  # admin connections silent this long are closed, like the listeners' (Envoy's 5 min)
 
 
 @dataclass(frozen=True)

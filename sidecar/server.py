@@ -346,6 +346,8 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
             return
         stream = s or Stream(self)
         stream.keep_alive = False
+        if not stream.method and stream.url:  # (the parser's method is only meaningful once a URL followed it)
+            stream.method = self.parser.get_method()  # known from the request line, even if the head failed later
         stream.describe_request()
         if flag is not None:
             stream.info.response_flags.append(flag)
@@ -356,6 +358,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         self._send_error(stream, status, body)
 
     def _send_error(self, stream: Stream, status: int, body: bytes) -> None:
+        stream.done = True  # answered: the close below must not log it a second time as a client reset
         self.manager.on_stream_done(stream, StreamEnd.PROTOCOL_ERROR)
         hdrs: Headers = [(b"content-type", b"text/plain")] if body else []
         self.write(status_line(status) + serialize_headers(hdrs)
@@ -479,11 +482,10 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         tokens = [t.strip().lower() for n, v in s.headers if n == b"connection" for t in v.split(b",")]
         if len(tokens) > MAX_CONNECTION_TOKENS:
             raise _Reject(400, BAD_REQUEST)
-        for t in tokens:
-            if t in _NOT_NOMINABLE or t[:1] == b":":
-                raise _Reject(400, BAD_REQUEST)
-            if t == b"host" and (s.url[:1] == b"/" or s.url == b"*"):
-                raise _Reject(400, b"", None)
+        if any(t in _NOT_NOMINABLE or t[:1] == b":" for t in tokens):
+            raise _Reject(400, BAD_REQUEST)
+        if b"host" in tokens and (s.url[:1] == b"/" or s.url == b"*"):
+            raise _Reject(400, b"", None)
 
     def on_body(self, body: bytes) -> None:
         s = self.current

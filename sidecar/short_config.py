@@ -90,7 +90,7 @@ def _access_logs(ctx: Ctx, value: Any, path: str) -> tuple[AccessLog, ...]:
 
 def _admin(ctx: Ctx, value: Any, path: str, pod_ip: str, public_admin: bool) -> Admin:
     obj = as_dict(ctx, value, path)
-    check_keys(ctx, obj, path, ("port", "address") if public_admin else ("port",),
+    check_keys(ctx, obj, path, ("port", "idle_timeout", "address") if public_admin else ("port", "idle_timeout"),
                errors={} if public_admin else {
                    "address": "the admin interface is always bound to the pod alias (enable public admin to "
                               "choose an address)"})
@@ -99,7 +99,10 @@ def _admin(ctx: Ctx, value: Any, path: str, pod_ip: str, public_admin: bool) -> 
     if public_admin and "address" in obj:
         written = as_str(ctx, obj["address"], sub(path, "address"))
         address = written if written in ("0.0.0.0", "::") else local_host(written, pod_ip)
-    return Admin(address=address, port=port)
+    kw = {}
+    if obj.get("idle_timeout") is not None:
+        kw["idle_timeout_s"] = duration(ctx, obj["idle_timeout"], sub(path, "idle_timeout"))
+    return Admin(address=address, port=port, **kw)
 
 
 def _target(ctx: Ctx, value: Any, path: str, pod_ip: str, default_host: str | None = None) -> tuple[str, int]:

@@ -93,12 +93,15 @@ class SidecarProc:
     """One real sidecar subprocess; stopped (SIGTERM, then kill) by ``stop``."""
 
     def __init__(self, workdir: Path, pod_ip: str, admin_port: int, *, config: dict | None = None,
-                 envoy: str | None = None, hosts: str | None = None) -> None:
+                 envoy: str | None = None, hosts: str | None = None, admin_socket: bool = False) -> None:
         self.workdir = workdir
         self.pod_ip = pod_ip
         self.admin_port = admin_port
         workdir.mkdir(parents=True, exist_ok=True)
         self.args = [sys.executable, "-m", "sidecar", "--pod-ip", pod_ip]
+        self.admin_socket = str(workdir / "admin.sock") if admin_socket else None
+        if self.admin_socket:
+            self.args += ["--admin-socket", self.admin_socket]
         if envoy is not None:
             self.args += ["--envoy", envoy]
         else:
@@ -191,6 +194,31 @@ def egress(host: str, path: str, **kw: Any) -> Resp:
 
 def admin_get(path: str, *, ip: str = POD, port: int = ADMIN, method: str = "GET") -> Resp:
     return request(ip, port, path, method=method)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.unix_path)
+        self.sock = s
+
+
+def admin_socket_request(sock_path: str, path: str, method: str = "GET", timeout: float = 10) -> Resp:
+    """One request on the admin Unix socket (``--admin-socket``)."""
+    conn = _UnixHTTPConnection(sock_path, timeout)
+    t0 = time.monotonic()
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        data = r.read()
+        return Resp(r.status, {k.lower(): v for k, v in r.getheaders()}, data, time.monotonic() - t0)
+    finally:
+        conn.close()
 
 
 def raw_exchange(ip: str, port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -325,7 +353,7 @@ def sidecar(workdir: Path, upstream: UpstreamServer, access_log: Path) -> Iterat
         "egress": {"port": EGRESS, "routes": EGRESS_ROUTES},
     }
     hosts = "".join(f"{ip}\tlb-rr.pod lb-rand.pod lb-lr.pod\n" for ip in LB_IPS)
-    sc = SidecarProc(workdir / "main", POD, ADMIN, config=config, hosts=hosts)
+    sc = SidecarProc(workdir / "main", POD, ADMIN, config=config, hosts=hosts, admin_socket=True)
     sc.start()
     yield sc
     sc.stop()
@@ -946,17 +974,19 @@ def test_admin_endpoints(alive):
     assert clusters.status == 200
     assert f"{up(U_B)}::{upa(U_B)}::health_flags::healthy" in clusters.body.decode()
     assert "lb-rr.pod::127.0.152.2:18000::weight::1" in clusters.body.decode()
-    dump = admin_get("/config_dump")
+    sock = alive.admin_socket
+    assert sock is not None
+    dump = admin_socket_request(sock, "/config_dump")
     assert dump.status == 200 and isinstance(dump.json(), dict)
     info = admin_get("/server_info")
     assert info.status == 200 and info.json()["state"] == "LIVE"
-    assert admin_get("/quitquitquit").status == 405
-    assert admin_get("/healthcheck/fail", method="POST").status == 200
+    assert admin_socket_request(sock, "/quitquitquit").status == 405
+    assert admin_socket_request(sock, "/healthcheck/fail", method="POST").status == 200
     try:
         r = admin_get("/ready")
         assert r.status == 503
     finally:
-        assert admin_get("/healthcheck/ok", method="POST").status == 200
+        assert admin_socket_request(sock, "/healthcheck/ok", method="POST").status == 200
     assert admin_get("/ready").status == 200
     assert admin_get("/no-such-page").status == 404
 
@@ -964,12 +994,14 @@ def test_admin_endpoints(alive):
 def test_admin_quitquitquit(workdir):
     pod = "127.0.155.1"
     sc = SidecarProc(workdir / "quit", pod, ADMIN, config={"admin": {"port": ADMIN}, "access_log": False,
-                                                           "ingress": {"port": INGRESS, "to": UP_PORT}})
+                                                           "ingress": {"port": INGRESS, "to": UP_PORT}},
+                     admin_socket=True)
     sc.start()
     try:
-        assert admin_get("/quitquitquit", ip=pod).status == 405
+        assert sc.admin_socket is not None
+        assert admin_socket_request(sc.admin_socket, "/quitquitquit").status == 405
         assert sc.alive()
-        assert admin_get("/quitquitquit", ip=pod, method="POST").status == 200
+        assert admin_socket_request(sc.admin_socket, "/quitquitquit", method="POST").status == 200
         assert sc.proc is not None
         assert sc.proc.wait(5) == 0
     finally:
