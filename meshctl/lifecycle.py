@@ -156,6 +156,10 @@ def run_supervisor(plan: MeshPlan, state: StateDir, foreground: bool) -> int:
     from meshctl.supervisor.supervisor import Supervisor
     from pods.runloop import run as run_loop
 
+    if not foreground:  # supervisor.log: one line per event, with time and level
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     sup = Supervisor(plan, state, Printer() if foreground else None)
 
     async def main_task() -> int:

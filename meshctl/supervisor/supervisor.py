@@ -9,6 +9,7 @@ a ``kill -9`` leaves a process behind.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -28,6 +29,8 @@ from meshctl.supervisor.process import ManagedProcess
 from meshctl.supervisor.reaper import kill_groups_since, kill_run
 from pods.atomic_file import write_atomic
 from pods.plan import MeshPlan
+
+log = logging.getLogger(__name__)
 
 
 def reap_record(state: StateDir) -> int:
@@ -69,9 +72,15 @@ class Supervisor:
         if self.printer is not None:
             self.printer.line(proc.key, line)
 
-    def _on_event(self, proc: ManagedProcess, text: str) -> None:
+    def _event(self, text: str, error: bool = False) -> None:
+        """Mesh events: on the terminal in the foreground, in supervisor.log (via logging) under `up -d`."""
         if self.printer is not None:
-            self.printer.event(f"{proc.key} {text}", error="exited" in text or "cannot" in text)
+            self.printer.event(text, error=error)
+        else:
+            log.log(logging.ERROR if error else logging.INFO, "%s", text)
+
+    def _on_event(self, proc: ManagedProcess, text: str) -> None:
+        self._event(f"{proc.key} {text}", error="exited" in text or "cannot" in text)
 
     def _on_change(self, proc: ManagedProcess) -> None:
         pgid = proc.pid if proc.is_alive() else None
@@ -88,8 +97,7 @@ class Supervisor:
         if (not self._all_ready_reported and self.processes
                 and all(p.ready for p in self.processes)):
             self._all_ready_reported = True
-            if self.printer is not None:
-                self.printer.event(f"mesh {self.plan.mesh} ready: {len(self.plan.replicas())} "
+            self._event(f"mesh {self.plan.mesh} ready: {len(self.plan.replicas())} "
                                    f"replicas, {len(self.processes)} processes in "
                                    f"{time.monotonic() - self.started:.2f}s")
 
@@ -154,8 +162,8 @@ class Supervisor:
     async def run(self) -> int:
         self.state.create()
         left = reap_record(self.state)
-        if left and self.printer is not None:
-            self.printer.event(f"cleaned up {left} processes left by a previous supervisor")
+        if left:
+            self._event(f"cleaned up {left} processes left by a previous supervisor")
         for d in self.plan.dirs:
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state.root / "admin", 0o700)  # the sidecars' admin sockets: the owner only
@@ -195,8 +203,7 @@ class Supervisor:
             reaper.wait()
             if self._stop.is_set() or self._reaper is not reaper:
                 return
-            if self.printer is not None:
-                self.printer.event("the reaper died; starting a new one", error=True)
+            self._event("the reaper died; starting a new one", error=True)
             self._start_reaper()
             for pgid in self._reported_pgids.values():
                 self._tell_reaper(f"+{pgid}")
@@ -212,10 +219,7 @@ class Supervisor:
                 except OSError as exc:
                     msg = (f"{self.plan.source}:{pub.line}: cannot publish {pub.host_ip}:{pub.host_port} "
                            f"for pod '{pod.name}': {exc.strerror or exc}")
-                    if self.printer is not None:
-                        self.printer.event(msg, error=True)
-                    else:
-                        print(msg, file=sys.stderr, flush=True)
+                    self._event(msg, error=True)
                     return False
                 self.forwarders.append(fwd)
                 self._forwarder_pods.append((pod.name, fwd))
@@ -244,8 +248,8 @@ class Supervisor:
             proc.start()
 
     async def _shutdown(self) -> None:
-        if self.printer is not None and self.processes:
-            self.printer.event("stopping" + (" (forced)" if self._force else ""))
+        if self.processes:
+            self._event("stopping" + (" (forced)" if self._force else ""))
         for fwd in self.forwarders:
             await fwd.close()
         grace = 0.0 if self._force else None
@@ -271,8 +275,8 @@ class Supervisor:
         rec.pop("supervisor", None)
         rec["processes"] = []
         self.state.write_record(rec)
-        if self.printer is not None and self.processes:
-            self.printer.event(f"stopped {len(self.processes)} processes")
+        if self.processes:
+            self._event(f"stopped {len(self.processes)} processes")
 
     def force_now(self) -> None:
         """Second Ctrl-C: do not wait for grace periods."""
