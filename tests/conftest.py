@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -94,3 +96,77 @@ def meshctl() -> Iterator[Meshctl]:
                     p.kill()
                 assert not leftovers, f"processes left behind by mesh {project}: {leftovers}"
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ports: tests take free ones; a test about the seed's fixed ports skips when it cannot have them.
+
+# An address no test pod uses: binding a port here tells whether a pod alias could bind it (the
+# privilege for ports < 1024, or a wildcard listener of another program holding the port).
+POD_ALIAS_PROBE = "127.255.254.1"
+
+
+def free_port(ip: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at ``ip`` right now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def bind_problem(ip: str, port: int) -> str | None:
+    """Why a server could not bind ``ip:port`` here, or None when it can."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no obstacle
+        try:
+            s.bind((ip, port))
+        except PermissionError:
+            return (f"port {port} needs root or CAP_NET_BIND_SERVICE (uid {os.geteuid()}, unprivileged ports "
+                    f"start at {_unprivileged_port_start()})")
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"{ip}:{port} is already in use by another program"
+            return f"cannot bind {ip}:{port}: {exc}"
+    return None
+
+
+def _unprivileged_port_start() -> str:
+    try:
+        return Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text().strip()
+    except OSError:
+        return "1024"
+
+
+def can_bind(ip: str, port: int) -> bool:
+    return bind_problem(ip, port) is None
+
+
+def require_ports(what: str, *addresses: tuple[str, int]) -> None:
+    """Skip the calling test, with the reason, unless every ``(ip, port)`` can be bound."""
+    problems = [p for ip, port in addresses if (p := bind_problem(ip, port))]
+    if problems:
+        pytest.skip(f"{what}: {'; '.join(problems)}")
+
+
+# The seed's sidecar setup fixes these pod-alias ports (its envoy.yaml is the seed's, unchanged).
+SEED_SIDECAR_POD_PORTS = (80, 8000, 8081, 9001, 9901)
+
+
+def seed_sidecar_env() -> dict[str, str]:
+    """Environment for `meshctl up examples/seed/sidecar.yaml`: the published port is a free one.
+
+    Skips the calling test when a pod could not bind the seed's fixed ports (port 80 as a
+    non-root user, or another program listening on one of them on every address).
+    """
+    require_ports("examples/seed/sidecar.yaml binds the seed's fixed ports in its pods",
+                  *((POD_ALIAS_PROBE, port) for port in SEED_SIDECAR_POD_PORTS))
+    return {"PUBLISH_PORT": str(free_port())}
+
+
+def seed_direct_env() -> dict[str, str]:
+    """Environment for `meshctl up examples/seed/direct.yaml`: the seed's port 80 when it can be bound
+    (else a free one, as `make demo` uses PORT=8000 for a non-root user), a free published port."""
+    require_ports("examples/seed/direct.yaml binds the seed's metrics port in its pods", (POD_ALIAS_PROBE, 8081))
+    env = {"PUBLISH_PORT": str(free_port())}
+    if not can_bind(POD_ALIAS_PROBE, 80):
+        env["PORT"] = str(free_port(POD_ALIAS_PROBE))
+    return env

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import urllib.request
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, seed_sidecar_env
 
 
 def scrape(url: str) -> str:
@@ -37,7 +37,7 @@ def proc(status: dict, replica: str, role: str) -> dict:
 
 
 def test_seed_sidecar_retries_lift_success_to_99_percent(meshctl):
-    meshctl.up(ROOT / "examples/seed/sidecar.yaml", "seedsc")
+    meshctl.up(ROOT / "examples/seed/sidecar.yaml", "seedsc", env=seed_sidecar_env())
     st = meshctl.ps("seedsc")
     side, svc = proc(st, "a-0", "sidecar"), proc(st, "a-0", "service")
     assert side["ready"] and svc["ready"]
@@ -87,24 +87,25 @@ def test_seed_sidecar_retries_lift_success_to_99_percent(meshctl):
 
 
 def test_short_form_sidecar_sets_proxy_env_and_retries(meshctl):
+    # Unprivileged ports (not the seed's 80), so that any user can run it.
     topo = meshctl.write("sf.yaml", """
         pods:
           b:
             ip: 127.0.121.1
             service:
               command: [python, -m, services.b]
-              env: {ERROR_RATE: "50", SERVICE_PORT: "80", METRICS_PORT: "8081"}
-              ready: {tcp: 80}
+              env: {ERROR_RATE: "50", SERVICE_PORT: "8100", METRICS_PORT: "8081"}
+              ready: {tcp: 8100}
           a:
             ip: 127.0.122.1
             add_hosts: {b.local: 127.0.0.1}
             sidecar:
-              ingress: {port: 80, to: 8000}
+              ingress: {port: 8100, to: 8000}
               egress:
                 port: 9001
                 routes:
                   - host: b.local
-                    to: b:80
+                    to: b:8100
                     retry_policy: {retry_on: 5xx, num_retries: 9}
               admin: {port: 9901}
             service:
@@ -119,7 +120,7 @@ def test_short_form_sidecar_sets_proxy_env_and_retries(meshctl):
     env = dict(kv.split("=", 1) for kv in open(f"/proc/{svc['pid']}/environ").read().split("\0") if "=" in kv)
     assert env["HTTP_PROXY"] == "http://127.0.122.1:9001"
     assert "127.0.122.1" in env["NO_PROXY"]
-    report = json.loads(meshctl("traffic", "http://127.0.122.1:80/", "--n", "200", "-c", "1", "--json").stdout)
+    report = json.loads(meshctl("traffic", "http://127.0.122.1:8100/", "--n", "200", "-c", "1", "--json").stdout)
     # P(fail) = 0.5^10 ~ 0.001 per request: 200 requests fail > 5 times with odds < 1e-6.
     assert report["status"].get("200", 0) >= 195, report
     stats = json.loads(scrape("http://127.0.122.1:9901/stats?format=json"))

@@ -9,13 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from meshctl.observe.promtext import parse
 from meshctl.observe.window import Window, bucket_deltas, counter_delta, histogram_quantile
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, seed_sidecar_env, wait_for
 
 
 def test_counter_delta_never_negative_across_a_restart():
@@ -69,7 +68,7 @@ def _stats_json(meshctl, project: str) -> dict:
 
 
 def test_stats_json_and_numbers_on_the_seed_sidecar_demo(meshctl):
-    meshctl.up(ROOT / "examples/seed/sidecar.yaml", "stj")
+    meshctl.up(ROOT / "examples/seed/sidecar.yaml", "stj", env=seed_sidecar_env())
     idle = _stats_json(meshctl, "stj")
     assert set(idle) == {"mesh", "window_s", "measured_s", "pods", "edges"}
     pods = {p["pod"]: p for p in idle["pods"]}
@@ -79,13 +78,20 @@ def test_stats_json_and_numbers_on_the_seed_sidecar_demo(meshctl):
     assert pods["a"]["ready"] == "2/2" and pods["a"]["status"] == "running" and pods["a"]["meshed"]
     assert pods["a"]["success"] is None and pods["a"]["p99_ms"] is None  # no traffic: no number, not zero
     load = subprocess.Popen([sys.executable, "-m", "meshctl", "traffic", "a", "-p", "stj", "--rate", "200",
-                             "--duration", "4s", "--json"], env=meshctl.env, cwd=ROOT, stdout=subprocess.PIPE,
+                             "--duration", "6s", "--json"], env=meshctl.env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+    def under_load() -> dict | None:
+        """A snapshot taken while the load runs (its window saw traffic), or the last one if the load ended."""
+        snap = _stats_json(meshctl, "stj")
+        a = next(p for p in snap["pods"] if p["pod"] == "a")
+        return snap if (a["rps"] or 0) > 50 or load.poll() is not None else None
+
     try:
-        time.sleep(1.5)
-        busy = _stats_json(meshctl, "stj")
+        busy = wait_for(under_load, 30, interval=0.1)
     finally:
         out, _ = load.communicate(timeout=60)
+    assert busy, "no stats snapshot while the load ran"
     pods = {p["pod"]: p for p in busy["pods"]}
     a = pods["a"]
     assert a["rps"] > 50 and 0.9 <= a["success"] <= 1.0
@@ -136,7 +142,7 @@ def test_crashloop_pod_is_marked(meshctl):
 @pytest.mark.skipif(not shutil.which("tmux"), reason="tmux not installed")
 def test_live_view_in_a_real_terminal(meshctl):
     """Drive `meshctl stats` in tmux while traffic runs: rows appear, numbers change, q restores the shell."""
-    meshctl.up(ROOT / "examples/seed/sidecar.yaml", "stlive")
+    meshctl.up(ROOT / "examples/seed/sidecar.yaml", "stlive", env=seed_sidecar_env())
     session = f"meshstats{os.getpid()}"
     env = " ".join(f"{k}={v}" for k, v in (("MESHCTL_HOME", meshctl.home), ("PYTHONPATH", ROOT)))
     tmux = ["tmux", "-L", session]
@@ -166,8 +172,7 @@ def test_live_view_in_a_real_terminal(meshctl):
         first = wait_for(a_row, 10)
         assert first, screen()
         assert first[6].endswith("%") and float(first[7]) > 0  # SUCCESS and RPS are numbers now
-        time.sleep(1.5)
-        second = wait_for(a_row, 5)
+        second = wait_for(lambda: (row := a_row()) != first and row, 10)
         assert second and second != first, (first, second)  # the table is live
         subprocess.run([*tmux, "send-keys", "-t", session, "q"], check=True)
         assert wait_for(lambda: "EXITED=0" in screen(), 10), screen()

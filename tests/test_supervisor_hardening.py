@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import fcntl
 import os
 import signal
 import subprocess
 import sys
-import time
+import termios
+from pathlib import Path
 
 import psutil
 
@@ -23,6 +24,23 @@ if os.fork() == 0:
     os._exit(0)
 time.sleep(300)
 """
+
+
+def _reaper_has_read_its_pipe(pid: int) -> bool:
+    """The reaper is blocked reading its stdin pipe and nothing is left unread in it: it has every
+    ``+PGID`` line the supervisor sent when it started it."""
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        buf = bytearray(4)
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+    finally:
+        os.close(fd)
+    # wchan reads "0" where the kernel hides it: then the empty pipe is all there is to go by.
+    return int.from_bytes(buf, "little") == 0 and ("pipe" in wchan or wchan in ("", "0"))
 
 
 def test_up_fails_when_a_probe_less_service_dies_at_once(meshctl):
@@ -103,10 +121,12 @@ def test_a_killed_reaper_is_replaced(meshctl):
                and rec["run_id"] in c.info["cmdline"]]
     assert len(reapers) == 1
     reapers[0].kill()
-    assert wait_for(lambda: [c for c in psutil.process_iter(["cmdline"]) if c.info["cmdline"]
-                             and "meshctl.supervisor.reaper" in c.info["cmdline"] and rec["run_id"] in c.info["cmdline"]
-                             and c.pid != reapers[0].pid], 5)
-    time.sleep(0.3)
+    new = wait_for(lambda: [c for c in psutil.process_iter(["cmdline"]) if c.info["cmdline"]
+                            and "meshctl.supervisor.reaper" in c.info["cmdline"] and rec["run_id"] in c.info["cmdline"]
+                            and c.pid != reapers[0].pid], 5)
+    assert new
+    # Kill the supervisor only once the new reaper has been told the process groups.
+    assert wait_for(lambda: _reaper_has_read_its_pipe(new[0].pid), 10)
     sup.kill()
     assert wait_for(lambda: not marked_processes(rec["run_id"]), 5), marked_processes(rec["run_id"])
 
@@ -131,11 +151,16 @@ def test_sighup_stops_gracefully(meshctl):
 
 def test_project_names_cannot_escape_the_state_dir(meshctl):
     topo = meshctl.write("p.yaml", "pods:\n  a:\n    service: {command: [sleep, '1']}\n")
+    before = sorted(p.name for p in meshctl.workdir.iterdir()), os.path.exists("/etc/x")
     for bad in ("..", "/etc/x", "a/b", "UPPER"):
         res = meshctl("up", str(topo), "-d", "-p", bad, check=False)
         assert res.returncode == 2 and "is not a mesh name" in res.stderr, (bad, res.stderr)
         assert "Traceback" not in res.stderr
-    assert json.loads(meshctl("ps", "-o", "json", check=False).stdout or "{}") == {}
+    # Nothing was started and nothing was written: not in the state dir, not next to it, not in /etc.
+    res = meshctl("ps", "-o", "json", check=False)
+    assert res.returncode == 1 and "no mesh is running" in res.stderr, (res.stdout, res.stderr)
+    assert not meshctl.home.exists() or not any(meshctl.home.iterdir()), list(meshctl.home.iterdir())
+    assert (sorted(p.name for p in meshctl.workdir.iterdir()), os.path.exists("/etc/x")) == before
 
 
 def test_logs_follow_survives_rotation_without_losing_lines(meshctl):
@@ -170,7 +195,12 @@ time.sleep(300)
             return text.rstrip().endswith(f"{n - 1:06d} " + "x" * 92)
 
         assert wait_for(complete, 30)
-        time.sleep(1)  # the follower polls every 0.2 s
+
+        def followed_to_the_end() -> bool:
+            text = (meshctl.workdir / "followed.txt").read_text()
+            return text.rstrip().endswith(f"{n - 1:06d} " + "x" * 92)
+
+        assert wait_for(followed_to_the_end, 30)
     finally:
         follower.terminate()
         follower.wait(10)
