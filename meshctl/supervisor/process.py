@@ -40,6 +40,13 @@ PROBE_INTERVAL_S = 0.05
 PROBE_INTERVAL_MAX_S = 0.25
 #: A process without a readiness probe counts as ready once it has run this long.
 NO_PROBE_SETTLE_S = 0.25
+#: Once ready, the probe keeps running at this period (Kubernetes' readinessProbe periodSeconds), so that
+#: readiness follows the process (a sidecar's /healthcheck/fail, an overloaded service): one cheap probe a
+#: second per process.
+READY_PROBE_PERIOD_S = 1.0
+#: This many failed probes in a row make a ready process unready (Kubernetes' failureThreshold): one lost
+#: probe is not enough. A single success makes it ready again (successThreshold 1).
+READY_FAILURE_THRESHOLD = 2
 
 
 class State(StrEnum):
@@ -233,27 +240,46 @@ class ManagedProcess:
                 pass
             self._mark_ready()
             return await self._exited
-        prober = asyncio.ensure_future(self._probe_until_ready())
+        prober = asyncio.ensure_future(self._probe_loop())
         try:
             return await self._exited
         finally:
             prober.cancel()
 
-    async def _probe_until_ready(self) -> None:
+    async def _probe(self) -> bool:
         assert self.plan.ready is not None
+        return await probe(self.plan.ready, self.plan.replica.ip, self.plan.env, str(self.plan.cwd))
+
+    async def _probe_loop(self) -> None:
+        """Quick probes until ready; then one a period for as long as the process runs."""
         interval = PROBE_INTERVAL_S
-        while True:
-            if await probe(self.plan.ready, self.plan.replica.ip, self.plan.env, str(self.plan.cwd)):
-                self._mark_ready()
-                return
+        while not await self._probe():
             await asyncio.sleep(interval)
             interval = min(interval * 1.25, PROBE_INTERVAL_MAX_S)
+        self._mark_ready()
+        failures = 0
+        while True:
+            await asyncio.sleep(READY_PROBE_PERIOD_S)
+            if await self._probe():
+                failures = 0
+                if not self.ready:
+                    self._mark_ready("ready again")
+                continue
+            failures += 1
+            if self.ready and failures >= READY_FAILURE_THRESHOLD:
+                self._mark_unready(f"not ready: {failures} readiness probes failed in a row")
 
-    def _mark_ready(self) -> None:
+    def _mark_ready(self, event: str = "ready") -> None:
         self.ready = True
         self.ready_event.set()
         self._set(State.RUNNING)
-        self.on_event(self, "ready")
+        self.on_event(self, event)
+
+    def _mark_unready(self, event: str) -> None:
+        self.ready = False
+        self.ready_event.clear()
+        self.on_change(self)  # the publish forwarders and `ps` read .ready: nothing more to tell them
+        self.on_event(self, event)
 
     async def _drain(self) -> None:
         """Collect the last output; kill any descendant that left the group (a daemonised child would
