@@ -55,9 +55,6 @@ def marked(run_id: str, key: str | None = None) -> list[psutil.Process]:
     return out
 
 
-_marked = marked  # its former name (meshctl/cli.py imports it)
-
-
 def sweep(run_id: str, key: str | None = None) -> int:
     """SIGKILL what is left of a process that has already exited (daemonised children, for instance)."""
     procs = marked(run_id, key) if run_id else []
