@@ -11,6 +11,7 @@ key there is almost always a typo and is an error with a suggestion.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from pods.loopback import is_pod_local
 from sidecar.config import RETRY_ON, CircuitBreakers, Cluster, ConfigError, Endpoint, Listener, RetryPolicy
 
 LB_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM")
+#: google.protobuf.Duration's JSON form: what a real Envoy accepts in its files.
+_PROTOBUF_DURATION = re.compile(r"^\d+(\.\d{1,9})?s$")
 
 
 @dataclass
@@ -152,6 +155,9 @@ def duration(ctx: Ctx, value: Any, path: str) -> float:
                 raise ctx.error(path, f"duration must not be negative, got {value!r}")
             raise ctx.error(path, f"invalid duration {value!r} (expected e.g. '0.25s', '15s', '100ms' or '1m30s')")
         secs = parsed
+        if not ctx.strict and not _PROTOBUF_DURATION.match(value):
+            ctx.warn(path, f"{value!r} accepted here, but Envoy itself only reads protobuf durations "
+                           f"such as '{secs:g}s'")
     elif isinstance(value, dict):
         check_keys(ctx, value, path, ("seconds", "nanos"))
         try:
