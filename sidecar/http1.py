@@ -7,6 +7,8 @@ their order, and lower-case names make the hop-by-hop checks a set lookup.
 
 from __future__ import annotations
 
+import httptools
+
 Headers = list[tuple[bytes, bytes]]
 
 #: RFC 7230 6.1 hop-by-hop headers, plus the legacy ones proxies strip too.
@@ -57,3 +59,29 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+class HeadResponseParsing:
+    """The one workaround for HEAD replies, for every protocol that parses responses with httptools.
+
+    httptools ignores a callback's "no body" answer, so after the head of a HEAD reply the parser
+    would wait for its Content-Length bytes forever. ``end_head_only`` ends the message at once and
+    marks the parser stale; ``renew_parser`` gives the next response a fresh one (called before the
+    next request is sent, so no byte of it can reach the old parser).
+    """
+
+    __slots__ = ()
+    parser: httptools.HttpResponseParser
+    stale_parser: bool
+
+    def on_message_complete(self) -> None:  # pragma: no cover - every user defines its own
+        raise NotImplementedError
+
+    def end_head_only(self) -> None:
+        self.stale_parser = True
+        self.on_message_complete()
+
+    def renew_parser(self) -> None:
+        if self.stale_parser:
+            self.parser = httptools.HttpResponseParser(self)
+            self.stale_parser = False

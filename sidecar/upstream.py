@@ -16,7 +16,7 @@ from typing import Protocol
 import httptools
 
 from sidecar.flow_control import ReadFlowControl, WriteFlowControl
-from sidecar.http1 import Headers
+from sidecar.http1 import Headers, HeadResponseParsing
 from sidecar.stats import ClusterStats, Store
 
 
@@ -28,7 +28,7 @@ class ResponseSink(Protocol):
     def flush(self) -> None: ...
 
 
-class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
+class UpstreamConnection(HeadResponseParsing, WriteFlowControl, asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "headers", "closed", "keep_alive", "head_only",
                  "write_paused", "drain_waiters", "status", "close_delimited", "stale_parser", "head_bytes",
                  "reading", "opened_at")
@@ -79,9 +79,7 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
         self.status = 0
         self.head_bytes = 0
         self.close_delimited = False
-        if self.stale_parser:
-            self.parser = httptools.HttpResponseParser(self)
-            self.stale_parser = False
+        self.renew_parser()
         # Otherwise one parser per connection: httptools resets between keep-alive messages, and a
         # message cut short never comes back here (its connection is closed, not pooled).
         assert self.transport is not None
@@ -145,11 +143,7 @@ class UpstreamConnection(WriteFlowControl, asyncio.Protocol):
         if self.sink is not None:
             self.sink.on_head(self, self.status, self.headers)
         if self.head_only:
-            # httptools ignores a callback's "no body" answer, so the parser would wait for the
-            # Content-Length bytes of a HEAD reply forever: end the message here, and parse the
-            # next response with a fresh parser.
-            self.stale_parser = True
-            self.on_message_complete()
+            self.end_head_only()
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import httptools
 
 from meshctl.traffic.histogram import LatencyHistogram
+from sidecar.http1 import HeadResponseParsing
 
 BODY_KEEP = 2048  # bytes of each response body kept for grouping
 RECONNECT_DELAY_S = 0.01
@@ -51,15 +52,16 @@ class Results:
         return sum(self.status.values()) + sum(self.errors.values())
 
 
-class _Client(asyncio.Protocol):
-    __slots__ = ("engine", "transport", "parser", "busy", "sent_at", "body", "status", "addr", "alive",
-                 "keep_alive", "close_delimited")
+class _Client(HeadResponseParsing, asyncio.Protocol):
+    __slots__ = ("engine", "transport", "parser", "stale_parser", "busy", "sent_at", "body", "status", "addr",
+                 "alive", "keep_alive", "close_delimited")
 
     def __init__(self, engine: Engine, addr: tuple[str, int]) -> None:
         self.engine = engine
         self.addr = addr
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.stale_parser = False
         self.busy = False
         self.sent_at = 0.0
         self.body = bytearray()
@@ -79,6 +81,7 @@ class _Client(asyncio.Protocol):
         self.sent_at = time.perf_counter() if scheduled is None else scheduled
         self.body = bytearray()
         self.status = 0
+        self.renew_parser()
         self.transport.write(self.engine.spec.request)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
@@ -95,11 +98,8 @@ class _Client(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()
         self.close_delimited = not self.keep_alive and status not in (204, 304) and status >= 200
         if self.engine.spec.head:
-            # httptools would wait for the Content-Length bytes of a HEAD reply: end the message here
-            # and parse the next reply with a fresh parser.
             self.close_delimited = False
-            self.parser = httptools.HttpResponseParser(self)
-            self.on_message_complete()
+            self.end_head_only()
 
     def on_body(self, body: bytes) -> None:
         if len(self.body) < BODY_KEEP:
