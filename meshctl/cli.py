@@ -235,6 +235,50 @@ def logs(name: str, project: str | None, follow: bool, tail: int | None, role: s
     follow_logs(files, tail=tail, follow=follow, prefix=len(files) > 1)
 
 
+@main.command(short_help="Call a pod's sidecar admin (its private socket).")
+@click.argument("name")
+@click.argument("path")
+@project_option
+@click.option("-X", "--method", type=click.Choice(["GET", "POST"], case_sensitive=False), default="GET",
+              show_default=True)
+def admin(name: str, path: str, project: str | None, method: str) -> None:
+    """Call PATH on the sidecar admin of each replica of NAME, e.g. `admin a-0 /healthcheck/fail -X POST`.
+
+    The mutating endpoints and /config_dump are served only on each sidecar's admin socket (mode 0600),
+    never on its TCP admin port: another pod cannot reach them, this command can.
+    """
+    import http.client
+
+    from meshctl.client import request
+
+    if not path.startswith("/"):
+        fail("PATH must start with /, e.g. /config_dump", USAGE_ERROR)
+    state = _pick_mesh(project)
+    status = _ask(state, "GET", "/v1/status?resources=0")
+    sockets = [(r["replica"], r["admin_socket"]) for pod in status["pods"] for r in pod["replicas"]
+               if name in (pod["pod"], r["replica"])]
+    if not sockets:
+        fail(f"no pod or replica named '{name}' in mesh '{state.mesh}'", USAGE_ERROR)
+    if not any(sock for _, sock in sockets):
+        fail(f"'{name}' has no sidecar", USAGE_ERROR)
+    failed = False
+    for replica, sock in sockets:
+        try:
+            code, body = request(Path(sock), method.upper(), path)
+        except (OSError, http.client.HTTPException) as exc:
+            click.echo(f"meshctl: {replica}: cannot reach its sidecar admin at {sock}: {exc}", err=True)
+            failed = True
+            continue
+        failed = failed or code >= 400
+        text = body.decode("utf-8", "replace")
+        prefix = f"{replica}: " if len(sockets) > 1 else ""
+        if code >= 400:
+            click.echo(f"meshctl: {prefix}HTTP {code}: {text.strip()}", err=True)
+        else:
+            click.echo(f"{prefix}{text}" if prefix else text, nl=not text.endswith("\n"))
+    sys.exit(1 if failed else 0)
+
+
 @main.command(short_help="Print the hosts file a pod sees.")
 @click.argument("name")
 @project_option

@@ -1,4 +1,5 @@
-"""The one client of a running supervisor's control API (``meshctl.supervisor.control_server``).
+"""The one client of a running supervisor's control API (``meshctl.supervisor.control_server``),
+and of the sidecars' admin sockets.
 
 Synchronous and tiny, so that ``meshctl ps`` does not pay for an event loop or
 a web framework.
@@ -29,17 +30,24 @@ class ControlError(Exception):
     pass
 
 
-def call(path: Path, method: str, url: str, timeout: float = 10.0) -> dict[str, Any]:
-    """One request to the supervisor; raises ControlError with a readable reason."""
+def request(path: Path, method: str, url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One HTTP request over a unix socket (the control API, a sidecar's admin socket): (status, body)."""
     conn = _UnixConnection(str(path), timeout)
     try:
         conn.request(method, url)
         resp = conn.getresponse()
-        body = json.loads(resp.read() or b"{}")
-    except (OSError, ValueError, http.client.HTTPException) as exc:
-        raise ControlError(f"cannot reach the supervisor at {path}: {exc}") from None
+        return resp.status, resp.read()
     finally:
         conn.close()
-    if resp.status >= 400:
-        raise ControlError(body.get("error", f"HTTP {resp.status}"))
+
+
+def call(path: Path, method: str, url: str, timeout: float = 10.0) -> dict[str, Any]:
+    """One request to the supervisor; raises ControlError with a readable reason."""
+    try:
+        status, raw = request(path, method, url, timeout)
+        body = json.loads(raw or b"{}")
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise ControlError(f"cannot reach the supervisor at {path}: {exc}") from None
+    if status >= 400:
+        raise ControlError(body.get("error", f"HTTP {status}"))
     return body

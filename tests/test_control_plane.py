@@ -105,3 +105,45 @@ def test_pod_processes_get_the_callers_environment_and_path(meshctl):
     # without the directory on PATH, validate and up refuse the same way
     res = meshctl("validate", str(topo), check=False)
     assert res.returncode == 2 and f"{topo}:7: " in res.stderr and "meshtool-xyz" in res.stderr
+
+
+def test_healthcheck_fail_on_the_admin_socket_makes_the_pod_unready(meshctl):
+    """The mutating admin is reachable only through the replica's socket (meshctl admin), and readiness
+    follows the sidecar's /ready: `ps` shows the pod unready after /healthcheck/fail, ready after /ok."""
+    import urllib.error
+    import urllib.request
+
+    admin, ingress, app = (free_port("127.255.254.1") for _ in range(3))
+    topo = meshctl.write("hc.yaml", f"""
+        name: hc
+        pods:
+          web:
+            ip: 127.0.163.1
+            sidecar:
+              ingress: {{port: {ingress}, to: {app}}}
+              admin: {{port: {admin}}}
+            service:
+              command: [python, -m, services.b]
+              env: {{SERVICE_PORT: "{app}", ERROR_RATE: "0", METRICS_PORT: "{free_port('127.255.254.1')}"}}
+              ready: {{tcp: {app}}}
+    """)
+    meshctl.up(topo, "hc")
+
+    def sidecar_ready():
+        return next(p["ready"] for p in meshctl.ps("hc")["processes"] if p["role"] == "sidecar")
+
+    tcp = urllib.request.Request(f"http://127.0.163.1:{admin}/healthcheck/fail", method="POST")
+    try:
+        urllib.request.urlopen(tcp, timeout=5)
+        raise AssertionError("POST /healthcheck/fail answered on TCP")
+    except urllib.error.HTTPError as err:
+        assert err.code == 403
+    assert sidecar_ready()
+    assert meshctl("admin", "web", "/healthcheck/fail", "-X", "POST", "-p", "hc").returncode == 0
+    assert wait_for(lambda: not sidecar_ready(), 10), "ps still shows the sidecar ready"
+    assert meshctl("admin", "web-0", "/healthcheck/ok", "-X", "POST", "-p", "hc").returncode == 0
+    assert wait_for(sidecar_ready, 10)
+    dump = json.loads(meshctl("admin", "web", "/config_dump", "-p", "hc").stdout)
+    assert dump
+    res = meshctl("admin", "nope", "/ready", "-p", "hc", check=False)
+    assert res.returncode == 2 and "no pod or replica named 'nope'" in res.stderr
