@@ -11,22 +11,22 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import POD_ALIAS_PROBE, ROOT, free_port, seed_sidecar_env, wait_for
 
 needs_prometheus = pytest.mark.skipif(not shutil.which("prometheus"),
                                       reason="Debian's prometheus package is not installed (.ci/run installs it)")
 
 
-def query(expr: str) -> list[dict]:
-    url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+def _query(port: int, expr: str) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     with urllib.request.urlopen(url, timeout=5) as r:
         body = json.load(r)
     assert body["status"] == "success", body
     return body["data"]["result"]
 
 
-def scalar(expr: str) -> float | None:
-    result = query(expr)
+def _scalar(port: int, expr: str) -> float | None:
+    result = _query(port, expr)
     return float(result[0]["value"][1]) if result else None
 
 
@@ -46,9 +46,22 @@ def test_generated_config_passes_promtool(meshctl, tmp_path):
 
 @needs_prometheus
 def test_seed_numbers_in_prometheus_agree_with_traffic(meshctl):
-    res = meshctl("up", str(ROOT / "examples/seed/sidecar.yaml"), "-d", "-p", "promseed", "--prometheus")
-    meshctl.started.append("promseed")
-    assert "prometheus-0" in res.stdout and "127.0.0.1:9090->9090" in res.stdout
+    # The seed's sidecar setup plus a prometheus: section on free ports, not 9090 (a local Prometheus
+    # often has it); the default port and publish are checked in test_topology.
+    env = seed_sidecar_env()
+    listen, publish = free_port(POD_ALIAS_PROBE), free_port()
+    shutil.copy(ROOT / "examples/seed/envoy.yaml", meshctl.workdir / "envoy.yaml")
+    topo = meshctl.write("promseed.yaml", f"prometheus: {{port: {listen}, publish: {publish}}}\n"
+                         + (ROOT / "examples/seed/sidecar.yaml").read_text())
+    res = meshctl.up(topo, "promseed", env=env)
+    assert "prometheus-0" in res.stdout and f"127.0.0.1:{publish}->{listen}" in res.stdout, res.stdout
+
+    def scalar(expr: str) -> float | None:
+        return _scalar(publish, expr)
+
+    def query(expr: str) -> list[dict]:
+        return _query(publish, expr)
+
     assert wait_for(lambda: scalar('count(up{pod="a",role="sidecar"} == 1)') == 1, 15)
     report = json.loads(meshctl("traffic", "a", "--n", "1000", "-c", "1", "-p", "promseed", "--json").stdout)
     assert report["requests"] == 1000

@@ -140,7 +140,19 @@ def test_full_featured_pod(tmp_path):
     assert c.service.stop_grace_s == 0.25
     assert c.publish == (PublishSpec("127.0.0.2", 8080, 80, 24), PublishSpec("127.0.0.1", 8081, 81, 24))
     assert c.add_hosts == (("b.service", "b"), ("db", "10.0.0.5"), ("me", "localhost"), ("v6", "::1"))
-    assert RESTART_POLICIES == ("always", "on-failure", "never")
+
+
+@pytest.mark.parametrize("policy", ["always", "on-failure", "never"])
+def test_each_restart_policy_loads(tmp_path, policy):
+    path = write(tmp_path, f"pods:\n  b:\n    service: {{command: [x], restart: {policy}}}\n")
+    assert load_topology(path, {}).pods["b"].service.restart == policy
+    assert policy in RESTART_POLICIES
+
+
+def test_restart_policy_error_lists_the_policies(tmp_path):
+    path = write(tmp_path, "pods:\n  b:\n    service: {command: [x], restart: sometimes}\n")
+    assert errors_of(path) == [f"{path}:3: pods.b.service.restart must be one of {', '.join(RESTART_POLICIES)}, "
+                               "got string 'sometimes'"]
 
 
 @pytest.mark.parametrize("value,seconds", [("10s", 10), ("500ms", 0.5), ("2m", 120), (7, 7), ("1m30s", 90),
