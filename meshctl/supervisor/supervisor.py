@@ -42,7 +42,8 @@ def reap_record(state: StateDir) -> int:
     alive = [p for p in procs if process_alive(p["pid"], p["create_time"])]
     kill_run({p["pgid"] for p in alive}, rec.get("run_id", ""), grace_s=2.0)
     # Groups whose leader is already dead (PDEATHSIG) may still have members.
-    kill_groups_since({p["pgid"]: p["create_time"] for p in procs if p.get("pgid") and p.get("create_time")})
+    kill_groups_since({p["pgid"]: p["create_time"] for p in procs if p.get("pgid") and p.get("create_time")},
+                      rec.get("run_id", ""))
     rec["processes"] = []
     rec.pop("supervisor", None)
     state.write_record(rec)
@@ -89,7 +90,8 @@ class Supervisor:
             if old is not None:
                 self._tell_reaper(f"-{old}")
             if pgid is not None:
-                self._tell_reaper(f"+{pgid}")
+                # With the leader's create time the reaper can tell our group from a later one with the same id.
+                self._tell_reaper(f"+{pgid} {proc.create_time}")
                 self._reported_pgids[proc.key] = pgid
             else:
                 self._reported_pgids.pop(proc.key, None)
@@ -205,8 +207,9 @@ class Supervisor:
                 return
             self._event("the reaper died; starting a new one", error=True)
             self._start_reaper()
-            for pgid in self._reported_pgids.values():
-                self._tell_reaper(f"+{pgid}")
+            for proc in self.processes:
+                if self._reported_pgids.get(proc.key) is not None:
+                    self._tell_reaper(f"+{self._reported_pgids[proc.key]} {proc.create_time}")
 
         loop.add_reader(pidfd, gone)
 
