@@ -189,6 +189,8 @@ def ps(project: str | None, output: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from meshctl.supervisor.states import DOWN
+
     table = Table(title=f"mesh {status['mesh']} (supervisor pid {status['supervisor']['pid']})",
                   box=None, header_style="bold")
     for col in ("POD", "REPLICA", "IP", "PROCESS", "PID", "STATE", "READY", "RESTARTS", "UPTIME", "CPU %",
@@ -196,7 +198,7 @@ def ps(project: str | None, output: str) -> None:
         table.add_column(col, justify="right" if col in ("PID", "RESTARTS", "CPU %", "RSS") else "left")
     for p in status["processes"]:
         st = p["state"]
-        if st in ("crashloop", "exited", "failed", "backoff") and p["last_exit"] is not None:
+        if st in DOWN and p["last_exit"] is not None:
             st = f"[red]{st} (exit {p['last_exit']})[/red]"
         table.add_row(p["pod"], p["replica"], p["ip"], p["role"], str(p["pid"] or "-"), st,
                       "yes" if p["ready"] else "[yellow]no[/yellow]", str(p["restarts"]),

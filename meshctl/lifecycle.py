@@ -26,14 +26,13 @@ from meshctl.state import (
     meshctl_home,
     running_meshes,
 )
+from meshctl.supervisor.states import BROKEN
 from pods.plan import HostFacts, MeshPlan, plan_mesh
 from pods.source import Problem
 from pods.topology import PrometheusSpec
 
 USAGE_ERROR = 2
 CAP_NET_BIND_SERVICE = 10
-#: States in which a process will not become ready without help.
-BROKEN_STATES = ("crashloop", "exited", "failed")
 
 
 class MeshError(Exception):
@@ -227,7 +226,7 @@ def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], 
                 status = None
         if status and status["processes"]:
             procs = status["processes"]
-            broken = [p for p in procs if p["state"] in BROKEN_STATES]
+            broken = [p for p in procs if p["state"] in BROKEN]
             if broken:
                 _fail_startup(plan, state, broken[0], proc)
             if all(p["ready"] and p["pid"] and p["state"] == "running" for p in procs):

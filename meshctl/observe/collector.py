@@ -19,6 +19,7 @@ import aiohttp
 from meshctl.observe.promtext import Labels, parse
 from meshctl.observe.window import Window, bucket_deltas, counter_delta, histogram_quantile
 from meshctl.state import StateDir
+from meshctl.supervisor.states import COMING_UP, State
 from pods.replica import SidecarLaunch
 
 SCRAPE_TIMEOUT_S = 1.0
@@ -241,13 +242,13 @@ class Collector:
     @staticmethod
     def _pod_row(name: str, procs: list[dict[str, Any]]) -> PodRow:
         ready = sum(1 for p in procs if p["ready"])
-        loop = [p for p in procs if p["state"] == "crashloop"]
+        loop = [p for p in procs if p["state"] == State.CRASHLOOP]
         if loop:
             status = f"crashloop (exit {loop[0]['last_exit']})"
-        elif any(p["state"] in ("exited", "failed") for p in procs):
+        elif any(p["state"] in (State.EXITED, State.FAILED) for p in procs):
             status = "down"
         elif ready < len(procs):
-            status = "starting" if any(p["state"] in ("starting", "pending", "backoff") for p in procs) else "not ready"
+            status = "starting" if any(p["state"] in COMING_UP for p in procs) else "not ready"
         else:
             status = "running"
         cpus = [p["cpu_percent"] for p in procs if p["cpu_percent"] is not None]

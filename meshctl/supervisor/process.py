@@ -17,7 +17,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from enum import StrEnum
 from typing import Any
 
 import psutil
@@ -26,6 +25,7 @@ from meshctl.parent_death import launch_argv
 from meshctl.supervisor.logfile import RotatingLog
 from meshctl.supervisor.probes import probe
 from meshctl.supervisor.reaper import MARKER_ENV, sweep
+from meshctl.supervisor.states import State
 from pods.replica import ProcessPlan
 
 BACKOFF_BASE_S = 0.2
@@ -47,18 +47,6 @@ READY_PROBE_PERIOD_S = 1.0
 #: This many failed probes in a row make a ready process unready (Kubernetes' failureThreshold): one lost
 #: probe is not enough. A single success makes it ready again (successThreshold 1).
 READY_FAILURE_THRESHOLD = 2
-
-
-class State(StrEnum):
-    PENDING = "pending"
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    CRASHLOOP = "crashloop"
-    EXITED = "exited"
-    FAILED = "failed"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
 
 
 LineSink = Callable[["ManagedProcess", str], None]
