@@ -138,6 +138,7 @@ class Engine:
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.time_up = False
         self.next_at = 0.0
+        self.schedule_end = float("inf")  # the open model issues nothing scheduled at or after this
         self.interval = 1.0 / spec.rate if spec.rate else 0.0
         self._last_body: tuple[int, bytes, tuple[str, str]] | None = None
 
@@ -274,7 +275,9 @@ class Engine:
     # -- open model ticker -------------------------------------------------------------------
     def _tick(self) -> None:
         now = time.perf_counter()
-        while self.next_at <= now and self._may_issue():
+        # The schedule itself ends at the duration: a tick that fires just before the duration's timer
+        # must not add a request at t == duration (--rate 50 --duration 1s is 50 requests, not 51).
+        while self.next_at <= now and self.next_at < self.schedule_end and self._may_issue():
             self.issued += 1
             self.pending.append(self.next_at)
             self.next_at += self.interval
@@ -286,7 +289,7 @@ class Engine:
         want = min(len(self.pending), self.spec.concurrency - len(self.connections) - self.connecting)
         for _ in range(max(0, want)):
             self._open()
-        if self._may_issue():
+        if self._may_issue() and self.next_at < self.schedule_end:
             self.loop.call_later(max(0.0, self.next_at - time.perf_counter()), self._tick)
         self._check_done()
 
@@ -302,6 +305,7 @@ class Engine:
                 self._open()
         else:
             self.next_at = start
+            self.schedule_end = start + spec.duration_s if spec.duration_s is not None else float("inf")
             self._tick()
         try:
             await self.done
