@@ -68,8 +68,11 @@ def test_seed_numbers_in_prometheus_agree_with_traffic(meshctl):
     ok, failed = report["status"].get("200", 0), report["status"].get("500", 0)
 
     def settled() -> bool:  # scrapes are every second: wait until Prometheus has the final counts
+        retried = scalar('sum(envoy_cluster_retry_upstream_rq{envoy_cluster_name="remote_service_b"})') or 0.0
+        # B is scraped apart from the sidecar: its count lags theirs until its own next scrape
         return (scalar('sum(envoy_cluster_upstream_rq{envoy_cluster_name="remote_service_b"})') == 1000
-                and scalar('sum(service_a_requests_total)') == 1000)
+                and scalar('sum(service_a_requests_total)') == 1000
+                and scalar("sum(service_b_requests_total)") == 1000 + retried)
 
     assert wait_for(settled, 15, interval=0.5), query('envoy_cluster_upstream_rq')
     retries = scalar('sum(envoy_cluster_retry_upstream_rq{envoy_cluster_name="remote_service_b"})')
