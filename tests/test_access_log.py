@@ -167,9 +167,8 @@ def test_stalled_pipe_never_blocks_the_loop():
         while _pipe_bytes(r) < pipe_size and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert _pipe_bytes(r) == pipe_size
-        # with the pipe full, logging still returns and timers still fire: a log() that wrote to the
-        # stalled pipe itself would block here for good (pytest-timeout ends the run). No speed is
-        # asserted: that belongs to `make bench`.
+        # with the pipe full, logging still returns and timers still fire (no speed is asserted:
+        # that belongs to `make bench`)
         for _ in range(10):
             fut = loop.create_future()
             loop.call_later(0.01, fut.set_result, None)
@@ -179,7 +178,20 @@ def test_stalled_pipe_never_blocks_the_loop():
         assert _pipe_bytes(r) == pipe_size  # still nobody read: it really was stalled throughout
         return logger
 
-    logger = uvloop.run(main())
+    # In a thread: a log() that blocked on the stalled pipe fails the test instead of hanging it (a
+    # thread stuck in write() never runs a timeout's signal handler); the reader below unblocks it.
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["logger"] = uvloop.run(main())
+        except BaseException as exc:  # re-raised in the test's thread below
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(60)
+    blocked = runner.is_alive()
 
     chunks: list[bytes] = []
 
@@ -192,6 +204,11 @@ def test_stalled_pipe_never_blocks_the_loop():
 
     t = threading.Thread(target=reader)
     t.start()
+    runner.join(10)
+    assert not blocked, "the event loop blocked on the stalled pipe"
+    if "error" in outcome:
+        raise outcome["error"]
+    logger = outcome["logger"]
     logger.close(timeout=10)
     os.close(w)
     t.join(10)
