@@ -170,3 +170,10 @@ def seed_direct_env() -> dict[str, str]:
     if not can_bind(POD_ALIAS_PROBE, 80):
         env["PORT"] = str(free_port(POD_ALIAS_PROBE))
     return env
+
+
+def require_privileged_ports(what: str) -> None:
+    """Skip the calling test, with the reason, when this user may not bind ports below 1024 at all."""
+    problem = bind_problem(POD_ALIAS_PROBE, 80)
+    if problem and "needs root" in problem:
+        pytest.skip(f"{what}: {problem}")

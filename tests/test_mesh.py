@@ -150,7 +150,7 @@ def test_crashloop_is_reported_and_up_fails(meshctl):
             ip: 127.0.106.1
             service:
               command: [sh, -c, "echo boom from bad; exit 3"]
-              ready: {tcp: 9}
+              ready: {tcp: 8000}
     """)
     res = meshctl("up", str(topo), "-d", "-p", "crash", check=False)
     meshctl.started.append("crash")
