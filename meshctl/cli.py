@@ -35,9 +35,9 @@ def _report(err: MeshError) -> NoReturn:
 
 
 def _plan(file: str, project: str | None = None, with_prometheus: bool = False,
-          prometheus_bin: str | None = None) -> Any:
+          prometheus_bin: str | None = None, to_run: bool = True) -> Any:
     try:
-        plan = make_plan(file, project, with_prometheus, prometheus_bin)
+        plan = make_plan(file, project, with_prometheus, prometheus_bin, to_run)
     except MeshError as err:
         _report(err)
     for warning in plan.warnings:
@@ -289,7 +289,7 @@ def admin(name: str, path: str, project: str | None, method: str) -> None:
 def hosts(name: str, project: str | None, file: str | None) -> None:
     """Print the hosts file a pod (or replica) sees: /etc/hosts format."""
     if file:
-        plan = _plan(file, project)
+        plan = _plan(file, project, to_run=False)
         reps = plan.find(name)
         if not reps:
             fail(f"no pod or replica named '{name}' in {file}", USAGE_ERROR)
@@ -439,7 +439,7 @@ def prometheus_config(file: str, project: str | None) -> None:
     """Print the Prometheus scrape config for FILE (the running mesh's, if it is up)."""
     from pods.prometheus import CONFIG_FILE
 
-    plan = _plan(file, project, with_prometheus=True)
+    plan = _plan(file, project, with_prometheus=True, to_run=False)
     running = StateDir.for_mesh(plan.mesh).root / "prometheus" / CONFIG_FILE
     if StateDir.for_mesh(plan.mesh).supervisor_alive() and running.exists():
         click.echo(running.read_text(), nl=False)  # what the running Prometheus was given

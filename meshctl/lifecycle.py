@@ -77,11 +77,17 @@ def host_facts() -> HostFacts:
 
 
 def make_plan(file: str, project: str | None = None, with_prometheus: bool = False,
-              prometheus_bin: str | None = None) -> MeshPlan:
-    """Load, check and plan ``file``; raises PlanError with every problem (warnings are in the plan)."""
+              prometheus_bin: str | None = None, to_run: bool = True) -> MeshPlan:
+    """Load, check and plan ``file``; raises PlanError with every problem (warnings are in the plan).
+
+    ``to_run=False`` plans only to read the result (hosts files, the scrape config): nothing will bind
+    a port, so privileged ports are no problem.
+    """
     from pods.topology import TopologyError, load_topology
 
     facts, home = host_facts(), meshctl_home()  # first: the plan itself reads nothing of the host
+    if not to_run:
+        facts = replace(facts, can_bind_privileged=True)
     try:
         topo = load_topology(file)
     except TopologyError as err:

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.conftest import POD_ALIAS_PROBE, ROOT, free_port, require_privileged_ports, seed_sidecar_env, wait_for
+from tests.conftest import POD_ALIAS_PROBE, ROOT, free_port, seed_sidecar_env, wait_for
 
 needs_prometheus = pytest.mark.skipif(not shutil.which("prometheus"),
                                       reason="Debian's prometheus package is not installed (.ci/run installs it)")
@@ -32,8 +32,7 @@ def _scalar(port: int, expr: str) -> float | None:
 
 @needs_prometheus
 def test_generated_config_passes_promtool(meshctl, tmp_path):
-    # Nothing is bound here, but meshctl checks the seed's port 80 as it does before `up`.
-    require_privileged_ports("prometheus-config checks examples/seed/sidecar.yaml's ports")
+    # Nothing is bound here: any user may print the config of the seed (whose pods use port 80).
     out = meshctl("prometheus-config", str(ROOT / "examples/seed/sidecar.yaml")).stdout
     path = tmp_path / "prometheus.yml"
     path.write_text(out)
