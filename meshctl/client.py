@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix socket: the control API and the sidecars' admin sockets."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -32,7 +34,7 @@ class ControlError(Exception):
 
 def request(path: Path, method: str, url: str, timeout: float = 10.0) -> tuple[int, bytes]:
     """One HTTP request over a unix socket (the control API, a sidecar's admin socket): (status, body)."""
-    conn = _UnixConnection(str(path), timeout)
+    conn = UnixHTTPConnection(str(path), timeout)
     try:
         conn.request(method, url)
         resp = conn.getresponse()

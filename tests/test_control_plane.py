@@ -14,6 +14,29 @@ def _status(meshctl, project):
     return call(meshctl.home / project / "control.sock", "GET", "/v1/status?resources=0")
 
 
+def _web_behind_a_sidecar(meshctl, mesh: str, ip: str):
+    """Start mesh ``mesh``: pod web (demo service B, never failing) behind a short-form sidecar on ``ip``.
+
+    Returns (topology path, ingress port, admin port, service port).
+    """
+    ingress, admin, app, metrics = (free_port("127.255.254.1") for _ in range(4))
+    topo = meshctl.write(f"{mesh}.yaml", f"""
+        name: {mesh}
+        pods:
+          web:
+            ip: {ip}
+            sidecar:
+              ingress: {{port: {ingress}, to: {app}}}
+              admin: {{port: {admin}}}
+            service:
+              command: [python, -m, services.b]
+              env: {{SERVICE_PORT: "{app}", ERROR_RATE: "0", METRICS_PORT: "{metrics}"}}
+              ready: {{tcp: {app}}}
+    """)
+    meshctl.up(topo, mesh)
+    return topo, ingress, admin, app
+
+
 def test_traffic_goes_to_the_port_the_mesh_runs_on(meshctl):
     """`PORT=N up direct.yaml -d` then `traffic a-0` (without PORT) must hit N, not the YAML's default 80."""
     env = {**seed_direct_env(), "PORT": str(free_port("127.255.254.1"))}
@@ -28,22 +51,7 @@ def test_traffic_goes_to_the_port_the_mesh_runs_on(meshctl):
 
 
 def test_status_describes_pods_ports_and_sidecar_admin(meshctl):
-    admin = free_port("127.255.254.1")
-    ingress, app = free_port("127.255.254.1"), free_port("127.255.254.1")
-    topo = meshctl.write("st.yaml", f"""
-        name: st
-        pods:
-          web:
-            ip: 127.0.161.1
-            sidecar:
-              ingress: {{port: {ingress}, to: {app}}}
-              admin: {{port: {admin}}}
-            service:
-              command: [python, -m, services.b]
-              env: {{SERVICE_PORT: "{app}", ERROR_RATE: "0", METRICS_PORT: "{free_port('127.255.254.1')}"}}
-              ready: {{tcp: {app}}}
-    """)
-    meshctl.up(topo, "st")
+    topo, ingress, admin, app = _web_behind_a_sidecar(meshctl, "st", "127.0.161.1")
     status = _status(meshctl, "st")
     (pod,) = status["pods"]
     assert pod["pod"] == "web" and pod["port"] == ingress
@@ -113,21 +121,7 @@ def test_healthcheck_fail_on_the_admin_socket_makes_the_pod_unready(meshctl):
     import urllib.error
     import urllib.request
 
-    admin, ingress, app = (free_port("127.255.254.1") for _ in range(3))
-    topo = meshctl.write("hc.yaml", f"""
-        name: hc
-        pods:
-          web:
-            ip: 127.0.163.1
-            sidecar:
-              ingress: {{port: {ingress}, to: {app}}}
-              admin: {{port: {admin}}}
-            service:
-              command: [python, -m, services.b]
-              env: {{SERVICE_PORT: "{app}", ERROR_RATE: "0", METRICS_PORT: "{free_port('127.255.254.1')}"}}
-              ready: {{tcp: {app}}}
-    """)
-    meshctl.up(topo, "hc")
+    _, _, admin, _ = _web_behind_a_sidecar(meshctl, "hc", "127.0.163.1")
 
     def sidecar_ready():
         return next(p["ready"] for p in meshctl.ps("hc")["processes"] if p["role"] == "sidecar")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import free_port, wait_for
 from tests.test_sidecar_proxy import Resp, SidecarProc, admin_socket_request, request
-from tests.upstreams import UpstreamServer
+from tests.upstreams import UpstreamServer, serve_upstream
 
 POD = "127.0.191.1"
 UPSTREAM = "127.0.191.2"
@@ -25,10 +25,7 @@ UPSTREAM = "127.0.191.2"
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[tuple[UpstreamServer, int]]:
-    port = free_port(UPSTREAM)
-    server = UpstreamServer([(UPSTREAM, port)]).start()
-    yield server, port
-    server.stop()
+    yield from serve_upstream(UPSTREAM)
 
 
 def start(workdir: Path, upstream_port: int, *, admin_socket: bool = True, admin: dict | None = None) -> SidecarProc:

@@ -19,7 +19,7 @@ from sidecar.envoy_config import compile_envoy
 from sidecar.short_config import compile_short
 from tests.conftest import free_port
 from tests.test_sidecar_proxy import ROOT, SidecarProc, flags, raw_exchange, wait_log
-from tests.upstreams import UpstreamServer
+from tests.upstreams import UpstreamServer, serve_upstream
 
 POD = "127.0.190.1"
 UPSTREAM = "127.0.190.2"
@@ -27,10 +27,7 @@ UPSTREAM = "127.0.190.2"
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[tuple[UpstreamServer, int]]:
-    port = free_port(UPSTREAM)
-    server = UpstreamServer([(UPSTREAM, port)]).start()
-    yield server, port
-    server.stop()
+    yield from serve_upstream(UPSTREAM)
 
 
 @pytest.fixture(scope="module")

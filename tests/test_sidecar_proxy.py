@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 import pytest
 
+from meshctl.client import UnixHTTPConnection
 from tests.upstreams import CHUNKED_BODY, CLOSE_BODY, UpstreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,21 +197,9 @@ def admin_get(path: str, *, ip: str = POD, port: int = ADMIN, method: str = "GET
     return request(ip, port, path, method=method)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
-
-
 def admin_socket_request(sock_path: str, path: str, method: str = "GET", timeout: float = 10) -> Resp:
     """One request on the admin Unix socket (``--admin-socket``)."""
-    conn = _UnixHTTPConnection(sock_path, timeout)
+    conn = UnixHTTPConnection(sock_path, timeout)
     t0 = time.monotonic()
     try:
         conn.request(method, path)

@@ -30,10 +30,13 @@ import socket
 import struct
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
+
+from tests.conftest import free_port
 
 CHUNKED_BODY = b"".join(b"chunk-%03d;" % i for i in range(200))
 CLOSE_BODY = b"".join(b"close-%04d;" % i for i in range(300))
@@ -331,3 +334,13 @@ class UpstreamServer:
         else:
             body = json.dumps({"server": conn.listener, "path": rec.target}).encode()
             conn.respond(200, body, keep_alive=ka, content_type="application/json")
+
+
+def serve_upstream(ip: str) -> Iterator[tuple[UpstreamServer, int]]:
+    """A scripted upstream on a free port of ``ip`` for a test module: ``yield from`` it in a fixture."""
+    port = free_port(ip)
+    server = UpstreamServer([(ip, port)]).start()
+    try:
+        yield server, port
+    finally:
+        server.stop()

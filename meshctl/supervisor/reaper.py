@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import psutil
 
@@ -41,17 +41,25 @@ Groups = Mapping[int, float | None]
 
 def marked(run_id: str, key: str | None = None) -> list[psutil.Process]:
     """Processes carrying this run's marker (of one supervised process, when ``key`` is given)."""
+    def match(proc: psutil.Process) -> bool:
+        env = proc.environ()
+        return env.get(MARKER_ENV) == run_id and (key is None or env.get(PROCESS_ENV) == key)
+
+    return _scan(match)
+
+
+def _scan(match: Callable[[psutil.Process], bool]) -> list[psutil.Process]:
+    """Every other process for which ``match`` holds; processes that vanish or deny us are skipped."""
     out = []
     me = os.getpid()
     for proc in psutil.process_iter():
         if proc.pid == me:
             continue
         try:
-            env = proc.environ()
+            if match(proc):
+                out.append(proc)
         except (psutil.Error, OSError):
             continue
-        if env.get(MARKER_ENV) == run_id and (key is None or env.get(PROCESS_ENV) == key):
-            out.append(proc)
     return out
 
 
@@ -78,18 +86,8 @@ def _leaders(groups: Groups) -> dict[int, psutil.Process]:
 def _ours(run_id: str, leaders: Mapping[int, psutil.Process]) -> list[psutil.Process]:
     """The run's processes: marked ones, verified leaders and the members of their groups."""
     live = {pgid for pgid, proc in leaders.items() if proc.is_running()}  # is_running compares create times
-    out = []
-    me = os.getpid()
-    for proc in psutil.process_iter():
-        if proc.pid == me:
-            continue
-        try:
-            if (proc.pid in live or os.getpgid(proc.pid) in live or (
-                    run_id and proc.environ().get(MARKER_ENV) == run_id)) and _alive(proc):
-                out.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return out
+    return _scan(lambda proc: (proc.pid in live or os.getpgid(proc.pid) in live or (
+        bool(run_id) and proc.environ().get(MARKER_ENV) == run_id)) and _alive(proc))
 
 
 def _alive(proc: psutil.Process) -> bool:
