@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -23,8 +24,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
-
-import re2
 
 from sidecar.server import DownstreamProtocol, Handler, HandlerOnly, Stream
 
@@ -37,9 +36,17 @@ JSON = b"application/json"
 PUBLIC_PATHS = frozenset({"/", "/stats", "/stats/prometheus", "/clusters", "/ready", "/server_info"})
 #: A ?filter= search over all stat names gives up after this long (RE2 is linear, but in pattern size too).
 FILTER_BUDGET_S = 2.0
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # a bad filter is the client's error, answered with a 400, not a log line
-_RE2_OPTIONS.max_mem = 1 << 20  # bounds the compiled program, hence compile time and per-name search time
+
+
+@functools.cache
+def _re2() -> tuple[Any, Any]:
+    """RE2 and its options, imported on the first filtered request: most sidecars never see one (idle RSS)."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # a bad filter is the client's error, answered with a 400, not a log line
+    options.max_mem = 1 << 20  # bounds the compiled program, hence compile time and per-name search time
+    return re2, options
 
 log = logging.getLogger("sidecar.admin")
 
@@ -150,8 +157,9 @@ class Admin:
             return
         # Envoy's filter is an RE2 regex: linear time, no backtracking (a Python `re` pattern such as
         # ([a-z_]+)+X takes exponential time and would wedge the event loop, the data path included).
+        re2, options = _re2()
         try:
-            rx = re2.compile(filt, _RE2_OPTIONS)
+            rx = re2.compile(filt, options)
         except re2.error as exc:
             msg = exc.args[0] if exc.args else b"invalid"
             stream.reply(400, b"Invalid re2 regex: " + (msg if isinstance(msg, bytes) else str(msg).encode()))

@@ -41,9 +41,9 @@ PROBE_INTERVAL_MAX_S = 0.25
 #: A process without a readiness probe counts as ready once it has run this long.
 NO_PROBE_SETTLE_S = 0.25
 #: Once ready, the probe keeps running at this period (Kubernetes' readinessProbe periodSeconds), so that
-#: readiness follows the process (a sidecar's /healthcheck/fail, an overloaded service): one cheap probe a
-#: second per process.
-READY_PROBE_PERIOD_S = 1.0
+#: readiness follows the process (a sidecar's /healthcheck/fail, an overloaded service). A probe costs the
+#: supervisor ~0.15 ms of CPU: every 2 s keeps a 100-process mesh's idle supervisor under 1 % of a core.
+READY_PROBE_PERIOD_S = 2.0
 #: This many failed probes in a row make a ready process unready (Kubernetes' failureThreshold): one lost
 #: probe is not enough. A single success makes it ready again (successThreshold 1).
 READY_FAILURE_THRESHOLD = 2
