@@ -474,6 +474,8 @@ def stats(project: str | None, window: str, interval: float, once: bool, watch: 
 
     import aiohttp
 
+    from meshctl.client import ControlError
+
     try:
         if once or (not interactive and not watch):
             asyncio.run(run_once(collector, interval, as_json))
@@ -481,7 +483,7 @@ def stats(project: str | None, window: str, interval: float, once: bool, watch: 
             asyncio.run(run_watch(collector, interval, as_json, count))
         else:
             asyncio.run(live(collector, interval))
-    except (OSError, aiohttp.ClientError) as exc:
+    except (OSError, aiohttp.ClientError, ControlError) as exc:
         fail(f"cannot read the mesh's stats: {exc}")
     except KeyboardInterrupt:
         pass

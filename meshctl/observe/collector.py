@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from meshctl.client import call
 from meshctl.observe.promtext import Labels, parse
 from meshctl.observe.window import Window, bucket_deltas, counter_delta, histogram_quantile
 from meshctl.state import StateDir
@@ -114,19 +115,15 @@ class Collector:
         self.status: dict[str, Any] = {}
         self.windows: dict[str, Window[Index]] = {}  # "replica/sidecar" or "replica/service" -> scrapes
         self.session: aiohttp.ClientSession | None = None
-        self.control: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Collector:
         timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
         self.session = aiohttp.ClientSession(timeout=timeout)
-        self.control = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.state.control_socket)),
-                                             timeout=timeout)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for s in (self.session, self.control):
-            if s is not None:
-                await s.close()
+        if self.session is not None:
+            await self.session.close()
 
     async def _get(self, url: str) -> str | None:
         assert self.session is not None
@@ -137,9 +134,9 @@ class Collector:
             return None
 
     async def poll(self) -> None:
-        assert self.control is not None
-        async with self.control.get("http://mesh/v1/status") as resp:
-            self.status = await resp.json()
+        # The one control client is synchronous (cheap for one-shot commands): here it runs in a thread.
+        self.status = await asyncio.get_running_loop().run_in_executor(
+            None, call, self.state.control_socket, "GET", "/v1/status", SCRAPE_TIMEOUT_S)
         self.pods = {pod["pod"]: pod for pod in self.status["pods"]}
         self.launches = {name: _launch(pod["sidecar"]) for name, pod in self.pods.items() if pod["sidecar"]}
         jobs: dict[str, str] = {}
