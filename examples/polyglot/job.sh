@@ -22,13 +22,16 @@ esac
 
 i=0
 while [ "$COUNT" -eq 0 ] || [ "$i" -lt "$COUNT" ]; do
+  # Wait first: pods start together, and B may not listen yet at the very start (that call would
+  # show as 000, "Couldn't connect to server").
+  sleep "$EVERY"
   i=$((i + 1))
   # The body, then a space and the status code (curl's --write-out comes after the body).
   resp=$(curl -sS --max-time 5 --write-out ' %{http_code}' "$URL")
   code=${resp##* }
   body=$(printf '%s' "${resp% *}" | tr '\n' ' ')
-  echo "job $i: $code ${body% }"
-  sleep "$EVERY"
+  body=${body% }
+  echo "job $i: $code${body:+ $body}"
 done
 echo "job: done after $COUNT calls; idle until the mesh stops"
 # Idle rather than exit: a pod's service that exits is restarted (restart: always).
