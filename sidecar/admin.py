@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from sidecar.safe_regex import RegexError, compile_regex
 from sidecar.server import DownstreamProtocol, Handler, HandlerOnly, Stream
 
 if TYPE_CHECKING:
@@ -38,15 +38,6 @@ PUBLIC_PATHS = frozenset({"/", "/stats", "/stats/prometheus", "/clusters", "/rea
 FILTER_BUDGET_S = 2.0
 
 
-@functools.cache
-def _re2() -> tuple[Any, Any]:
-    """RE2 and its options, imported on the first filtered request: most sidecars never see one (idle RSS)."""
-    import re2
-
-    options = re2.Options()
-    options.log_errors = False  # a bad filter is the client's error, answered with a 400, not a log line
-    options.max_mem = 1 << 20  # bounds the compiled program, hence compile time and per-name search time
-    return re2, options
 
 log = logging.getLogger("sidecar.admin")
 
@@ -58,7 +49,7 @@ def _jsonable(obj: Any) -> Any:
         return [_jsonable(x) for x in obj]
     if isinstance(obj, frozenset | set):
         return sorted(_jsonable(x) for x in obj)
-    if isinstance(obj, re.Pattern):
+    if isinstance(obj, re.Pattern) or hasattr(obj, "fullmatch"):  # re or RE2: the pattern as configured
         return obj.pattern
     if isinstance(obj, bytes):
         return obj.decode("utf-8", "replace")
@@ -157,12 +148,10 @@ class Admin:
             return
         # Envoy's filter is an RE2 regex: linear time, no backtracking (a Python `re` pattern such as
         # ([a-z_]+)+X takes exponential time and would wedge the event loop, the data path included).
-        re2, options = _re2()
         try:
-            rx = re2.compile(filt, options)
-        except re2.error as exc:
-            msg = exc.args[0] if exc.args else b"invalid"
-            stream.reply(400, b"Invalid re2 regex: " + (msg if isinstance(msg, bytes) else str(msg).encode()))
+            rx = compile_regex(filt)
+        except RegexError as exc:
+            stream.reply(400, f"Invalid re2 regex: {exc}".encode())
             return
         rendered = store.render_json(None, used_only) if fmt == "json" else store.render_text(None, used_only)
         asyncio.get_running_loop().create_task(self._filtered(stream, rx, fmt, rendered))

@@ -52,6 +52,7 @@ from sidecar.config_fields import (
     self_routed,
     sub,
 )
+from sidecar.safe_regex import RegexError, compile_regex
 
 HCM_NAMES = ("envoy.filters.network.http_connection_manager", "envoy.http_connection_manager")
 HCM_TYPES = (
@@ -355,15 +356,15 @@ def _route(ctx: Ctx, value: Any, path: str) -> Route:
     return Route(match=match, cluster=cluster, name=name, **kw)
 
 
-def _regex(ctx: Ctx, value: Any, path: str, flags: int = 0) -> re.Pattern[str]:
+def _regex(ctx: Ctx, value: Any, path: str) -> Any:
     """Envoy's safe_regex {google_re2, regex}, or a bare legacy regex string."""
     if isinstance(value, dict):
         check_keys(ctx, value, path, ("regex",), silent=("google_re2",))
         value, path = value.get("regex"), sub(path, "regex")
     pattern = as_str(ctx, value, path)
     try:
-        return re.compile(pattern, flags)
-    except re.error as exc:
+        return compile_regex(pattern)
+    except RegexError as exc:
         raise ctx.error(path, f"invalid regex {pattern!r}: {exc}") from None
 
 
@@ -436,7 +437,7 @@ def _header(ctx: Ctx, value: Any, path: str) -> HeaderMatch:
         # (Envoy's regex semantics) expresses both exactly.
         esc = re.escape(text)
         pattern = {"exact": esc, "prefix": esc + ".*", "suffix": ".*" + esc, "contains": ".*" + esc + ".*"}[kind]
-        return HeaderMatch(name=name, regex=re.compile(pattern, re.DOTALL | (re.IGNORECASE if ignore_case else 0)),
+        return HeaderMatch(name=name, regex=compile_regex(pattern, ignore_case=ignore_case, dot_nl=True),
                            invert=invert)
     return HeaderMatch(name=name, invert=invert, **{kind: text})
 

@@ -24,6 +24,8 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
+from sidecar.safe_regex import RegexError, compile_regex
+
 #: Envoy's default histogram bucket upper bounds, in ms.
 BUCKETS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                               300000, 600000, 1800000, 3600000)
@@ -317,8 +319,8 @@ class Store:
         if not filter:
             return None
         try:
-            return re.compile(filter).search
-        except re.error as e:
+            return compile_regex(filter).search
+        except RegexError as e:
             raise ValueError(f"invalid filter regex {filter!r}: {e}") from e
 
     # --- /stats ---

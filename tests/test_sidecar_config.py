@@ -405,3 +405,21 @@ def test_unenforced_circuit_breaker_thresholds_warn_naming_the_field():
         "sidecar.egress.routes[0].circuit_breakers.max_connections: parsed but not enforced (no limit applies)",
         "sidecar.egress.routes[0].circuit_breakers.max_pending_requests: parsed but not enforced (no limit applies)"]
     assert not any("not enforced" in w for w in compile_envoy(_minimal(), POD).warnings)  # defaults: silent
+
+
+def test_route_and_header_regexes_are_re2_linear_on_hostile_input():
+    """A route's safe_regex runs on paths the client picks: under a backtracking engine the pattern below
+    takes 2^60 steps on this path (the test would hang until pytest's timeout); RE2 answers at once."""
+    doc = _minimal()
+    _vhost(doc)["routes"][:0] = [
+        {"match": {"safe_regex": {"regex": "/([a-z_]+)+X"}, "headers": [
+            {"name": "x-re", "safe_regex_match": {"regex": "([a-z_]+)+X"}}]}, "route": {"cluster": "c"}},
+        {"match": {"prefix": "/", "headers": [{"name": "x-ci", "string_match": {"suffix": "_", "ignore_case": True}}]},
+         "route": {"cluster": "c"}},
+    ]
+    routes = compile_envoy(doc, POD).listeners[0].hcm.route_config.virtual_hosts[0].routes
+    hostile = "a" * 60
+    assert routes[0].match.regex.fullmatch("/" + hostile) is None
+    assert routes[0].match.headers[0].regex.fullmatch(hostile) is None
+    assert routes[0].match.regex.fullmatch("/" + hostile + "X") is not None
+    assert routes[1].match.headers[0].regex.fullmatch(hostile + "_") is not None
