@@ -66,7 +66,7 @@ async def serve(config: Bootstrap, pod_ip: str, hosts: str | None, source: str,
     admin = f"; admin {config.admin.address}:{config.admin.port}" if config.admin else ""
     if admin_socket:
         admin += f"; admin socket {admin_socket}"
-    print(f"sidecar: live: {names}{admin}", file=sys.stderr, flush=True)
+    log.info("live: %s%s", names, admin)
     await sidecar.serve()
     return 0
 
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load(args, args.pod_ip)
     except ConfigError as exc:
-        print(f"sidecar: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         sys.exit(2)
     for warning in config.warnings:
-        print(f"sidecar: warning: {warning}", file=sys.stderr)
+        log.warning("%s", warning)
     if args.check:
         return
     code = run_loop(serve(config, args.pod_ip, args.hosts, args.envoy or args.config, args.admin_socket))

@@ -87,6 +87,7 @@ class Admin:
     def __init__(self, sidecar: Sidecar, socket_path: str | None = None) -> None:
         self.sidecar = sidecar
         self.socket_path = socket_path
+        self._searches: set[asyncio.Task[None]] = set()
         self._regex_thread: ThreadPoolExecutor | None = None  # one: concurrent filters queue, never pile up cores
         self.routes: dict[str, tuple[str, Callable[[Stream, dict[str, list[str]]], None], str]] = {
             "/": ("GET", self.index, "this page"),
@@ -154,7 +155,9 @@ class Admin:
             stream.reply(400, f"Invalid re2 regex: {exc}".encode())
             return
         rendered = store.render_json(None, used_only) if fmt == "json" else store.render_text(None, used_only)
-        asyncio.get_running_loop().create_task(self._filtered(stream, rx, fmt, rendered))
+        task = asyncio.get_running_loop().create_task(self._filtered(stream, rx, fmt, rendered))
+        self._searches.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._searches.discard)
 
     async def _filtered(self, stream: Stream, rx: Any, fmt: str, rendered: Any) -> None:
         """Search the stat names off the loop, then answer with the rendering narrowed to the matches."""

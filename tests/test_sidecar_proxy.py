@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from meshctl.client import UnixHTTPConnection
+from tests.conftest import require_ports
 from tests.upstreams import CHUNKED_BODY, CLOSE_BODY, UpstreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1078,6 +1079,9 @@ def test_sigterm_drains_in_flight_request(workdir, upstream):
 
 def test_seed_envoy_yaml(workdir):
     pod, remote = "127.0.160.1", "127.0.160.2"
+    # The seed's envoy.yaml is kept unchanged, with its fixed ports (80 among them).
+    require_ports("examples/seed/envoy.yaml binds the seed's fixed ports",
+                  *((pod, p) for p in (80, 9001, 9901)), (pod, 8000), (remote, 80))
     with UpstreamServer([(pod, 8000), (remote, 80)]) as ups:
         sc = SidecarProc(workdir / "seed", pod, 9901, envoy=str(ROOT / "examples/seed/envoy.yaml"),
                          hosts=f"{remote}\tb.service\n")
