@@ -107,8 +107,10 @@ def _admin(ctx: Ctx, value: Any, path: str, pod_ip: str, public_admin: bool) -> 
 
 def _target(ctx: Ctx, value: Any, path: str, pod_ip: str, default_host: str | None = None) -> tuple[str, int]:
     """``to``: "host:port", or a bare port when the host is implied (the pod's own service)."""
-    if isinstance(value, int) and not isinstance(value, bool) and default_host is not None:
-        return default_host, as_port(ctx, value, path)
+    if default_host is not None and (isinstance(value, int) and not isinstance(value, bool)
+                                     or isinstance(value, str) and value.strip().isdigit()):
+        # "${PORT}" in a topology interpolates to a string: a quoted port is still a port
+        return default_host, as_port(ctx, int(value), path)
     if not isinstance(value, str) or ":" not in value:
         want = "a port or 'host:port'" if default_host is not None else "'host:port'"
         raise ctx.error(path, f"expected {want}, got {value!r}")

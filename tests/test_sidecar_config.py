@@ -423,3 +423,9 @@ def test_route_and_header_regexes_are_re2_linear_on_hostile_input():
     assert routes[0].match.headers[0].regex.fullmatch(hostile) is None
     assert routes[0].match.regex.fullmatch("/" + hostile + "X") is not None
     assert routes[1].match.headers[0].regex.fullmatch(hostile + "_") is not None
+
+
+def test_short_form_takes_a_quoted_port_as_the_ingress_target():
+    """`to: "${PORT}"` interpolates to a string in a topology: it is the port all the same."""
+    boot = compile_short({"ingress": {"port": 8080, "to": "3000"}}, POD)
+    assert boot.cluster("local_service").endpoints[0].port == 3000
