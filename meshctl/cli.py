@@ -123,6 +123,8 @@ def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_p
         pubs = [f"{x['host']}->{x['pod_port']}" for x in status["publish"] if x["pod"] == p["pod"]]
         extra = f"  published {', '.join(pubs)}" if pubs else ""
         click.echo(f"  {p['replica']:<12} {p['ip']:<15} {p['role']:<8} pid {p['pid']}{extra}")
+    for warning in (w for p in status["processes"] for w in p["warnings"]):
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
 
 
 @main.command(hidden=True)
@@ -180,7 +182,7 @@ def ps(project: str | None, output: str) -> None:
     status = _ask(state, "GET", "/v1/status")
     if output == "json":
         keys = ("pod", "replica", "ip", "role", "pid", "state", "ready", "restarts", "last_exit",
-                "uptime_s", "cpu_percent", "rss_bytes")
+                "uptime_s", "cpu_percent", "rss_bytes", "listening", "warnings")
         click.echo(json.dumps({
             "mesh": status["mesh"], "supervisor": {"pid": status["supervisor"]["pid"]},
             "processes": [{k: p[k] for k in keys} for p in status["processes"]],
@@ -188,6 +190,7 @@ def ps(project: str | None, output: str) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from meshctl.supervisor.states import DOWN
 
@@ -204,7 +207,10 @@ def ps(project: str | None, output: str) -> None:
                       "yes" if p["ready"] else "[yellow]no[/yellow]", str(p["restarts"]),
                       _fmt_uptime(p["uptime_s"]),
                       "-" if p["cpu_percent"] is None else f"{p['cpu_percent']:.1f}", _fmt_bytes(p["rss_bytes"]))
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    for warning in (w for p in status["processes"] for w in p["warnings"]):  # one line each, however wide
+        console.print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
 
 
 @main.command(short_help="Restart a pod or a replica.")

@@ -236,7 +236,11 @@ def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], 
             if broken:
                 _fail_startup(plan, state, broken[0], proc)
             if all(p["ready"] and p["pid"] and p["state"] == "running" for p in procs):
-                return status
+                # One status with resources: it rescans the listening sockets, so `up` can name wildcard binds.
+                try:
+                    return call(state.control_socket, "GET", "/v1/status", timeout=10)
+                except ControlError:
+                    return status
         time.sleep(0.05)
     not_ready = [p for p in (status or {}).get("processes", []) if not p["ready"]]
     if not_ready:

@@ -21,7 +21,10 @@ def build_app(sup: Supervisor) -> web.Application:
     from aiohttp import web  # the server side only: CLI commands stay quick to start
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(sup.status(resources=request.query.get("resources") != "0"))
+        resources = request.query.get("resources") != "0"
+        if resources:  # `?resources=0` (`up -d` polling) stays cheap: it serves the listening sockets last found
+            await sup.refresh_listening()
+        return web.json_response(sup.status(resources=resources))
 
     async def restart(request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -34,10 +34,12 @@ class Printer:
         self.stream.write(f"{prefix} {text}\n")
         self.stream.flush()
 
-    def event(self, text: str, error: bool = False) -> None:
+    def event(self, text: str, error: bool = False, warning: bool = False) -> None:
         stamp = time.strftime("%H:%M:%S")
         prefix = f"{'meshctl':<{self.width}} |"
         if self.colour:
-            prefix = click.style(prefix, fg="red" if error else "white", bold=True)
+            prefix = click.style(prefix, fg="red" if error else "yellow" if warning else "white", bold=True)
+        if warning:  # supervisor.log has its level; the terminal says it in words
+            text = f"warning: {text}"
         self.stream.write(f"{prefix} {stamp} {text}\n")
         self.stream.flush()

@@ -23,6 +23,7 @@ import psutil
 from meshctl.state import StateDir, process_alive
 from meshctl.supervisor.control_server import serve
 from meshctl.supervisor.forwarder import Forwarder
+from meshctl.supervisor.listening import ListeningWatch, Target
 from meshctl.supervisor.logfile import RotatingLog
 from meshctl.supervisor.printer import Printer
 from meshctl.supervisor.process import ManagedProcess
@@ -50,6 +51,11 @@ def reap_record(state: StateDir) -> int:
     return len(alive)
 
 
+def _target(proc: ManagedProcess) -> Target:
+    assert proc.pid is not None
+    return Target(proc.key, proc.pid, proc.plan.replica.ip)
+
+
 class Supervisor:
     def __init__(self, plan: MeshPlan, state: StateDir, printer: Printer | None = None) -> None:
         self.plan = plan
@@ -66,6 +72,7 @@ class Supervisor:
         self._record_dirty = False
         self._all_ready_reported = False
         self._forwarder_pods: list[tuple[str, Forwarder]] = []
+        self.listening = ListeningWatch(lambda text: self._event(text, warning=True))
         self.exit_code = 0
 
     # -- events from processes ----------------------------------------------
@@ -73,12 +80,12 @@ class Supervisor:
         if self.printer is not None:
             self.printer.line(proc.key, line)
 
-    def _event(self, text: str, error: bool = False) -> None:
+    def _event(self, text: str, error: bool = False, warning: bool = False) -> None:
         """Mesh events: on the terminal in the foreground, in supervisor.log (via logging) under `up -d`."""
         if self.printer is not None:
-            self.printer.event(text, error=error)
+            self.printer.event(text, error=error, warning=warning)
         else:
-            log.log(logging.ERROR if error else logging.INFO, "%s", text)
+            log.log(logging.ERROR if error else logging.WARNING if warning else logging.INFO, "%s", text)
 
     def _on_event(self, proc: ManagedProcess, text: str) -> None:
         self._event(f"{proc.key} {text}", error="exited" in text or "cannot" in text)
@@ -96,6 +103,8 @@ class Supervisor:
             else:
                 self._reported_pgids.pop(proc.key, None)
             self._schedule_record()
+        if proc.ready and pgid is not None:  # what it listens on is settled now (a wildcard bind warns)
+            self.listening.ready(_target(proc))
         if (not self._all_ready_reported and self.processes
                 and all(p.ready for p in self.processes)):
             self._all_ready_reported = True
@@ -139,9 +148,14 @@ class Supervisor:
             "publish": [{"host": f"{f.host_ip}:{f.host_port}", "pod_port": f.pod_port,
                          "pod": pod} for pod, f in self._forwarder_pods],
             "pods": self.plan.describe(),
-            "processes": [{**p.status(resources), "ports": self.plan.process_ports(p.plan)}
+            "processes": [{**p.status(resources), "ports": self.plan.process_ports(p.plan),
+                           **self.listening.report(p.key, p.pid if p.is_alive() else None)}
                           for p in self.processes],
         }
+
+    async def refresh_listening(self) -> None:
+        """Rescan what the running processes listen on (a status with resources asks; a thread does it)."""
+        await self.listening.refresh([_target(p) for p in self.processes if p.is_alive() and p.pid is not None])
 
     def hosts(self, name: str) -> dict[str, str]:
         """The hosts file of each replica named by ``name`` (a pod or a replica)."""

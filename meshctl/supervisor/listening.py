@@ -1,0 +1,251 @@
+"""Which TCP addresses the pods' processes listen on, and a warning for a wildcard bind.
+
+Pods share the host's network namespace: a process that binds 0.0.0.0 or ``::``
+takes its port on every pod's alias, and the next pod that binds that port
+fails (most frameworks default to 0.0.0.0). The supervisor scans the listening
+sockets of each process and its descendants once the process is ready and when
+``GET /v1/status`` asks for resources, and names such binds with the fix.
+
+One scan asks the kernel for its listening sockets once (sock_diag), reads the
+process table once, then only the file descriptors of the mesh's processes:
+psutil's ``Process.net_connections()`` would re-read (and parse in Python) the
+whole system's TCP tables, TIME_WAIT entries included, once per process, and
+``Process.children()`` the whole process table once per process (measured with
+100 listening processes: 1.2 s against 9 ms; the kernel's text tables alone
+took 15 ms, sock_diag 0.03 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import psutil
+
+WILDCARDS = frozenset({"0.0.0.0", "::"})
+#: A status with resources rescans at most this often: `meshctl stats --watch` asks every second.
+RESCAN_MIN_S = 1.0
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's hex "st" column
+
+
+@dataclass(frozen=True)
+class Target:
+    """A running pod process: its key (``web-0/service``), pid and pod alias."""
+
+    key: str
+    pid: int
+    alias: str
+
+
+def format_address(ip: str, port: int) -> str:
+    """``127.0.2.1:80``, ``[::]:8000``."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def wildcard_warning(key: str, ip: str, port: int, alias: str) -> str:
+    """One line: the process, the address and the fix."""
+    return (f"{key} listens on {format_address(ip, port)} (every address): it takes port {port} on every pod's "
+            f"alias and breaks the next pod that binds it; bind ${{POD_IP}} ({alias}) or 127.0.0.1, which "
+            f"meshctl rewrites to {alias} in the pod's command and env")
+
+
+def _decode(hex_addr: str, family: socket.AddressFamily) -> tuple[str, int]:
+    """An address of /proc/net/tcp{,6}: 32-bit words in host byte order, printed as hex."""
+    ip_hex, port_hex = hex_addr.split(":")
+    raw = bytes.fromhex(ip_hex)
+    if sys.byteorder == "little":
+        raw = struct.pack(">4I", *struct.unpack("<4I", raw)) if len(raw) == 16 else raw[::-1]
+    return socket.inet_ntop(family, raw), int(port_hex, 16)
+
+
+# sock_diag over netlink, as `ss -ltn` asks: the kernel hands over its listening sockets only. Reading
+# /proc/net/tcp{,6} instead walks every hash bucket and every connection (~15 ms here, more under load).
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x301
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN = 10
+_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
+_DIAG_REQ = struct.Struct("=BBBBI48x")  # inet_diag_req_v2: family, protocol, ext, pad, states; any socket id
+_DIAG_MSG = struct.Struct("=BBBBHH16s16sI8xIIIII")  # inet_diag_msg: ..., sport, dport, src, dst, ..., inode
+
+
+def _listen_table_netlink() -> dict[int, tuple[str, int]]:
+    table: dict[int, tuple[str, int]] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(5.0)
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN)
+            nl.send(_NLMSG.pack(_NLMSG.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0) + req)
+            done = False
+            while not done:
+                data, off = nl.recv(65536), 0
+                while off < len(data):
+                    length, kind = _NLMSG.unpack_from(data, off)[:2]
+                    if kind == _NLMSG_DONE:
+                        done = True
+                        break
+                    if kind == _NLMSG_ERROR:
+                        raise OSError(-struct.unpack_from("=i", data, off + _NLMSG.size)[0], "sock_diag refused")
+                    fam, _, _, _, sport, _, src, *_, inode = _DIAG_MSG.unpack_from(data, off + _NLMSG.size)
+                    table[inode] = (socket.inet_ntop(fam, src if fam == socket.AF_INET6 else src[:4]),
+                                    socket.ntohs(sport))
+                    off += (length + 3) & ~3  # NLMSG_ALIGN
+    return table
+
+
+def _listen_table_proc() -> dict[int, tuple[str, int]]:
+    table: dict[int, tuple[str, int]] = {}
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f, None)  # the header
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == _LISTEN:
+                        table[int(fields[9])] = _decode(fields[1], family)
+        except OSError:  # no IPv6 in this kernel
+            continue
+    return table
+
+
+def listen_table() -> dict[int, tuple[str, int]]:
+    """Socket inode -> (ip, port) of every listening TCP socket in our network namespace."""
+    try:
+        return _listen_table_netlink()
+    except OSError:  # no sock_diag (a kernel without it, a sandbox): the slower text tables
+        return _listen_table_proc()
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The socket inodes among a process's file descriptors; empty if it is gone or not ours."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return set()
+    inodes = set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def children_map() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from one pass over the process table."""
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        ppid = proc.info["ppid"]
+        if ppid is not None:
+            children.setdefault(ppid, []).append(proc.pid)
+    return children
+
+
+def _tree(pid: int, children: Mapping[int, list[int]]) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def scan(targets: Iterable[Target]) -> dict[Target, list[tuple[str, int]]]:
+    """Each target's listening (ip, port), its descendants' included, sorted. Blocking: run it in a thread."""
+    targets = list(targets)
+    if not targets:
+        return {}
+    children = children_map()
+    table = listen_table()
+    out = {}
+    for t in targets:
+        found = {table[i] for p in _tree(t.pid, children) for i in socket_inodes(p) if i in table}
+        out[t] = sorted(found, key=lambda a: (":" in a[0], a))
+    return out
+
+
+@dataclass(frozen=True)
+class Found:
+    pid: int
+    listening: list[str]
+    warnings: list[str]
+
+
+class ListeningWatch:
+    """The supervisor's cache of listening addresses and warnings, per process key.
+
+    Scans run in a thread, coalesced: processes that become ready together are scanned in one pass,
+    and status requests share a scan in flight and rescan at most every ``RESCAN_MIN_S``.
+    """
+
+    def __init__(self, on_warning: Callable[[str], None], rescan_min_s: float = RESCAN_MIN_S) -> None:
+        self.on_warning = on_warning
+        self.rescan_min_s = rescan_min_s
+        self._found: dict[str, Found] = {}
+        self._warned: set[tuple[str, str]] = set()  # (key, address): one event each, not one per restart
+        self._pending: dict[str, Target] = {}
+        self._ready_pid: dict[str, int] = {}  # the instance of each key scanned (or queued) at readiness
+        self._busy = asyncio.Lock()  # one scan at a time: a crowd of `ps` callers shares it
+        self._last_full = -math.inf
+        self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references to tasks
+
+    def ready(self, target: Target) -> None:
+        """A process became ready: scan it soon (with the others that become ready meanwhile)."""
+        if self._ready_pid.get(target.key) == target.pid:
+            return  # "ready again" after a failed probe is the same instance: nothing new to scan
+        self._ready_pid[target.key] = target.pid
+        first = not self._pending
+        self._pending[target.key] = target
+        if first:
+            task = asyncio.get_running_loop().create_task(self._scan_pending())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _scan_pending(self) -> None:
+        async with self._busy:
+            batch, self._pending = list(self._pending.values()), {}
+            await self._scan(batch)
+
+    async def refresh(self, targets: list[Target]) -> None:
+        """Rescan every running process, unless a rescan finished less than ``rescan_min_s`` ago."""
+        async with self._busy:
+            if time.monotonic() - self._last_full < self.rescan_min_s:
+                return
+            await self._scan(targets)
+            self._last_full = time.monotonic()
+
+    async def _scan(self, targets: list[Target]) -> None:
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, scan, targets)
+        except (OSError, psutil.Error):  # a scan is advice; the mesh runs on without it
+            return
+        for t, addrs in result.items():
+            listening, warnings = [], []
+            for ip, port in addrs:
+                addr = format_address(ip, port)
+                listening.append(addr)
+                if ip not in WILDCARDS:
+                    continue
+                warnings.append(wildcard_warning(t.key, ip, port, t.alias))
+                if (t.key, addr) not in self._warned:
+                    self._warned.add((t.key, addr))
+                    self.on_warning(warnings[-1])
+            self._found[t.key] = Found(t.pid, listening, warnings)
+
+    def report(self, key: str, pid: int | None) -> dict[str, list[str]]:
+        """``listening`` and ``warnings`` of the process instance ``pid`` (nothing once it has exited)."""
+        found = self._found.get(key)
+        if found is None or pid is None or found.pid != pid:
+            return {"listening": [], "warnings": []}
+        return {"listening": list(found.listening), "warnings": list(found.warnings)}
