@@ -182,9 +182,10 @@ def ps(project: str | None, output: str) -> None:
     status = _ask(state, "GET", "/v1/status")
     if output == "json":
         keys = ("pod", "replica", "ip", "role", "pid", "state", "ready", "restarts", "last_exit",
-                "uptime_s", "cpu_percent", "rss_bytes", "listening", "warnings")
+                "uptime_s", "cpu_percent", "rss_bytes", "hosts_mode", "listening", "warnings")
         click.echo(json.dumps({
             "mesh": status["mesh"], "supervisor": {"pid": status["supervisor"]["pid"]},
+            "hosts_mode": status["hosts_mode"],
             "processes": [{k: p[k] for k in keys} for p in status["processes"]],
         }, indent=2))
         return
@@ -194,7 +195,9 @@ def ps(project: str | None, output: str) -> None:
 
     from meshctl.supervisor.states import DOWN
 
-    table = Table(title=f"mesh {status['mesh']} (supervisor pid {status['supervisor']['pid']})",
+    hosts_mode = ("/etc/hosts: each pod's own" if status["hosts_mode"] == "mount"
+                  else "/etc/hosts: the host's (pods resolve mesh names through MESH_HOSTS only)")
+    table = Table(title=f"mesh {status['mesh']} (supervisor pid {status['supervisor']['pid']}; {hosts_mode})",
                   box=None, header_style="bold")
     for col in ("POD", "REPLICA", "IP", "PROCESS", "PID", "STATE", "READY", "RESTARTS", "UPTIME", "CPU %",
                 "RSS"):
@@ -241,6 +244,38 @@ def logs(name: str, project: str | None, follow: bool, tail: int | None, role: s
     if not files:
         fail(f"no logs for '{name}' in mesh '{state.mesh}'")
     follow_logs(files, tail=tail, follow=follow, prefix=len(files) > 1)
+
+
+@main.command("exec", short_help="Run a command inside a pod (like podman exec).",
+              context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@project_option
+def exec_(name: str, command: tuple[str, ...], project: str | None) -> None:
+    """Run COMMAND in a pod's replica (replica 0 of a pod unless one is named, e.g. b-1): its /etc/hosts
+    (mount namespace), its environment and working directory; the terminal passes through and COMMAND's
+    exit code is meshctl's. Options after NAME belong to COMMAND: `meshctl exec a -- sh -c 'exit 7'`."""
+    import os
+
+    from meshctl.supervisor.pod_namespace import enter_argv
+
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        fail("exec: no command given (e.g. meshctl exec a -- getent hosts b)", USAGE_ERROR)
+    state = _pick_mesh(project)
+    target = _ask(state, "GET", f"/v1/exec/{quote(name, safe='')}")
+    env = target["env"]
+    try:
+        if target["hosts_mode"] == "mount":
+            argv = enter_argv(target["pid"], target["cwd"], command, target["user_namespace"])
+        else:
+            os.chdir(target["cwd"])
+            argv = list(command)
+        sys.stdout.flush()
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:  # the command (or nsenter) cannot be run: the shell's "not found" code
+        fail(f"exec: cannot run {command[0]!r} in {target['replica']}: {exc.strerror or exc}", 127)
 
 
 @main.command(short_help="Call a pod's sidecar admin (its private socket).")
@@ -302,11 +337,13 @@ def hosts(name: str, project: str | None, file: str | None) -> None:
         click.echo("\n".join(plan.hosts_text(r) for r in reps), nl=False)
         return
     state = _pick_mesh(project)
-    try:
-        found = ask(state, "GET", f"/v1/hosts/{quote(name, safe='')}")["hosts"]
-    except MeshError as err:
-        fail(str(err), USAGE_ERROR if "no pod or replica" in str(err) else err.code)
-    click.echo("\n".join(found[r] for r in sorted(found)), nl=False)
+    answer = _ask(state, "GET", f"/v1/hosts/{quote(name, safe='')}")
+    found = answer["hosts"]
+    for replica in sorted(found):
+        how = ("every process of the replica sees this file as /etc/hosts (its own mount namespace)"
+               if answer["hosts_mode"] == "mount" else
+               "only meshctl's services and sidecars read this file (MESH_HOSTS): no per-pod /etc/hosts here")
+        click.echo(f"# {replica}: {how}\n{found[replica]}", nl=False)
 
 
 def _resolve_target(target: str, project: str | None,

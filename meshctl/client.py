@@ -29,7 +29,11 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class ControlError(Exception):
-    pass
+    """The supervisor could not be asked, or said no; ``status`` is its HTTP status when it answered."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def request(path: Path, method: str, url: str, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -51,5 +55,5 @@ def call(path: Path, method: str, url: str, timeout: float = 10.0) -> dict[str, 
     except (OSError, ValueError, http.client.HTTPException) as exc:
         raise ControlError(f"cannot reach the supervisor at {path}: {exc}") from None
     if status >= 400:
-        raise ControlError(body.get("error", f"HTTP {status}"))
+        raise ControlError(body.get("error", f"HTTP {status}"), status)
     return body

@@ -70,10 +70,13 @@ def _can_bind_privileged() -> bool:
     return os.geteuid() == 0
 
 
-def host_facts() -> HostFacts:
+def host_facts(to_run: bool = True) -> HostFacts:
+    from meshctl.supervisor.pod_namespace import pod_hosts_problem
+
     return HostFacts(environ=dict(os.environ), mesh_aliases=aliases_by_mesh(), listening_aliases=listening_aliases(),
                      unprivileged_port_start=_unprivileged_port_start(),
-                     can_bind_privileged=_can_bind_privileged())
+                     can_bind_privileged=_can_bind_privileged() or not to_run,
+                     pod_hosts_problem=pod_hosts_problem() if to_run else None)
 
 
 def make_plan(file: str, project: str | None = None, with_prometheus: bool = False,
@@ -85,9 +88,7 @@ def make_plan(file: str, project: str | None = None, with_prometheus: bool = Fal
     """
     from pods.topology import TopologyError, load_topology
 
-    facts, home = host_facts(), meshctl_home()  # first: the plan itself reads nothing of the host
-    if not to_run:
-        facts = replace(facts, can_bind_privileged=True)
+    facts, home = host_facts(to_run), meshctl_home()  # first: the plan itself reads nothing of the host
     try:
         topo = load_topology(file)
     except TopologyError as err:
@@ -130,7 +131,8 @@ def ask(state: StateDir, method: str, url: str, timeout: float = 10.0) -> dict[s
     try:
         return call(state.control_socket, method, url, timeout=timeout)
     except ControlError as exc:
-        raise MeshError(str(exc)) from None
+        # "no such pod" is the user's mistake (a usage error); anything else is the mesh's state
+        raise MeshError(str(exc), USAGE_ERROR if exc.status == 404 else 1) from None
 
 
 # --------------------------------------------------------------------------- starting

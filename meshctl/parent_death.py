@@ -58,7 +58,7 @@ def die_with_parent(expected_parent: int | None = None) -> None:
 
 
 @functools.cache
-def _setpriv() -> str | None:
+def setpriv() -> str | None:
     """setpriv, if it knows --pdeathsig (asked once per process)."""
     path = shutil.which("setpriv")
     if path is None:
@@ -72,11 +72,11 @@ def _setpriv() -> str | None:
 
 def wrapper_argv(expected_parent: int, use_setpriv: bool | None = None) -> tuple[str, ...]:
     """The argv prefix that sets PDEATHSIG, checks the parent, then execs the program that follows it."""
-    setpriv = _setpriv() if use_setpriv is not False else None
-    if use_setpriv and setpriv is None:
+    tool = setpriv() if use_setpriv is not False else None
+    if use_setpriv and tool is None:
         raise FileNotFoundError(errno.ENOENT, "setpriv with --pdeathsig not found", "setpriv")
-    if setpriv is not None:
-        return (setpriv, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _SH_CHECK, str(expected_parent))
+    if tool is not None:
+        return (tool, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _SH_CHECK, str(expected_parent))
     return (sys.executable, "-S", "-I", "-c", _PY_CHECK, str(expected_parent))
 
 

@@ -48,6 +48,8 @@ class HostFacts:
         return taken
     unprivileged_port_start: int = 1024
     can_bind_privileged: bool = True
+    #: Why pods cannot have their own /etc/hosts here (a private mount namespace), or None when they can.
+    pod_hosts_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class PodPlan:
     service_ports: tuple[int, ...]
     line: int
 
-    def describe(self, admin_sockets: Mapping[str, Path]) -> dict[str, Any]:
+    def describe(self, admin_sockets: Mapping[str, Path], hosts_mode: str) -> dict[str, Any]:
         """The pod as the control API reports it (``GET /v1/status``)."""
         sidecar = None
         if self.sidecar is not None:
@@ -80,6 +82,7 @@ class PodPlan:
                           "admin_socket": str(admin_sockets[r.name]) if r.name in admin_sockets else None}
                          for r in self.replicas],
             "sidecar": sidecar,
+            "hosts_mode": hosts_mode,
             "metrics": None if self.metrics is None else {"port": self.metrics.port, "path": self.metrics.path},
             "publish": [{"host": f"{p.host_ip}:{p.host_port}", "pod_port": p.pod_port} for p in self.publish],
         }
@@ -99,6 +102,8 @@ class MeshPlan:
     hosts_files: dict[str, Path]
     admin_sockets: dict[str, Path]
     dirs: tuple[Path, ...]
+    #: "mount": each process sees its replica's hosts file as /etc/hosts; "env": only through MESH_HOSTS.
+    hosts_mode: str = "mount"
     #: The scrape config for the mesh's Prometheus (None without a prometheus section or --prometheus).
     prometheus_config: str | None = None
     problems: tuple[Problem, ...] = field(default=())
@@ -132,7 +137,7 @@ class MeshPlan:
         return list(pod.service_ports)
 
     def describe(self) -> list[dict[str, Any]]:
-        return [pod.describe(self.admin_sockets) for pod in self.pods.values()]
+        return [pod.describe(self.admin_sockets, self.hosts_mode) for pod in self.pods.values()]
 
 
 def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus: PrometheusSpec | None = None,
@@ -177,7 +182,14 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
         layout = replace(layout, topology=topology,
                          replicas={k: v for k, v in layout.replicas.items() if k not in without})
         dirs.remove(state_root / "prometheus" / "data")
+    hosts_mode = "mount" if facts.pod_hosts_problem is None else "env"
+    if hosts_mode == "env":
+        problems.append(Problem(path, 0, f"pods cannot have their own /etc/hosts here ({facts.pod_hosts_problem}); "
+                                "mesh names resolve only through MESH_HOSTS (meshctl's own services and "
+                                "sidecars), not for other programs", "warning"))
     processes = [_resolve_command(p, topology, problems) for p in layout.process_plans()]
+    if hosts_mode == "mount":
+        processes = [replace(p, hosts_file=layout.hosts_path(p.replica)) for p in processes]
     files: dict[Path, str] = {}
     hosts_files: dict[str, Path] = {}
     for replica in layout.all_replicas():
@@ -196,7 +208,7 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
     admin_sockets = {r.name: layout.admin_socket(r) for r in layout.all_replicas() if r.pod in compiled.launches}
     return MeshPlan(mesh=topology.name, source=topology.path, state_root=state_root, run_id=run_id, pods=pods,
                     processes=tuple(processes), files=files, hosts_files=hosts_files, admin_sockets=admin_sockets,
-                    dirs=tuple(dirs), prometheus_config=prometheus_config,
+                    dirs=tuple(dirs), prometheus_config=prometheus_config, hosts_mode=hosts_mode,
                     problems=tuple(sorted(problems, key=lambda p: (p.line, p.message))))
 
 

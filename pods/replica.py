@@ -45,6 +45,9 @@ class ProcessPlan:
     restart: str
     stop_grace_s: float
     line: int = 0
+    #: Bound over /etc/hosts in the process's own mount namespace (None: the host's /etc/hosts, and
+    #: mesh names only through MESH_HOSTS).
+    hosts_file: Path | None = None
 
     @property
     def key(self) -> str:

@@ -11,14 +11,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from meshctl.parent_death import ORPHANED_EXIT, _setpriv, launch_argv
+from meshctl.parent_death import ORPHANED_EXIT, launch_argv, setpriv
 from meshctl.supervisor.logfile import RotatingLog
 from meshctl.supervisor.process import ManagedProcess
 from pods.replica import ProcessPlan, Replica
 from tests.conftest import ROOT, wait_for
 
 WRAPPERS = [pytest.param(True, id="setpriv", marks=pytest.mark.skipif(
-                _setpriv() is None, reason="util-linux setpriv with --pdeathsig is not installed")),
+                setpriv() is None, reason="util-linux setpriv with --pdeathsig is not installed")),
             pytest.param(False, id="python")]
 
 #: Starts ``sleep`` through the wrapper, prints its pid, then waits to be killed.

@@ -42,7 +42,15 @@ def build_app(sup: Supervisor) -> web.Application:
         found = sup.hosts(name)
         if not found:
             return web.json_response({"error": f"no pod or replica named {name!r}"}, status=404)
-        return web.json_response({"hosts": found})
+        return web.json_response({"hosts": found, "hosts_mode": sup.plan.hosts_mode})
+
+    async def exec_target(request: web.Request) -> web.Response:
+        try:
+            return web.json_response(sup.exec_target(request.match_info["name"]))
+        except LookupError as exc:
+            return web.json_response({"error": exc.args[0]}, status=404)
+        except RuntimeError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
 
     async def down(_: web.Request) -> web.Response:
         sup.request_stop()
@@ -51,6 +59,7 @@ def build_app(sup: Supervisor) -> web.Application:
     app = web.Application()
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/hosts/{name}", hosts)
+    app.router.add_get("/v1/exec/{name}", exec_target)
     app.router.add_post("/v1/restart/{name}", restart)
     app.router.add_post("/v1/down", down)
     return app

@@ -23,6 +23,7 @@ import psutil
 
 from meshctl.parent_death import launch_argv
 from meshctl.supervisor.logfile import RotatingLog
+from meshctl.supervisor.pod_namespace import pod_argv
 from meshctl.supervisor.probes import probe
 from meshctl.supervisor.reaper import MARKER_ENV, sweep
 from meshctl.supervisor.states import State
@@ -126,13 +127,18 @@ class ManagedProcess:
             return  # the mesh is stopping: nothing may start any more
         self.task = asyncio.get_running_loop().create_task(self._supervise(), name=self.key)
 
+    def _argv(self) -> list[str]:
+        if self.plan.hosts_file is not None:
+            return pod_argv(self.plan.argv, self.plan.env, self.plan.cwd, self.plan.hosts_file)
+        return launch_argv(self.plan.argv, self.plan.env, self.plan.cwd)
+
     async def _spawn(self) -> bool:
         loop = asyncio.get_running_loop()
         try:
             # Signals: SIGPIPE goes back to default (restore_signals), SIGINT is handled by the supervisor
             # and so resets to default at exec; the event loop thread spawns, and it lives as long as we do.
             popen = subprocess.Popen(
-                launch_argv(self.plan.argv, self.plan.env, self.plan.cwd), env=self.plan.env, cwd=self.plan.cwd,
+                self._argv(), env=self.plan.env, cwd=self.plan.cwd,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True)
         except OSError as exc:

@@ -148,7 +148,9 @@ class Supervisor:
             "publish": [{"host": f"{f.host_ip}:{f.host_port}", "pod_port": f.pod_port,
                          "pod": pod} for pod, f in self._forwarder_pods],
             "pods": self.plan.describe(),
+            "hosts_mode": self.plan.hosts_mode,
             "processes": [{**p.status(resources), "ports": self.plan.process_ports(p.plan),
+                           "hosts_mode": "mount" if p.plan.hosts_file is not None else "env",
                            **self.listening.report(p.key, p.pid if p.is_alive() else None)}
                           for p in self.processes],
         }
@@ -164,6 +166,22 @@ class Supervisor:
     def find_processes(self, name: str, role: str | None = None) -> list[ManagedProcess]:
         names = {r.name for r in self.plan.find(name)}
         return [p for p in self.processes if p.plan.replica.name in names and (role is None or p.plan.role == role)]
+
+    def exec_target(self, name: str) -> dict[str, Any]:
+        """Where `meshctl exec NAME` runs: the service process of a replica (replica 0 of a pod).
+
+        Raises LookupError (unknown name) or RuntimeError (not running) with the user's message.
+        """
+        replicas = self.plan.find(name)
+        if not replicas:
+            raise LookupError(f"no pod or replica named {name!r} in mesh '{self.plan.mesh}'")
+        replica = replicas[0]
+        proc = next(p for p in self.processes if p.plan.replica == replica and p.plan.role == "service")
+        if self._stop.is_set() or not proc.is_alive() or proc.pid is None:
+            raise RuntimeError(f"{proc.key} is not running (state {proc.state.value}); nothing to exec into")
+        return {"replica": replica.name, "pid": proc.pid, "state": proc.state.value, "env": proc.plan.env,
+                "cwd": str(proc.plan.cwd), "hosts_mode": self.plan.hosts_mode,
+                "user_namespace": self.plan.hosts_mode == "mount" and os.geteuid() != 0}
 
     async def restart(self, procs: list[ManagedProcess]) -> None:
         if self._stop.is_set():
