@@ -35,9 +35,9 @@ def _report(err: MeshError) -> NoReturn:
 
 
 def _plan(file: str, project: str | None = None, with_prometheus: bool = False,
-          prometheus_bin: str | None = None, to_run: bool = True) -> Any:
+          prometheus_bin: str | None = None, to_run: bool = True, starting: bool = False) -> Any:
     try:
-        plan = make_plan(file, project, with_prometheus, prometheus_bin, to_run)
+        plan = make_plan(file, project, with_prometheus, prometheus_bin, to_run, starting)
     except MeshError as err:
         _report(err)
     for warning in plan.warnings:
@@ -110,7 +110,7 @@ def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_p
     """Start the mesh described by FILE (foreground unless -d; Ctrl-C stops it, twice forces)."""
     from meshctl.lifecycle import claim, run_supervisor, start_detached
 
-    plan = _plan(file, project, with_prometheus, prometheus_bin)
+    plan = _plan(file, project, with_prometheus, prometheus_bin, starting=True)
     try:
         state, lock = claim(plan)
         if not detach:
@@ -125,6 +125,9 @@ def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_p
         click.echo(f"  {p['replica']:<12} {p['ip']:<15} {p['role']:<8} pid {p['pid']}{extra}")
     for warning in (w for p in status["processes"] for w in p["warnings"]):
         click.secho(f"warning: {warning}", fg="yellow", err=True)
+    if plan.unstartable:  # like compose: the others run, the command says something did not start
+        fail(f"mesh '{plan.mesh}' is up without {', '.join(sorted(plan.unstartable))}: its program was not "
+             "found (see above); `meshctl down` stops the rest")
 
 
 @main.command(hidden=True)

@@ -80,15 +80,17 @@ def host_facts(to_run: bool = True) -> HostFacts:
 
 
 def make_plan(file: str, project: str | None = None, with_prometheus: bool = False,
-              prometheus_bin: str | None = None, to_run: bool = True) -> MeshPlan:
+              prometheus_bin: str | None = None, to_run: bool = True, starting: bool = False) -> MeshPlan:
     """Load, check and plan ``file``; raises PlanError with every problem (warnings are in the plan).
 
     ``to_run=False`` plans only to read the result (hosts files, the scrape config): nothing will bind
-    a port, so privileged ports are no problem.
+    a port, so privileged ports are no problem. ``starting`` (`up`): a pod whose program is missing is a
+    warning, and the rest of the mesh starts without it.
     """
     from pods.topology import TopologyError, load_topology
 
     facts, home = host_facts(to_run), meshctl_home()  # first: the plan itself reads nothing of the host
+    facts = replace(facts, start_despite_missing_commands=starting)
     try:
         topo = load_topology(file)
     except TopologyError as err:
@@ -233,7 +235,8 @@ def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], 
             except ControlError:
                 status = None
         if status and status["processes"]:
-            procs = status["processes"]
+            # A pod whose program is missing was reported when planning; the rest of the mesh starts.
+            procs = [p for p in status["processes"] if f"{p['replica']}/{p['role']}" not in plan.unstartable]
             broken = [p for p in procs if p["state"] in BROKEN]
             if broken:
                 _fail_startup(plan, state, broken[0], proc)
@@ -244,7 +247,8 @@ def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], 
                 except ControlError:
                     return status
         time.sleep(0.05)
-    not_ready = [p for p in (status or {}).get("processes", []) if not p["ready"]]
+    not_ready = [p for p in (status or {}).get("processes", [])
+                 if not p["ready"] and f"{p['replica']}/{p['role']}" not in plan.unstartable]
     if not_ready:
         _fail_startup(plan, state, not_ready[0], proc, timed_out=wait_timeout)
     stop_supervisor(state, proc.pid)

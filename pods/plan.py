@@ -50,6 +50,8 @@ class HostFacts:
     can_bind_privileged: bool = True
     #: Why pods cannot have their own /etc/hosts here (a private mount namespace), or None when they can.
     pod_hosts_problem: str | None = None
+    #: `up` starts the rest of a mesh when a pod's program is missing (a warning); `validate` refuses it.
+    start_despite_missing_commands: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class MeshPlan:
     dirs: tuple[Path, ...]
     #: "mount": each process sees its replica's hosts file as /etc/hosts; "env": only through MESH_HOSTS.
     hosts_mode: str = "mount"
+    #: Processes whose program was not found: planned (and reported) but they cannot start.
+    unstartable: frozenset[str] = frozenset()
     #: The scrape config for the mesh's Prometheus (None without a prometheus section or --prometheus).
     prometheus_config: str | None = None
     problems: tuple[Problem, ...] = field(default=())
@@ -187,7 +191,9 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
         problems.append(Problem(path, 0, f"pods cannot have their own /etc/hosts here ({facts.pod_hosts_problem}); "
                                 "mesh names resolve only through MESH_HOSTS (meshctl's own services and "
                                 "sidecars), not for other programs", "warning"))
-    processes = [_resolve_command(p, topology, problems) for p in layout.process_plans()]
+    severity = "warning" if facts.start_despite_missing_commands else "error"
+    missing: set[str] = set()
+    processes = [_resolve_command(p, topology, problems, severity, missing) for p in layout.process_plans()]
     if hosts_mode == "mount":
         processes = [replace(p, hosts_file=layout.hosts_path(p.replica)) for p in processes]
     files: dict[Path, str] = {}
@@ -209,10 +215,12 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
     return MeshPlan(mesh=topology.name, source=topology.path, state_root=state_root, run_id=run_id, pods=pods,
                     processes=tuple(processes), files=files, hosts_files=hosts_files, admin_sockets=admin_sockets,
                     dirs=tuple(dirs), prometheus_config=prometheus_config, hosts_mode=hosts_mode,
+                    unstartable=frozenset(missing),
                     problems=tuple(sorted(problems, key=lambda p: (p.line, p.message))))
 
 
-def _resolve_command(proc: ProcessPlan, topology: Topology, problems: list[Problem]) -> ProcessPlan:
+def _resolve_command(proc: ProcessPlan, topology: Topology, problems: list[Problem], severity: str,
+                     missing: set[str]) -> ProcessPlan:
     """argv[0] as the absolute program the process will run, found with the PATH it will have.
 
     Resolving here makes ``validate`` and the start agree: the program checked is the program run.
@@ -226,11 +234,14 @@ def _resolve_command(proc: ProcessPlan, topology: Topology, problems: list[Probl
     else:
         found = shutil.which(prog, path=proc.env.get("PATH", os.defpath))
     if found is None:
+        missing.add(proc.key)
         pod = topology.pods[proc.replica.pod]
         line = pod.service.command_line or pod.service.line if proc.role == "service" else proc.line
         message = f"pod '{proc.replica.pod}': command '{prog}' not found" + (
-            "" if "/" in prog else " on PATH")
-        problem = Problem(str(topology.path), line, message)
+            "" if "/" in prog else f" on PATH={proc.env.get('PATH', os.defpath)}")
+        if severity == "warning":
+            message += "; the pod will not start, the rest of the mesh will"
+        problem = Problem(str(topology.path), line, message, severity)
         if problem not in problems:
             problems.append(problem)
         return proc

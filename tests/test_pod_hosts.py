@@ -165,3 +165,30 @@ def test_pods_get_their_own_hosts_as_a_normal_user(nobody_dir):
         down = run("down", "-p", "nu")
     assert down.returncode == 0, down.stderr
     assert ETC_HOSTS.read_bytes() == before
+
+
+def test_a_pod_whose_program_is_missing_does_not_stop_the_rest(meshctl):
+    """`validate` refuses it; `up` names pod, command and PATH in one line, starts the rest, exits 1."""
+    topo = meshctl.write("miss.yaml", """
+        name: miss
+        pods:
+          ok:
+            ip: 127.0.158.1
+            service:
+              command: [sleep, "300"]
+          broken:
+            ip: 127.0.159.1
+            service:
+              command: [no-such-program-xyz, --flag]
+    """)
+    res = meshctl("validate", str(topo), check=False)
+    assert res.returncode == 2 and f"{topo}:11: pod 'broken': command 'no-such-program-xyz' not found" in res.stderr
+    meshctl.started.append("miss")
+    res = meshctl("up", str(topo), "-d", check=False)
+    assert res.returncode == 1, res
+    lines = [line for line in res.stderr.splitlines() if "no-such-program-xyz" in line]
+    assert len(lines) == 1 and "pod 'broken'" in lines[0] and "PATH=" in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    procs = {p["pod"]: p for p in _ps(meshctl, "miss")["processes"]}
+    assert procs["ok"]["ready"] and procs["ok"]["state"] == "running"
+    assert procs["broken"]["state"] == "failed" and not procs["broken"]["ready"]
