@@ -479,18 +479,18 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
 
 
 @main.command("prometheus-config", short_help="Print the Prometheus scrape config.")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
 @project_option
-def prometheus_config(file: str, project: str | None) -> None:
-    """Print the Prometheus scrape config for FILE (the running mesh's, if it is up)."""
-    from pods.prometheus import CONFIG_FILE
-
-    plan = _plan(file, project, with_prometheus=True, to_run=False)
-    running = StateDir.for_mesh(plan.mesh).root / "prometheus" / CONFIG_FILE
-    if StateDir.for_mesh(plan.mesh).supervisor_alive() and running.exists():
-        click.echo(running.read_text(), nl=False)  # what the running Prometheus was given
-        return
-    click.echo(plan.prometheus_config or "", nl=False)
+def prometheus_config(file: str | None, project: str | None) -> None:
+    """Print the Prometheus scrape config of the running mesh (-p NAME), or the one FILE would get."""
+    if file is not None:
+        plan = _plan(file, project, with_prometheus=True, to_run=False)
+        if not StateDir.for_mesh(plan.mesh).supervisor_alive():
+            click.echo(plan.prometheus_config, nl=False)
+            return
+        project = plan.mesh  # running: its supervisor's plan is the truth (its aliases, its -p name)
+    state = _pick_mesh(project)
+    click.echo(_ask(state, "GET", "/v1/prometheus-config")["config"], nl=False)
 
 
 @main.command(short_help="Live golden signals per pod and edge.")

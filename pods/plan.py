@@ -108,8 +108,8 @@ class MeshPlan:
     hosts_mode: str = "mount"
     #: Processes whose program was not found: planned (and reported) but they cannot start.
     unstartable: frozenset[str] = frozenset()
-    #: The scrape config for the mesh's Prometheus (None without a prometheus section or --prometheus).
-    prometheus_config: str | None = None
+    #: The Prometheus scrape config for this mesh (written for its Prometheus pod when it has one).
+    prometheus_config: str = ""
     problems: tuple[Problem, ...] = field(default=())
 
     @property
@@ -180,7 +180,8 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
     layout = ReplicaLayout(topology=topology, replicas=assign_replicas(topology, facts.taken_aliases(topology.name)),
                            hosts_dir=state_root / "hosts", run_id=run_id, base_env=dict(facts.environ),
                            sidecars=compiled.launches, admin_dir=state_root / "admin")
-    prometheus_config = scrape_config(layout) if PROMETHEUS_POD in topology.pods else None
+    # Planned for every mesh: users who run their own Prometheus ask for it (`meshctl prometheus-config`).
+    prometheus_config = scrape_config(layout)
     if without:
         topology = replace(topology, pods={k: v for k, v in topology.pods.items() if k not in without})
         layout = replace(layout, topology=topology,
@@ -202,7 +203,7 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
         hosts_files[replica.name] = layout.hosts_path(replica)
         files[layout.hosts_path(replica)] = layout.hosts_text(replica)
     files.update(compiled.files)
-    if prometheus_config is not None and PROMETHEUS_POD in topology.pods:
+    if PROMETHEUS_POD in topology.pods:
         files[state_root / "prometheus" / PROMETHEUS_CONFIG] = prometheus_config
     if not facts.can_bind_privileged:
         problems.extend(_privileged_ports(topology, compiled.launches, facts.unprivileged_port_start))

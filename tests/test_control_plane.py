@@ -67,6 +67,8 @@ def test_status_describes_pods_ports_and_sidecar_admin(meshctl):
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     assert [p["pod"] for p in json.loads(res.stdout)["pods"]] == ["web"]
+    config = meshctl("prometheus-config", "-p", "st").stdout  # from the supervisor, not the broken file
+    assert "job_name: web/sidecar" in config and f"127.0.161.1:{admin}" in config
     res = meshctl("traffic", "web", "--n", "20", "-p", "st", "--json")
     assert json.loads(res.stdout)["status"] == {"200": 20}
     assert "127.0.161.1\tlocalhost web-0 web" in meshctl("hosts", "web", "-p", "st").stdout

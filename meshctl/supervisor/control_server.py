@@ -60,6 +60,7 @@ def build_app(sup: Supervisor) -> web.Application:
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/hosts/{name}", hosts)
     app.router.add_get("/v1/exec/{name}", exec_target)
+    app.router.add_get("/v1/prometheus-config", lambda _: web.json_response({"config": sup.plan.prometheus_config}))
     app.router.add_post("/v1/restart/{name}", restart)
     app.router.add_post("/v1/down", down)
     return app
