@@ -516,19 +516,18 @@ def stats(project: str | None, window: str, interval: float, once: bool, watch: 
     collector = Collector(state, window_s=seconds or 10.0)
     as_json = output == "json"
     interactive = sys.stdout.isatty() and sys.stdin.isatty() and not as_json
-    import asyncio
-
     import aiohttp
 
     from meshctl.client import ControlError
+    from pods.runloop import run as run_loop
 
     try:
         if once or (not interactive and not watch):
-            asyncio.run(run_once(collector, interval, as_json))
+            run_loop(run_once(collector, interval, as_json))
         elif watch:
-            asyncio.run(run_watch(collector, interval, as_json, count))
+            run_loop(run_watch(collector, interval, as_json, count))
         else:
-            asyncio.run(live(collector, interval))
+            run_loop(live(collector, interval))
     except (OSError, aiohttp.ClientError, ControlError) as exc:
         fail(f"cannot read the mesh's stats: {exc}")
     except KeyboardInterrupt:

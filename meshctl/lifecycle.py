@@ -26,7 +26,7 @@ from meshctl.state import (
     meshctl_home,
     running_meshes,
 )
-from meshctl.supervisor.states import BROKEN
+from meshctl.supervisor.states import BROKEN, State
 from pods.plan import HostFacts, MeshPlan, plan_mesh
 from pods.source import Problem
 from pods.topology import PrometheusSpec
@@ -240,7 +240,7 @@ def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], 
             broken = [p for p in procs if p["state"] in BROKEN]
             if broken:
                 _fail_startup(plan, state, broken[0], proc)
-            if all(p["ready"] and p["pid"] and p["state"] == "running" for p in procs):
+            if all(p["ready"] and p["pid"] and p["state"] == State.RUNNING for p in procs):
                 # One status with resources: it rescans the listening sockets, so `up` can name wildcard binds.
                 try:
                     return call(state.control_socket, "GET", "/v1/status", timeout=10)

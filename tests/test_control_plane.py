@@ -143,3 +143,18 @@ def test_healthcheck_fail_on_the_admin_socket_makes_the_pod_unready(meshctl):
     assert dump
     res = meshctl("admin", "nope", "/ready", "-p", "hc", check=False)
     assert res.returncode == 2 and "no pod or replica named 'nope'" in res.stderr
+
+
+def test_validate_refuses_an_ingress_routed_to_itself(meshctl):
+    """Defect 11: `ingress: {port: 80, to: 80}` looped through itself ~64 times; validate names the line."""
+    topo = meshctl.write("loop.yaml", """
+        pods:
+          a:
+            sidecar:
+              ingress: {port: 8090, to: 8090}
+            service:
+              command: [sleep, "300"]
+    """)
+    res = meshctl("validate", str(topo), check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"{topo}:4: pod 'a' sidecar: ") and "own ingress listener" in res.stderr, res.stderr

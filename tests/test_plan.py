@@ -74,7 +74,8 @@ def test_commands_resolve_with_the_process_path(tmp_path):
     plan = _plan(tmp_path, {"PATH": f"{bindir}:/usr/bin"}, text)
     assert plan.processes[0].argv == (str(bindir / "tool-q"), "--flag")
     plan = _plan(tmp_path, {"PATH": "/usr/bin"}, text)
-    assert [str(e) for e in plan.errors] == [f"{tmp_path / 't.yaml'}:4: pod 't': command 'tool-q' not found on PATH=/usr/bin"]
+    expected = f"{tmp_path / 't.yaml'}:4: pod 't': command 'tool-q' not found on PATH=/usr/bin"
+    assert [str(e) for e in plan.errors] == [expected]
 
 
 def test_privileged_ports_are_problems_only_without_the_privilege(tmp_path):
