@@ -160,6 +160,10 @@ def test_pods_get_their_own_hosts_as_a_normal_user(nobody_dir):
         assert got.returncode == 0, got.stderr
         assert got.stdout.split() == ["127.0.156.1", "b.service", "65534"]  # the user's own uid, not root
         assert run("exec", "c", "--", "sh", "-c", "exit 7").returncode == 7
+        if shutil.which("node"):  # Node's resolver (getaddrinfo through libuv) in the unprivileged pod
+            lookup = "require('dns').lookup('b.service', (e, a) => { if (e) throw e; console.log(a) })"
+            got = run("exec", "c", "--", "node", "-e", lookup)
+            assert got.returncode == 0 and got.stdout.strip() == "127.0.156.1", got
         assert ETC_HOSTS.read_bytes() == before
     finally:
         down = run("down", "-p", "nu")
