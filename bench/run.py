@@ -51,6 +51,17 @@ def run(quick: bool) -> tuple[list[Row], dict[str, Any]]:
     rows.append(_row("sidecar p99 latency", s["p99_ms"], "ms", h["p99_ms"], "haproxy"))
     rows.append(_row("sidecar RSS under load", s["rss_mb"], "MB", h["rss_mb"], "haproxy", "<= 25 MB",
                      s["rss_mb"] <= 25))
+    e = hop.get("envoy")
+    if e is not None:  # the sidecar's true peer: the real Envoy, one worker, the same bootstrap
+        rows.append(_row("sidecar vs real Envoy: throughput", s["rps"], "rps", e["rps"], "envoy --concurrency 1",
+                         ">= 1.0x envoy", s["rps"] >= e["rps"]))
+        rows.append(_row("sidecar vs real Envoy: CPU per request", s["cpu_us_per_rq"], "us", e["cpu_us_per_rq"],
+                         "envoy", "<= envoy", s["cpu_us_per_rq"] <= e["cpu_us_per_rq"]))
+        rows.append(_row("sidecar vs real Envoy: p50", s["p50_ms"], "ms", e["p50_ms"], "envoy"))
+        rows.append(_row("sidecar vs real Envoy: p99", s["p99_ms"], "ms", e["p99_ms"], "envoy", "<= envoy",
+                         s["p99_ms"] <= e["p99_ms"]))
+        rows.append(_row("sidecar vs real Envoy: RSS", s["rss_mb"], "MB", e["rss_mb"], "envoy", "<= 0.5x envoy",
+                         s["rss_mb"] <= 0.5 * e["rss_mb"]))
 
     lg = part("loadgen", lambda: loadgen.measure(20_000 if quick else 50_000, 1 if quick else 3))
     rows.append(_row("meshctl traffic -c10 -> nginx", lg["traffic"]["rps"], "rps", lg["hey"]["rps"], "hey",

