@@ -1,0 +1,313 @@
+"""The internal model (``sidecar.config.Bootstrap``) as a real Envoy v3 static bootstrap.
+
+The reverse of ``sidecar.envoy_config``: whatever a pod's sidecar section was
+written as (the seed's v2 file, a v3 file, the short form), it compiled into
+one model, and this renders that model in the only form Envoy 1.40 accepts.
+``meshctl export envoy`` prints it; ``engine: envoy`` runs exactly it.
+
+Every field of the model is written out, defaults included, so the bootstrap
+says what our sidecar does rather than relying on both programs having the same
+defaults. Two things are added that the model does not say, both so the real
+Envoy behaves like our sidecar in a pod:
+
+* names in STRICT_DNS/LOGICAL_DNS clusters resolve with getaddrinfo, i.e. the
+  pod's /etc/hosts (its own hosts file, bound over /etc/hosts in the pod's
+  mount namespace), IPv4 only like our resolver;
+* with an admin socket, Envoy's admin listens only on that Unix socket (mode
+  0600) and the admin TCP port is an ordinary listener (``admin_readonly``)
+  that forwards GETs of the read-only pages to it and refuses the rest with
+  403, as our sidecar's TCP admin does.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from sidecar.config import (
+    AccessLog,
+    Admin,
+    Bootstrap,
+    CircuitBreakers,
+    Cluster,
+    ConfigError,
+    DirectResponse,
+    HeaderMatch,
+    HttpConnectionManager,
+    Listener,
+    RetryPolicy,
+    Route,
+    RouteMatch,
+    VirtualHost,
+)
+
+HCM = "envoy.filters.network.http_connection_manager"
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = "envoy.filters.http.router"
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+FILE_LOG = "envoy.access_loggers.file"
+FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+DNS_CLUSTER = "envoy.cluster.dns"
+DNS_CLUSTER_TYPE = "type.googleapis.com/envoy.extensions.clusters.dns.v3.DnsCluster"
+GETADDRINFO = {
+    "name": "envoy.network.dns_resolver.getaddrinfo",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.getaddrinfo.v3."
+                              "GetAddrInfoDnsResolverConfig"},
+}
+#: The listener on the admin TCP port and the cluster that reaches the admin socket.
+ADMIN_LISTENER = "admin_readonly"
+ADMIN_CLUSTER = "admin_socket"
+#: What the admin TCP port serves (GET only), as our sidecar's: Prometheus, readiness probes, meshctl stats.
+READ_ONLY_PATHS = ("/ready", "/stats", "/stats/prometheus", "/server_info", "/clusters")
+#: Envoy's admin socket mode: 0600, only the mesh's user can quit, drain or dump the config.
+SOCKET_MODE = 0o600
+_DEFAULT_BACKOFF_BASE_S = RetryPolicy().backoff_base_s
+
+
+def seconds(value: float) -> str:
+    """A protobuf Duration as Envoy's YAML reads it: ``0.25s``, ``15s``."""
+    text = f"{value:.9f}".rstrip("0").rstrip(".")
+    return f"{text}s"
+
+
+def export_envoy(boot: Bootstrap, admin_socket: str | None = None) -> dict[str, Any]:
+    """The Envoy v3 bootstrap (a plain dict) that runs ``boot``.
+
+    ``admin_socket``: serve the whole admin on this Unix socket (0600) and only the read-only pages on the
+    model's admin TCP address (see the module's doc); None: Envoy's admin on the model's TCP address, as is.
+    Raises ConfigError when the model cannot be expressed (a name the admin plumbing needs is taken).
+    """
+    listeners = [_listener(lst) for lst in boot.listeners]
+    clusters = [_cluster(c) for c in boot.clusters]
+    doc: dict[str, Any] = {"static_resources": {"listeners": listeners, "clusters": clusters}}
+    if admin_socket is not None:
+        taken = [name for name, used in ((ADMIN_LISTENER, [lst.name for lst in boot.listeners]),
+                                         (ADMIN_CLUSTER, [c.name for c in boot.clusters])) if name in used]
+        if taken:
+            raise ConfigError(f"'{taken[0]}' is reserved for the real Envoy's admin plumbing; rename your "
+                              "listener or cluster")
+        doc["admin"] = _admin(boot.admin, {"pipe": {"path": admin_socket, "mode": SOCKET_MODE}})
+        if boot.admin is not None:
+            listeners.append(_admin_listener(boot.admin))
+            clusters.append(_admin_cluster(admin_socket))
+    elif boot.admin is not None:
+        doc["admin"] = _admin(boot.admin, _address(boot.admin.address, boot.admin.port))
+    return doc
+
+
+def export_envoy_yaml(boot: Bootstrap, admin_socket: str | None = None, header: str = "") -> str:
+    """``export_envoy`` as YAML, with ``header`` as leading comment lines."""
+    import yaml
+
+    comment = "".join(f"# {line}\n".replace("# \n", "#\n") for line in header.splitlines())
+    return comment + yaml.dump(export_envoy(boot, admin_socket), Dumper=_dumper(), sort_keys=False,
+                               default_flow_style=False, width=120)
+
+
+def _dumper() -> type:
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        """No anchors: shared dicts (the resolver, the GET matcher) are written out where they are used."""
+
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return Dumper
+
+
+# --- listeners and the HTTP connection manager -----------------------------------------------------
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _listener(lst: Listener) -> dict[str, Any]:
+    return {"name": lst.name, "address": _address(lst.address, lst.port),
+            "filter_chains": [{"filters": [_hcm(lst.hcm)]}]}
+
+
+def _hcm(hcm: HttpConnectionManager, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    rc = hcm.route_config
+    cfg: dict[str, Any] = {
+        "@type": HCM_TYPE,
+        "stat_prefix": hcm.stat_prefix,
+        "codec_type": hcm.codec_type,
+        "use_remote_address": hcm.use_remote_address,
+        "max_request_headers_kb": hcm.max_request_headers_kb,
+        "stream_idle_timeout": seconds(hcm.stream_idle_timeout_s),
+        **(extra or {}),
+        "route_config": {"name": rc.name, "virtual_hosts": [_virtual_host(vh) for vh in rc.virtual_hosts]},
+        "http_filters": [{"name": ROUTER, "typed_config": {"@type": ROUTER_TYPE}}],
+    }
+    if hcm.access_logs:
+        cfg["access_log"] = [_access_log(a) for a in hcm.access_logs]
+    return {"name": HCM, "typed_config": cfg}
+
+
+def _access_log(log: AccessLog) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"@type": FILE_LOG_TYPE, "path": log.path}
+    if log.format is not None:  # None: Envoy's default format, which is ours too
+        cfg["log_format"] = {"text_format_source": {"inline_string": log.format}}
+    return {"name": FILE_LOG, "typed_config": cfg}
+
+
+# --- routes ------------------------------------------------------------------------------------------
+
+def _virtual_host(vh: VirtualHost) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": vh.name, "domains": list(vh.domains)}
+    if vh.retry_policy is not None:
+        out["retry_policy"] = _retry_policy(vh.retry_policy)
+    out["routes"] = [_route(r) for r in vh.routes]
+    return out
+
+
+def _route(route: Route) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": route.name} if route.name else {}
+    out["match"] = _match(route.match)
+    if route.direct_response is not None:
+        out["direct_response"] = _direct(route.direct_response)
+        return out
+    action: dict[str, Any] = {"cluster": route.cluster, "timeout": seconds(route.timeout_s)}
+    if route.retry_policy is not None:
+        action["retry_policy"] = _retry_policy(route.retry_policy)
+    if route.prefix_rewrite is not None:
+        action["prefix_rewrite"] = route.prefix_rewrite
+    out["route"] = action
+    return out
+
+
+def _regex(rx: Any) -> dict[str, Any]:
+    """An RE2 pattern object as Envoy's safe_regex; options set at compile time become inline flags."""
+    flags = ""
+    options = getattr(rx, "options", None)
+    if options is not None:
+        flags += "" if options.case_sensitive else "i"
+        flags += "s" if options.dot_nl else ""
+    return {"regex": (f"(?{flags})" if flags else "") + rx.pattern}
+
+
+def _match(m: RouteMatch) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if m.prefix is not None:
+        out["prefix"] = m.prefix
+    elif m.path is not None:
+        out["path"] = m.path
+    elif m.regex is not None:
+        out["safe_regex"] = _regex(m.regex)
+    if not m.case_sensitive:
+        out["case_sensitive"] = False
+    if m.headers:
+        out["headers"] = [_header(h) for h in m.headers]
+    return out
+
+
+def _header(h: HeaderMatch) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": h.name}
+    if h.present is not None:
+        out["present_match"] = h.present
+    elif h.regex is not None:
+        out["string_match"] = {"safe_regex": _regex(h.regex)}
+    else:
+        kind, value = next((k, v) for k, v in (("exact", h.exact), ("prefix", h.prefix), ("suffix", h.suffix))
+                           if v is not None)
+        out["string_match"] = {kind: value}
+    if h.invert:
+        out["invert_match"] = True
+    return out
+
+
+def _direct(d: DirectResponse) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": d.status}
+    if d.body:
+        try:
+            out["body"] = {"inline_string": d.body.decode("utf-8")}
+        except UnicodeDecodeError:
+            out["body"] = {"inline_bytes": base64.b64encode(d.body).decode("ascii")}
+    return out
+
+
+def _retry_policy(p: RetryPolicy) -> dict[str, Any]:
+    out: dict[str, Any] = {"retry_on": ",".join(sorted(p.retry_on)), "num_retries": p.num_retries}
+    if p.per_try_timeout_s is not None:
+        out["per_try_timeout"] = seconds(p.per_try_timeout_s)
+    if p.retriable_status_codes:
+        out["retriable_status_codes"] = sorted(p.retriable_status_codes)
+    if p.backoff_base_s != _DEFAULT_BACKOFF_BASE_S or p.backoff_max_s is not None:
+        back = {"base_interval": seconds(p.backoff_base_s)}
+        if p.backoff_max_s is not None:
+            back["max_interval"] = seconds(p.backoff_max_s)
+        out["retry_back_off"] = back
+    return out
+
+
+# --- clusters ------------------------------------------------------------------------------------
+
+def _cluster(c: Cluster) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "connect_timeout": seconds(c.connect_timeout_s),
+        "lb_policy": c.lb_policy,
+        "per_connection_buffer_limit_bytes": c.per_connection_buffer_limit_bytes,
+        "circuit_breakers": {"thresholds": [_thresholds(c.circuit_breakers)]},
+    }
+    if c.type == "STATIC":
+        out = {"name": c.name, "type": "STATIC", **out}
+    else:
+        # Envoy 1.40 deprecates the DNS fields on the cluster itself: the DNS cluster extension carries them.
+        # Our sidecar resolves names in the pod's hosts file; getaddrinfo reads /etc/hosts, which in a pod
+        # is that file. IPv4 only: pod aliases are, and an AAAA miss must not fall through to real DNS.
+        dns: dict[str, Any] = {"@type": DNS_CLUSTER_TYPE, "dns_refresh_rate": seconds(c.dns_refresh_rate_s),
+                               "dns_lookup_family": "V4_ONLY", "typed_dns_resolver_config": GETADDRINFO}
+        if c.type == "LOGICAL_DNS":
+            dns["all_addresses_in_single_endpoint"] = True  # what LOGICAL_DNS means in the extension
+        out = {"name": c.name, "cluster_type": {"name": DNS_CLUSTER, "typed_config": dns}, **out}
+    out["load_assignment"] = {"cluster_name": c.name, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": _address(ep.host, ep.port)}} for ep in c.endpoints]}]}
+    return out
+
+
+def _thresholds(cb: CircuitBreakers) -> dict[str, Any]:
+    return {"priority": "DEFAULT", "max_connections": cb.max_connections,
+            "max_pending_requests": cb.max_pending_requests, "max_requests": cb.max_requests,
+            "max_retries": cb.max_retries}
+
+
+# --- admin ---------------------------------------------------------------------------------------
+
+def _admin(admin: Admin | None, address: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"address": address}
+    if admin is not None and admin.access_log_path:
+        out["access_log"] = [_access_log(AccessLog(path=admin.access_log_path))]
+    return out
+
+
+def _admin_listener(admin: Admin) -> dict[str, Any]:
+    """The admin TCP port as a listener: GET of a read-only page goes to the admin socket; the rest is 403."""
+    get = [{"name": ":method", "string_match": {"exact": "GET"}}]
+    routes: list[dict[str, Any]] = [
+        {"match": {"path": p, "headers": get}, "route": {"cluster": ADMIN_CLUSTER, "timeout": "0s"}}
+        for p in READ_ONLY_PATHS]
+    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 403, "body": {
+        "inline_string": "only GET of /ready, /stats, /stats/prometheus, /server_info and /clusters is served on "
+                         "this port; the rest of the admin is on the admin socket (meshctl admin NAME PATH)\n"}}})
+    hcm = {
+        "name": HCM,
+        "typed_config": {
+            "@type": HCM_TYPE,
+            "stat_prefix": ADMIN_LISTENER,
+            "codec_type": "HTTP1",
+            # Our admin closes connections silent this long, as a listener does.
+            "common_http_protocol_options": {"idle_timeout": seconds(admin.idle_timeout_s)},
+            "route_config": {"name": ADMIN_LISTENER, "virtual_hosts": [
+                {"name": ADMIN_LISTENER, "domains": ["*"], "routes": routes}]},
+            "http_filters": [{"name": ROUTER, "typed_config": {"@type": ROUTER_TYPE}}],
+        },
+    }
+    return {"name": ADMIN_LISTENER, "address": _address(admin.address, admin.port), "filter_chains": [
+        {"filters": [hcm]}]}
+
+
+def _admin_cluster(path: str) -> dict[str, Any]:
+    return {"name": ADMIN_CLUSTER, "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+        "cluster_name": ADMIN_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"pipe": {"path": path}}}}]}]}}
