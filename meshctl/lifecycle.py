@@ -72,20 +72,23 @@ def _can_bind_privileged() -> bool:
 
 def host_facts(to_run: bool = True) -> HostFacts:
     from meshctl.supervisor.pod_namespace import pod_hosts_problem
+    from pods.sidecars import find_envoy
 
     return HostFacts(environ=dict(os.environ), mesh_aliases=aliases_by_mesh(), listening_aliases=listening_aliases(),
                      unprivileged_port_start=_unprivileged_port_start(),
                      can_bind_privileged=_can_bind_privileged() or not to_run,
-                     pod_hosts_problem=pod_hosts_problem() if to_run else None)
+                     pod_hosts_problem=pod_hosts_problem() if to_run else None,
+                     envoy_bin=find_envoy(os.environ))
 
 
 def make_plan(file: str, project: str | None = None, with_prometheus: bool = False,
-              prometheus_bin: str | None = None, to_run: bool = True, starting: bool = False) -> MeshPlan:
+              prometheus_bin: str | None = None, to_run: bool = True, starting: bool = False,
+              sidecar_engine: str | None = None) -> MeshPlan:
     """Load, check and plan ``file``; raises PlanError with every problem (warnings are in the plan).
 
     ``to_run=False`` plans only to read the result (hosts files, the scrape config): nothing will bind
     a port, so privileged ports are no problem. ``starting`` (`up`): a pod whose program is missing is a
-    warning, and the rest of the mesh starts without it.
+    warning, and the rest of the mesh starts without it. ``sidecar_engine``: every sidecar on this engine.
     """
     from pods.topology import TopologyError, load_topology
 
@@ -102,7 +105,7 @@ def make_plan(file: str, project: str | None = None, with_prometheus: bool = Fal
         spec = PrometheusSpec()
     if spec is not None and prometheus_bin:
         spec = replace(spec, bin=prometheus_bin)
-    plan = plan_mesh(topo, home / topo.name, facts, prometheus=spec)
+    plan = plan_mesh(topo, home / topo.name, facts, prometheus=spec, sidecar_engine=sidecar_engine)
     if plan.errors:
         raise PlanError(list(plan.problems))
     return plan

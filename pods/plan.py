@@ -22,9 +22,10 @@ from pods.prometheus import CONFIG_FILE as PROMETHEUS_CONFIG
 from pods.prometheus import POD_NAME as PROMETHEUS_POD
 from pods.prometheus import scrape_config, with_prometheus
 from pods.replica import PYTHON_ALIASES, ProcessPlan, Replica, ReplicaLayout, SidecarLaunch, assign_replicas
-from pods.sidecars import compile_sidecars
+from pods.sidecars import compile_sidecars, envoy_bootstrap
 from pods.source import Problem
 from pods.topology import MetricsSpec, PodSpec, PrometheusSpec, PublishSpec, Topology
+from sidecar.config import ConfigError
 
 #: The seed's and HTTP's default: a pod that declares no port is taken to serve on 80.
 DEFAULT_POD_PORT = 80
@@ -52,6 +53,8 @@ class HostFacts:
     pod_hosts_problem: str | None = None
     #: `up` starts the rest of a mesh when a pod's program is missing (a warning); `validate` refuses it.
     start_despite_missing_commands: bool = False
+    #: The real Envoy binary (``pods.sidecars.find_envoy``), for sidecars on engine envoy; None: not installed.
+    envoy_bin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class PodPlan:
         sidecar = None
         if self.sidecar is not None:
             s = self.sidecar
-            sidecar = {"admin_port": s.admin_port, "listener_ports": list(s.listener_ports),
+            sidecar = {"engine": s.engine, "admin_port": s.admin_port, "listener_ports": list(s.listener_ports),
                        "egress_port": s.egress_port, "ingress_stat_prefixes": list(s.ingress_stat_prefixes),
                        "egress_clusters": list(s.egress_clusters)}
         return {
@@ -140,15 +143,33 @@ class MeshPlan:
             return sorted({*pod.sidecar.listener_ports, *([pod.sidecar.admin_port] if pod.sidecar.admin_port else [])})
         return list(pod.service_ports)
 
+    def process_engine(self, proc: ProcessPlan) -> str | None:
+        """A sidecar's engine ("meshctl" or "envoy"); None for a service."""
+        sidecar = self.pods[proc.replica.pod].sidecar
+        return sidecar.engine if proc.role == "sidecar" and sidecar is not None else None
+
     def describe(self) -> list[dict[str, Any]]:
         return [pod.describe(self.admin_sockets, self.hosts_mode) for pod in self.pods.values()]
 
+    def envoy_bootstrap(self, pod: str) -> str:
+        """The real Envoy's v3 bootstrap for replica 0 of ``pod``: what engine envoy runs there, whichever
+        engine this plan chose (other replicas differ only in their alias and admin socket).
+
+        Raises KeyError (no such pod, or no sidecar) or ConfigError.
+        """
+        launch = self.pods[pod].sidecar
+        if launch is None:
+            raise KeyError(pod)
+        replica = self.pods[pod].replicas[0]
+        return envoy_bootstrap(launch, replica, self.mesh, self.admin_sockets[replica.name])
+
 
 def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus: PrometheusSpec | None = None,
-              run_id: str | None = None) -> MeshPlan:
+              run_id: str | None = None, sidecar_engine: str | None = None) -> MeshPlan:
     """Everything ``topology`` will run, with the problems found; starts nothing, writes nothing.
 
-    ``prometheus`` overrides the topology's own section (``up --prometheus``).
+    ``prometheus`` overrides the topology's own section (``up --prometheus``); ``sidecar_engine`` every
+    pod's sidecar engine (``up --sidecar-engine``).
     """
     run_id = run_id or uuid.uuid4().hex
     problems: list[Problem] = list(topology.warnings)
@@ -173,13 +194,15 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
             without.discard(PROMETHEUS_POD)
         else:
             dirs.append(state_root / "prometheus" / "data")
-    compiled = compile_sidecars(topology, state_root / "sidecar")
+    compiled = compile_sidecars(topology, state_root / "sidecar", sidecar_engine, facts.envoy_bin)
     problems.extend(compiled.problems)
-    if compiled.files:
-        dirs.append(state_root / "sidecar")
     layout = ReplicaLayout(topology=topology, replicas=assign_replicas(topology, facts.taken_aliases(topology.name)),
                            hosts_dir=state_root / "hosts", run_id=run_id, base_env=dict(facts.environ),
-                           sidecars=compiled.launches, admin_dir=state_root / "admin")
+                           sidecars=compiled.launches, admin_dir=state_root / "admin",
+                           sidecar_dir=state_root / "sidecar")
+    compiled.files.update(_envoy_files(layout, problems))
+    if compiled.files:
+        dirs.append(state_root / "sidecar")
     # Planned for every mesh: users who run their own Prometheus ask for it (`meshctl prometheus-config`).
     prometheus_config = scrape_config(layout)
     if without:
@@ -218,6 +241,24 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
                     dirs=tuple(dirs), prometheus_config=prometheus_config, hosts_mode=hosts_mode,
                     unstartable=frozenset(missing),
                     problems=tuple(sorted(problems, key=lambda p: (p.line, p.message))))
+
+
+def _envoy_files(layout: ReplicaLayout, problems: list[Problem]) -> dict[Path, str]:
+    """The bootstrap of every replica whose sidecar is the real Envoy: its alias, its admin socket."""
+    files: dict[Path, str] = {}
+    topology = layout.topology
+    for name, launch in layout.sidecars.items():
+        if launch.engine != "envoy":
+            continue
+        for replica in layout.replicas.get(name, []):
+            try:
+                files[layout.envoy_config(replica)] = envoy_bootstrap(launch, replica, layout.mesh,
+                                                                      layout.admin_socket(replica))
+            except ConfigError as exc:
+                problems.append(Problem(str(topology.path), topology.pods[name].sidecar_line,
+                                        f"pod '{name}' sidecar: {exc}"))
+                break
+    return files
 
 
 def _resolve_command(proc: ProcessPlan, topology: Topology, problems: list[Problem], severity: str,

@@ -65,6 +65,14 @@ class SidecarLaunch:
     #: For ``meshctl stats``: which HTTP stat prefixes measure inbound traffic, which clusters are edges.
     ingress_stat_prefixes: tuple[str, ...] = ()
     egress_clusters: tuple[str, ...] = ()
+    #: "meshctl" (``python -m sidecar``) or "envoy" (the real Envoy, ``program``, on an exported bootstrap).
+    engine: str = "meshctl"
+    program: str = ""
+    concurrency: int = 1
+    #: What the configuration was written as, to compile it again for each replica's alias (the Envoy
+    #: export): ("envoy", absolute path of the file) or ("short", the short form as JSON).
+    source: tuple[str, str] = ("", "")
+    public_admin: bool = False
 
 
 @dataclass
@@ -80,6 +88,8 @@ class ReplicaLayout:
     sidecars: dict[str, SidecarLaunch] = field(default_factory=dict)
     #: Where each replica's sidecar serves its admin's mutating endpoints (a 0600 unix socket).
     admin_dir: Path | None = None
+    #: Where each replica's exported Envoy bootstrap is written (pods whose sidecar engine is envoy).
+    sidecar_dir: Path | None = None
 
     @property
     def mesh(self) -> str:
@@ -148,15 +158,26 @@ class ReplicaLayout:
             ready = ReadyProbe("http", port=launch.admin_port, path="/ready", line=spec.sidecar_line)
         else:
             ready = ReadyProbe("tcp", port=launch.listener_ports[0], line=spec.sidecar_line)
-        admin = ("--admin-socket", str(self.admin_socket(replica))) if self.admin_dir is not None else ()
-        proc = ProcessSpec(command=("python", "-m", "sidecar", *launch.args, "--pod-ip", "${POD_IP}", *admin), env={},
-                           ready=ready, restart="always", stop_grace_s=spec.service.stop_grace_s,
-                           workdir=spec.service.workdir, line=spec.sidecar_line)
+        if launch.engine == "envoy":
+            # Hot restart is a restart without a stop, which the supervisor never does: disabling it means no
+            # shared memory or abstract sockets (--base-id) that could clash between replicas, meshes, tests.
+            command: tuple[str, ...] = (launch.program, "-c", str(self.envoy_config(replica)),
+                                        "--concurrency", str(launch.concurrency), "--log-level", "warn",
+                                        "--disable-hot-restart")
+        else:
+            admin = ("--admin-socket", str(self.admin_socket(replica))) if self.admin_dir is not None else ()
+            command = ("python", "-m", "sidecar", *launch.args, "--pod-ip", "${POD_IP}", *admin)
+        proc = ProcessSpec(command=command, env={}, ready=ready, restart="always",
+                           stop_grace_s=spec.service.stop_grace_s, workdir=spec.service.workdir, line=spec.sidecar_line)
         return self.process_plan(replica, "sidecar", proc)
 
     def admin_socket(self, replica: Replica) -> Path:
         assert self.admin_dir is not None
         return self.admin_dir / f"{replica.name}.sock"
+
+    def envoy_config(self, replica: Replica) -> Path:
+        assert self.sidecar_dir is not None
+        return self.sidecar_dir / f"{replica.name}.envoy.yaml"
 
     def process_plan(self, replica: Replica, role: str, proc: ProcessSpec,
                      extra_env: Mapping[str, str] | None = None) -> ProcessPlan:

