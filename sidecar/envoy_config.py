@@ -63,6 +63,9 @@ ROUTER_NAMES = ("envoy.filters.http.router", "envoy.router")
 FILE_LOGGERS = ("envoy.access_loggers.file", "envoy.file_access_log")
 STD_LOGGERS = {"envoy.access_loggers.stdout": "/dev/stdout", "envoy.access_loggers.stderr": "/dev/stderr"}
 CLUSTER_TYPES = ("STATIC", "STRICT_DNS", "LOGICAL_DNS")
+#: Envoy 1.40's DNS cluster extension: where the deprecated cluster-level DNS fields now live.
+DNS_CLUSTER_NAMES = ("envoy.cluster.dns", "envoy.cluster.strict_dns", "envoy.cluster.logical_dns")
+DNS_CLUSTER_TYPE = "type.googleapis.com/envoy.extensions.clusters.dns.v3.DnsCluster"
 
 _TLS = "TLS is not supported: serving or calling without it would change behaviour"
 _DYNAMIC = "dynamic configuration (xDS) is not supported; use static_resources"
@@ -472,13 +475,17 @@ def _cluster(ctx: Ctx, value: Any, path: str, pod_ip: str) -> Cluster:
     obj = as_dict(ctx, value, path, allow_none=False)
     check_keys(ctx, obj, path, ("name", "type", "connect_timeout", "lb_policy", "load_assignment", "hosts",
                                 "circuit_breakers", "dns_refresh_rate", "per_connection_buffer_limit_bytes",
-                                "http2_protocol_options", "dns_lookup_family"),
+                                "http2_protocol_options", "dns_lookup_family", "cluster_type"),
+               silent=("typed_dns_resolver_config",),  # any resolver: names resolve in the pod's hosts file
                errors={"transport_socket": _TLS, "tls_context": _TLS,
-                       "eds_cluster_config": _DYNAMIC, "cluster_type": "custom cluster types are not supported",
-                       "transport_socket_matches": _TLS})
+                       "eds_cluster_config": _DYNAMIC, "transport_socket_matches": _TLS})
     if "name" not in obj:
         raise ctx.error(sub(path, "name"), "required")
     name = as_str(ctx, obj["name"], sub(path, "name"))
+    if obj.get("cluster_type") is not None:
+        if "type" in obj:
+            raise ctx.error(sub(path, "cluster_type"), "type and cluster_type are exclusive")
+        obj = {**obj, **_dns_cluster(ctx, obj["cluster_type"], sub(path, "cluster_type"))}
     ctype = as_str(ctx, obj.get("type", "STATIC"), sub(path, "type")).upper()
     if ctype in ("EDS", "ORIGINAL_DST"):
         raise ctx.error(sub(path, "type"), f"{ctype} clusters are not supported"
@@ -509,6 +516,27 @@ def _cluster(ctx: Ctx, value: Any, path: str, pod_ip: str) -> Cluster:
     if obj.get("circuit_breakers") is not None:
         kw["circuit_breakers"] = _circuit_breakers(ctx, obj["circuit_breakers"], sub(path, "circuit_breakers"))
     return Cluster(name=name, type=ctype, endpoints=tuple(ep for ep, _ in endpoints), **kw)
+
+
+def _dns_cluster(ctx: Ctx, value: Any, path: str) -> dict[str, Any]:
+    """The DNS cluster extension as the cluster-level fields it replaces (``type``, ``dns_refresh_rate``...)."""
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("name", "typed_config"))
+    if obj.get("name") not in DNS_CLUSTER_NAMES:
+        raise ctx.error(sub(path, "name"), f"custom cluster type {obj.get('name')!r} is not supported (only "
+                                           f"{DNS_CLUSTER_NAMES[0]})")
+    cpath = sub(path, "typed_config")
+    cfg = as_dict(ctx, obj.get("typed_config"), cpath)
+    if cfg.get("@type", DNS_CLUSTER_TYPE) != DNS_CLUSTER_TYPE:
+        raise ctx.error(sub(cpath, "@type"), f"unsupported type {cfg['@type']!r}; expected {DNS_CLUSTER_TYPE}")
+    check_keys(ctx, cfg, cpath, ("dns_refresh_rate", "dns_lookup_family", "all_addresses_in_single_endpoint"),
+               silent=("typed_dns_resolver_config",))
+    logical = (obj["name"] == "envoy.cluster.logical_dns"
+               or as_bool(ctx, cfg.get("all_addresses_in_single_endpoint", False),
+                          sub(cpath, "all_addresses_in_single_endpoint")))
+    out = {"type": "LOGICAL_DNS" if logical else "STRICT_DNS"}
+    out.update({k: cfg[k] for k in ("dns_refresh_rate", "dns_lookup_family") if k in cfg})
+    return out
 
 
 def _endpoints(ctx: Ctx, obj: dict[str, Any], path: str, pod_ip: str) -> list[tuple[Endpoint, str]]:
