@@ -215,6 +215,12 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
         problems.append(Problem(path, 0, f"pods cannot have their own /etc/hosts here ({facts.pod_hosts_problem}); "
                                 "mesh names resolve only through MESH_HOSTS (meshctl's own services and "
                                 "sidecars), not for other programs", "warning"))
+        for name, launch in compiled.launches.items():
+            if launch.engine == "envoy":  # the real Envoy resolves with getaddrinfo: /etc/hosts, never MESH_HOSTS
+                problems.append(Problem(path, topology.pods[name].sidecar_line,
+                                        f"pod '{name}' sidecar: the real Envoy resolves names through /etc/hosts, "
+                                        "which here is the host's: its clusters reach mesh names only by IP",
+                                        "warning"))
     severity = "warning" if facts.start_despite_missing_commands else "error"
     missing: set[str] = set()
     processes = [_resolve_command(p, topology, problems, severity, missing) for p in layout.process_plans()]
