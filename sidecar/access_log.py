@@ -58,7 +58,7 @@ _RE_OP = re.compile(r"%([A-Z][A-Z0-9_]*)(?:\(([^)]*)\))?(?::(\d+))?%")
 _SIMPLE: dict[str, str] = {
     "PROTOCOL": "(info.protocol or '-')",
     "RESPONSE_CODE": "info.response_code",
-    "RESPONSE_FLAGS": "info.flags_text",
+    "RESPONSE_FLAGS": "_flags(info.response_flags)",
     "BYTES_RECEIVED": "info.bytes_received",
     "BYTES_SENT": "info.bytes_sent",
     "DURATION": "info.duration_ms",
@@ -99,6 +99,15 @@ _RESP_SPECIAL = {
 
 #: "000Z".."999Z": the per-request part of the default START_TIME is one tuple index.
 _MS_Z = tuple(f"{i:03d}Z" for i in range(1000))
+
+
+def _flags(flags: list[str]) -> str:
+    """Envoy 1.40 prints response flags in the order they were raised (URX before the UF of the final reply)."""
+    if not flags:
+        return "-"
+    if len(flags) == 1:
+        return flags[0]
+    return ",".join(dict.fromkeys(flags))
 
 
 def _noport(addr: str) -> str:
@@ -196,8 +205,8 @@ def compile_format(fmt: str) -> Formatter:
     """
     pieces: list[str] = []
     prelude: list[str] = []
-    env: dict[str, object] = {"_noport": _noport, "_hostname": socket.gethostname() or "-", "_MS_Z": _MS_Z,
-                              "_gmtime": time.gmtime, "_strftime": time.strftime}
+    env: dict[str, object] = {"_noport": _noport, "_flags": _flags, "_hostname": socket.gethostname() or "-",
+                              "_MS_Z": _MS_Z, "_gmtime": time.gmtime, "_strftime": time.strftime}
     pos = 0
     default_time = False
     for m in _RE_OP.finditer(fmt):

@@ -77,6 +77,7 @@ class VirtualHost:
     domains: tuple[str, ...]
     routes: tuple[Route, ...]
     retry_policy: RetryPolicy | None = None
+    include_request_attempt_count: bool = False  # Envoy: x-envoy-attempt-count goes upstream only then
 
 
 @dataclass(frozen=True)

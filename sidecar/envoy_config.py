@@ -304,7 +304,8 @@ def _route_config(ctx: Ctx, value: Any, path: str) -> RouteConfig:
 
 def _virtual_host(ctx: Ctx, value: Any, path: str) -> VirtualHost:
     obj = as_dict(ctx, value, path, allow_none=False)
-    check_keys(ctx, obj, path, ("name", "domains", "routes", "retry_policy", "require_tls"))
+    check_keys(ctx, obj, path, ("name", "domains", "routes", "retry_policy", "require_tls",
+                                "include_request_attempt_count"))
     if str(obj.get("require_tls", "NONE")).upper() != "NONE":
         raise ctx.error(sub(path, "require_tls"), _TLS)
     if "name" not in obj:
@@ -316,8 +317,11 @@ def _virtual_host(ctx: Ctx, value: Any, path: str) -> VirtualHost:
     rpath = sub(path, "routes")
     routes = tuple(_route(ctx, r, sub(rpath, i)) for i, r in enumerate(as_list(ctx, obj.get("routes"), rpath)))
     policy = retry_policy(ctx, obj["retry_policy"], sub(path, "retry_policy")) if "retry_policy" in obj else None
+    count = obj.get("include_request_attempt_count")
     return VirtualHost(name=as_str(ctx, obj["name"], sub(path, "name")), domains=domains, routes=routes,
-                       retry_policy=policy)
+                       retry_policy=policy,
+                       include_request_attempt_count=as_bool(ctx, count, sub(path, "include_request_attempt_count"))
+                       if count is not None else False)
 
 
 def _route(ctx: Ctx, value: Any, path: str) -> Route:

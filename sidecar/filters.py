@@ -32,11 +32,19 @@ _NEVER_NOMINATED = frozenset({b"host", b"x-request-id", b"x-forwarded-for", b"x-
 
 def strip_hop_by_hop(stream: Stream, headers: Headers) -> Headers:
     """Connection-level headers belong to one hop (RFC 7230 6.1), as do our control headers."""
-    conn = stream.seen.get(b"connection")
+    seen = stream.seen
+    conn = seen.get(b"connection")
     if conn is not None:
         extra = connection_tokens(headers) - _NEVER_NOMINATED
-        return [h for h in headers if h[0] not in _DROP and h[0] not in extra]
-    return [h for h in headers if h[0] not in _DROP]
+        out = [h for h in headers if h[0] not in _DROP and h[0] not in extra]
+    else:
+        out = [h for h in headers if h[0] not in _DROP]
+    if stream.expect_continue:  # answered here (100 Continue), as Envoy does: not asked of the upstream
+        out = [h for h in out if h[0] != b"expect"]
+    te = seen.get(b"te")
+    if te is not None and te.strip().lower() == b"trailers":
+        out.append((b"te", b"trailers"))  # the one TE value Envoy forwards
+    return out
 
 
 def forwarded_for(stream: Stream, headers: Headers) -> Headers:
@@ -45,7 +53,7 @@ def forwarded_for(stream: Stream, headers: Headers) -> Headers:
     seen = stream.seen
     for i, (n, v) in enumerate(headers) if b"x-forwarded-for" in seen else ():
         if n == b"x-forwarded-for":
-            headers[i] = (n, v + b", " + ip)
+            headers[i] = (n, v + b"," + ip)  # Envoy appends with a bare comma
             break
     else:  # (also when an earlier filter removed it: the client's address must always get through)
         headers.append((b"x-forwarded-for", ip))
@@ -59,6 +67,8 @@ def _uuid4() -> bytes:
     h = "%032x" % ((getrandbits(128) & _UUID_CLEAR) | _UUID_SET)
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
 
+
+new_request_id = _uuid4
 
 _UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
 _UUID_SET = (0x4 << 76) | (0x2 << 62)

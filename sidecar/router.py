@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import time
 
 import httptools
@@ -22,7 +23,7 @@ import httptools
 from sidecar.access_log import AccessLogger
 from sidecar.cluster import ClusterRuntime
 from sidecar.config import HttpConnectionManager, Route, VirtualHost
-from sidecar.filters import DEFAULT_REQUEST_FILTERS, RequestFilter
+from sidecar.filters import DEFAULT_REQUEST_FILTERS, RequestFilter, new_request_id
 from sidecar.flow_control import PEER_SLOW
 from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, Headers, chunk, connection_tokens
 from sidecar.request_info import (
@@ -42,13 +43,19 @@ from sidecar.stats import ClusterStats, HcmStats, ListenerStats
 from sidecar.upstream import Pool, UpstreamConnection
 
 RESET_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
+#: After retries, Envoy words the same reply this way.
+RETRIED_BODY = b"upstream connect error or disconnect/reset before headers. retried and the latest reset reason: "
 PROTOCOL_ERROR = "protocol-error"
+CONNECT_TIMEOUT = "connect-timeout"
+#: kind -> (status, Envoy's reset reason, flag); the body is RESET_BODY or RETRIED_BODY + the reason.
 _FAIL_REPLIES = {
-    CONNECT_FAILURE: (503, RESET_BODY + b"connection failure", FLAG_UPSTREAM_CONNECT_FAILURE),
-    RESET: (503, RESET_BODY + b"connection termination", FLAG_UPSTREAM_CONNECTION_TERMINATION),
-    PROTOCOL_ERROR: (503, RESET_BODY + b"protocol error", FLAG_UPSTREAM_PROTOCOL_ERROR),
-    PER_TRY_TIMEOUT: (504, b"upstream request timeout", FLAG_UPSTREAM_REQUEST_TIMEOUT),
+    CONNECT_FAILURE: (503, b"remote connection failure", FLAG_UPSTREAM_CONNECT_FAILURE),
+    CONNECT_TIMEOUT: (503, b"connection timeout", FLAG_UPSTREAM_CONNECT_FAILURE),
+    RESET: (503, b"connection termination", FLAG_UPSTREAM_CONNECTION_TERMINATION),
+    PROTOCOL_ERROR: (503, b"protocol error", FLAG_UPSTREAM_PROTOCOL_ERROR),
 }
+#: Hop-by-hop, plus the two headers the connection manager writes itself (Envoy overwrites an upstream's).
+_RESPONSE_DROP = HOP_BY_HOP | {b"server", b"date"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -144,7 +151,8 @@ class Attempt:
         if self.mode is _AWAITING_HEAD:
             self.fwd.on_failure(self, PROTOCOL_ERROR if reason == "protocol error" else RESET)
         elif self.mode is _FORWARDING:
-            self.fwd.broken(FLAG_UPSTREAM_CONNECTION_TERMINATION)
+            # The body was cut short: Envoy's HTTP/1 codec reports that as a protocol error (UPE).
+            self.fwd.broken(FLAG_UPSTREAM_PROTOCOL_ERROR)
 
     def on_per_try_timeout(self) -> None:
         self.timer = None
@@ -161,7 +169,7 @@ class Attempt:
             self.completed = True
             self.pool.active_requests -= 1
             self.conn.sink = None
-            self.conn.reset()
+            self.conn.reset(active_rq=True)
 
 
 class Forwarder:
@@ -174,7 +182,7 @@ class Forwarder:
 
     __slots__ = ("hcm", "stream", "cluster", "cstats", "headers", "path", "retry", "timeout_s", "deadline",
                  "attempts", "state", "attempt", "retry_slot", "global_timer", "retry_timer", "connecting",
-                 "loop", "flags", "quiet_retry_used", "body_conn")
+                 "loop", "flags", "quiet_retry_used", "body_conn", "attempt_count")
 
     def __init__(self, hcm: HcmRuntime, stream: Stream, route: Route, vh: VirtualHost, cluster: ClusterRuntime,
                  headers: Headers, path: bytes) -> None:
@@ -202,6 +210,7 @@ class Forwarder:
         self.flags: list[str] = []
         self.quiet_retry_used = False
         self.body_conn: UpstreamConnection | None = None  # where a streamed request body goes
+        self.attempt_count = vh.include_request_attempt_count  # Envoy sends x-envoy-attempt-count only then
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -326,11 +335,11 @@ class Forwarder:
             timeout = max(0.001, min(timeout, self.deadline - time.monotonic()))
         try:
             conn = await pool.connect(timeout)
-        except OSError:  # refused, unreachable, or timed out (the pool counts which)
+        except OSError as exc:  # refused, unreachable, or timed out (the pool counts which)
             self.connecting = None
             if self.state is _CONNECTING:
                 self.cluster.pending_requests -= 1
-                self.on_failure(None, CONNECT_FAILURE)
+                self.on_failure(None, CONNECT_TIMEOUT if isinstance(exc, TimeoutError) else CONNECT_FAILURE)
             return
         self.connecting = None
         if self.state is not _CONNECTING:
@@ -358,14 +367,24 @@ class Forwarder:
         s = self.stream
         out = [b"%s %s HTTP/1.1\r\n" % (s.method, self.path)]
         out.extend(b"%s: %s\r\n" % h for h in self.headers)
-        out.append(b"x-envoy-attempt-count: %d\r\n" % self.attempts)
-        if self.timeout_s > 0:
-            out.append(b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(self.timeout_s * 1000))
+        if self.attempt_count:
+            out.append(b"x-envoy-attempt-count: %d\r\n" % self.attempts)
+        expected = self.timeout_s
+        per_try = self.retry.per_try_timeout_s
+        if per_try and (expected <= 0 or per_try < expected):
+            expected = per_try  # Envoy: what this attempt may take
+        if expected > 0:
+            out.append(b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(expected * 1000))
         if s.streaming:
             out.append(b"transfer-encoding: chunked\r\n\r\n" if s.chunked_request
                        else b"content-length: %d\r\n\r\n" % (s.content_length or 0))
             return b"".join(out)
-        if s.body or s.chunked_request or s.content_length is not None:
+        if s.chunked_request:  # forwarded chunked, as Envoy does (buffered: one chunk)
+            out.append(b"transfer-encoding: chunked\r\n\r\n")
+            if s.body:
+                out.append(chunk(bytes(s.body)))
+            out.append(LAST_CHUNK)
+        elif s.body or s.content_length is not None:
             out.append(b"content-length: %d\r\n\r\n" % len(s.body))
             out.append(bytes(s.body))
         else:
@@ -400,7 +419,10 @@ class Forwarder:
         self._release_retry_slot()
         retry = self.retry
         if retry.retry_on and retry.status_retriable(status) and self._may_retry():
+            # As Envoy: the retried response is not read to its end; its stream is reset, which on HTTP/1
+            # closes the connection (upstream_cx_destroy_local_with_active_rq).
             attempt.mode = _DISCARDING
+            attempt.abandon()
             self.cstats.retry_response(status)
             self._schedule_retry()
             return
@@ -424,11 +446,22 @@ class Forwarder:
         if kind == PER_TRY_TIMEOUT:
             self.cstats.upstream_rq_per_try_timeout.value += 1
         kind_for_policy = PER_TRY_TIMEOUT if kind == PER_TRY_TIMEOUT else (
-            CONNECT_FAILURE if kind == CONNECT_FAILURE else RESET)
+            CONNECT_FAILURE if kind in (CONNECT_FAILURE, CONNECT_TIMEOUT) else RESET)
         if self.retry.failure_retriable(kind_for_policy) and self._may_retry():
             self._schedule_retry()
             return
-        status, body, flag = _FAIL_REPLIES[kind]
+        if kind == PER_TRY_TIMEOUT:
+            self._upstream_reply(504, b"upstream request timeout", FLAG_UPSTREAM_REQUEST_TIMEOUT)
+            return
+        status, reason, flag = _FAIL_REPLIES[kind]
+        self._upstream_reply(status, (RETRIED_BODY if self.retry.attempt_retries else RESET_BODY) + reason, flag)
+
+    def _upstream_reply(self, status: int, body: bytes, flag: str) -> None:
+        """A local reply standing for the upstream's answer (failure, timeout): Envoy counts its status as the
+        cluster's (upstream_rq_503/504, upstream_rq_completed)."""
+        cstats = self.cstats
+        cstats.response(status)
+        cstats.upstream_rq_completed.value += 1
         self._finish(_LOCAL_REPLY, status, body, flag)
 
     def _may_retry(self) -> bool:
@@ -454,6 +487,7 @@ class Forwarder:
         self.retry_slot = True
         self.cluster.active_retries += 1
         self.cstats.upstream_rq_retry.value += 1
+        self.cstats.upstream_rq_retry_backoff_exponential.value += 1
         delay = retry.backoff_s()
         if self.deadline is not None:
             delay = min(delay, max(0.0, self.deadline - time.monotonic()))
@@ -467,7 +501,7 @@ class Forwarder:
         if self.state is _STREAMING:
             self._finish(_BROKEN, flag=FLAG_UPSTREAM_REQUEST_TIMEOUT)
         else:
-            self._finish(_LOCAL_REPLY, 504, b"upstream request timeout", FLAG_UPSTREAM_REQUEST_TIMEOUT)
+            self._upstream_reply(504, b"upstream request timeout", FLAG_UPSTREAM_REQUEST_TIMEOUT)
 
     # -- response --------------------------------------------------------------------
     def _commit(self, attempt: Attempt, status: int, headers: Headers) -> None:
@@ -485,7 +519,7 @@ class Forwarder:
         conn_hdr = False
         for h in headers:
             n = h[0]
-            if n in HOP_BY_HOP:
+            if n in _RESPONSE_DROP:
                 conn_hdr = conn_hdr or n == b"connection"
                 continue
             if n == b"content-length":
@@ -507,7 +541,24 @@ class Forwarder:
 
     def broken(self, flag: str) -> None:
         """The upstream failed after the head went out: all we can do is cut the client off."""
+        self.cstats.upstream_rq_completed.value += 1  # (Envoy counts the ended upstream request as completed)
         self._finish(_BROKEN, flag=flag)
+
+
+_INTERNAL: dict[bytes, bool] = {}
+
+
+def _internal(ip: bytes) -> bool:
+    """Envoy's internal address (RFC 1918, loopback, ...): its x-envoy-internal marks requests from one."""
+    known = _INTERNAL.get(ip)
+    if known is None:
+        try:
+            known = ipaddress.ip_address(ip.decode()).is_private
+        except ValueError:
+            known = False
+        if len(_INTERNAL) < 4096:
+            _INTERNAL[ip] = known
+    return known
 
 
 class HcmRuntime:
@@ -603,6 +654,8 @@ class HcmRuntime:
         stats.rq_total.value += 1  # Envoy's router counts every request it sees, routed or not
         for f in self.filters:
             headers = f(stream, headers)
+        if self.cfg.use_remote_address:
+            headers = self._remote_address(stream, headers)
         info.path = path.decode("latin-1")
         info.authority = authority.decode("latin-1")
         info.raw_request_headers = headers
@@ -624,8 +677,33 @@ class HcmRuntime:
         info.upstream_cluster = cluster.name
         if route.prefix_rewrite is not None and route.match.prefix is not None:
             info.original_path = info.path
+            headers.append((b"x-envoy-original-path", path))
             path = route.prefix_rewrite.encode() + path[len(route.match.prefix):]
         Forwarder(self, stream, route, vh, cluster, headers, path).start()
+
+    @staticmethod
+    def _remote_address(stream: Stream, headers: Headers) -> Headers:
+        """Envoy's use_remote_address: the peer decides whether a request is internal.
+
+        Internal: the peer is an internal address and no x-forwarded-for came with the request (Envoy 1.40 needs
+        ``internal_address_config`` for that; we always count loopback and private addresses). It is marked
+        ``x-envoy-internal``; any other request gets ``x-envoy-external-address``, its x-envoy-* control headers
+        are ignored and its x-request-id is replaced. x-forwarded-proto is the connection's scheme.
+        """
+        ip = stream.conn.remote_ip
+        seen = stream.seen
+        if b"x-forwarded-for" not in seen and _internal(ip):
+            headers.append((b"x-envoy-internal", b"true"))
+        else:
+            headers.append((b"x-envoy-external-address", ip))
+            stream.envoy_headers = False
+            if b"x-request-id" in seen:  # an external caller's id is not trusted: a new one (Envoy's default)
+                headers = [h for h in headers if h[0] != b"x-request-id"]
+                headers.append((b"x-request-id", new_request_id()))
+        if seen.get(b"x-forwarded-proto", b"http") != b"http":
+            headers = [h for h in headers if h[0] != b"x-forwarded-proto"]
+            headers.append((b"x-forwarded-proto", b"http"))
+        return headers
 
     def on_stream_done(self, stream: Stream, end: StreamEnd) -> None:
         """Every request ends here exactly once: downstream stats and the access log."""
@@ -633,6 +711,7 @@ class HcmRuntime:
         if end is not StreamEnd.COMPLETE:
             if end is StreamEnd.LOCAL_RESET:
                 stats.downstream_rq_tx_reset.value += 1
+                stats.downstream_rq_rx_reset.value += 1  # Envoy (HTTP/1) counts the reset both ways
             elif end is StreamEnd.CLIENT_RESET:
                 stats.downstream_rq_rx_reset.value += 1
             else:  # never reached on_request: a request all the same
@@ -645,6 +724,9 @@ class HcmRuntime:
         info = stream.info
         elapsed = time.monotonic() - info.start_monotonic
         info.duration_ms = int(elapsed * 1000)
+        if stream.continue_sent:  # Envoy counts its own 100 Continue as a response sent
+            stats.response(100)
+            self.listener_stats.response(100)
         stats.response(info.response_code)
         self.listener_stats.response(info.response_code)
         self.stats.downstream_rq_time.record(elapsed * 1000)

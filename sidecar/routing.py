@@ -83,7 +83,7 @@ def _headers_match(wanted: tuple[HeaderMatch, ...], headers: Headers) -> bool:
         if hm.present is not None:
             ok = (value is not None) == hm.present
         elif value is None:
-            ok = False
+            return False  # Envoy: a missing header fails a value matcher, inverted or not
         elif hm.exact is not None:
             ok = value == hm.exact
         elif hm.prefix is not None:

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from email.utils import formatdate
 from typing import Protocol
 
 import httptools
@@ -37,6 +38,18 @@ _AUTHORITY_BYTES = b"-.0123456789:ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcdefghijklmnopq
 _NOT_NOMINABLE = frozenset({b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
 MAX_CONNECTION_TOKENS = 9
 BAD_REQUEST = b"Bad Request"  # Envoy's body for a request its codec refuses
+#: Envoy's HCM sends these on every response (server_name "envoy", server_header_transformation OVERWRITE: an
+#: upstream's own Server header is replaced). The Date line is formatted once per second.
+SERVER_HEADER = b"server: envoy\r\n"
+_date_cache: list = [0, b""]
+
+
+def date_header() -> bytes:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = b"date: %s\r\n" % formatdate(now, usegmt=True).encode()
+    return _date_cache[1]
 
 
 class StreamEnd(enum.Enum):
@@ -165,7 +178,7 @@ class Stream:
         self.head_sent = True
         self.info.response_code = status
         self.head_only = no_body_expected(self.method, status)
-        out = [status_line(status), serialize_headers(headers)]
+        out = [status_line(status), serialize_headers(headers), date_header(), SERVER_HEADER]
         if not self.head_only or self.method == b"HEAD":
             if content_length is not None:
                 out.append(b"content-length: %d\r\n" % content_length)
@@ -361,7 +374,7 @@ class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
         stream.done = True  # answered: the close below must not log it a second time as a client reset
         self.manager.on_stream_done(stream, StreamEnd.PROTOCOL_ERROR)
         hdrs: Headers = [(b"content-type", b"text/plain")] if body else []
-        self.write(status_line(status) + serialize_headers(hdrs)
+        self.write(status_line(status) + serialize_headers(hdrs) + date_header() + SERVER_HEADER
                    + b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
         self.close()
 

@@ -438,6 +438,8 @@ _CLUSTER_COUNTERS = (
     "upstream_rq_cancelled",
     "upstream_cx_total", "upstream_cx_http1_total", "upstream_cx_connect_fail", "upstream_cx_connect_timeout",
     "upstream_cx_destroy", "upstream_cx_destroy_local", "upstream_cx_destroy_remote", "upstream_cx_none_healthy",
+    "upstream_cx_destroy_with_active_rq", "upstream_cx_destroy_local_with_active_rq",
+    "upstream_cx_destroy_remote_with_active_rq", "upstream_rq_retry_backoff_exponential",
     "upstream_cx_rx_bytes_total", "upstream_cx_tx_bytes_total",
     "membership_change", "update_attempt", "update_success", "update_failure",
 )

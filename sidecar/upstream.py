@@ -31,7 +31,7 @@ class ResponseSink(Protocol):
 class UpstreamConnection(HeadResponseParsing, WriteFlowControl, asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "headers", "closed", "keep_alive", "head_only",
                  "write_paused", "drain_waiters", "status", "close_delimited", "stale_parser", "head_bytes",
-                 "reading", "opened_at")
+                 "reading", "opened_at", "active_rq")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -50,6 +50,7 @@ class UpstreamConnection(HeadResponseParsing, WriteFlowControl, asyncio.Protocol
         self.head_bytes = 0
         self.reading = ReadFlowControl(None)
         self.opened_at = 0.0
+        self.active_rq = False  # closed by us in the middle of a request (Envoy: ..._with_active_rq)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -60,8 +61,9 @@ class UpstreamConnection(HeadResponseParsing, WriteFlowControl, asyncio.Protocol
         closed_here = self.closed  # close() and reset() mark the connection before asyncio reports it lost
         self.closed = True
         self.pool.discard(self)
-        self.pool.on_closed(closed_here, time.monotonic() - self.opened_at)
         sink, self.sink = self.sink, None
+        active = self.active_rq or (sink is not None and not (self.status and self.close_delimited))
+        self.pool.on_closed(closed_here, time.monotonic() - self.opened_at, active)
         if sink is not None:
             if self.status and self.close_delimited:
                 self.keep_alive = False
@@ -99,13 +101,15 @@ class UpstreamConnection(HeadResponseParsing, WriteFlowControl, asyncio.Protocol
         sink = self.sink
         if not self.status:
             self.head_bytes += len(data)
-            if self.head_bytes > MAX_RESPONSE_HEAD_BYTES:  # an endless header: give up, do not buffer it
+        try:
+            self.parser.feed_data(data)
+            if not self.status and self.head_bytes > MAX_RESPONSE_HEAD_BYTES and self.sink is not None:
+                # An endless header: give up, do not buffer it. (Checked after parsing: the read that brings
+                # the head may carry a large body too, which is not head bytes.)
                 self.sink = None
                 self.reset()
                 sink.on_reset(self, "protocol error")
                 return
-        try:
-            self.parser.feed_data(data)
             sink.flush()  # one send() to the client per upstream read
         except httptools.HttpParserError:
             sink, self.sink = self.sink, None
@@ -161,8 +165,12 @@ class UpstreamConnection(HeadResponseParsing, WriteFlowControl, asyncio.Protocol
         if self.transport is not None:
             self.transport.close()
 
-    def reset(self) -> None:
-        """Drop the connection now, unsent bytes included (close() would wait for them to drain)."""
+    def reset(self, active_rq: bool = False) -> None:
+        """Drop the connection now, unsent bytes included (close() would wait for them to drain).
+
+        ``active_rq``: a request is abandoned on it (counted as ``upstream_cx_destroy_local_with_active_rq``).
+        """
+        self.active_rq = self.active_rq or active_rq or self.sink is not None
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
@@ -226,7 +234,7 @@ class Pool:
         stats.upstream_cx_active.value += 1
         return conn
 
-    def on_closed(self, closed_here: bool, lifetime_s: float) -> None:
+    def on_closed(self, closed_here: bool, lifetime_s: float, active_rq: bool = False) -> None:
         stats = self.stats
         stats.upstream_cx_active.value -= 1
         stats.upstream_cx_destroy.value += 1
@@ -234,6 +242,12 @@ class Pool:
             stats.upstream_cx_destroy_local.value += 1
         else:
             stats.upstream_cx_destroy_remote.value += 1
+        if active_rq:
+            stats.upstream_cx_destroy_with_active_rq.value += 1
+            if closed_here:
+                stats.upstream_cx_destroy_local_with_active_rq.value += 1
+            else:
+                stats.upstream_cx_destroy_remote_with_active_rq.value += 1
         stats.upstream_cx_length_ms.record(lifetime_s * 1000)
 
     def release(self, conn: UpstreamConnection) -> None:
