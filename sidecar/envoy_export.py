@@ -158,6 +158,8 @@ def _virtual_host(vh: VirtualHost) -> dict[str, Any]:
     out: dict[str, Any] = {"name": vh.name, "domains": list(vh.domains)}
     if vh.retry_policy is not None:
         out["retry_policy"] = _retry_policy(vh.retry_policy)
+    if vh.include_request_attempt_count:
+        out["include_request_attempt_count"] = True
     out["routes"] = [_route(r) for r in vh.routes]
     return out
 

@@ -59,6 +59,7 @@ static_resources:
             - name: all
               domains: ["*"]
               retry_policy: {retry_on: "5xx,reset", num_retries: 3}
+              include_request_attempt_count: true
               routes:
               - name: exact
                 match:
