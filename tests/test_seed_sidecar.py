@@ -36,6 +36,29 @@ def proc(status: dict, replica: str, role: str) -> dict:
     return next(p for p in status["processes"] if p["replica"] == replica and p["role"] == role)
 
 
+def seed_retry_numbers(a_ip: str, b_ip: str) -> tuple[str, float]:
+    """After 1000 sequential requests to the seed's A through its sidecar (either engine): every request B
+    saw is accounted for by the sidecar's stats, and the retry numbers are the seed's. Returns the sidecar's
+    /stats/prometheus text and its retried count."""
+    envoy = scrape(f"http://{a_ip}:9901/stats/prometheus")
+    b = scrape(f"http://{b_ip}:8081/metrics")
+    retried_500 = metric(envoy, "envoy_cluster_retry_upstream_rq", envoy_response_code="500",
+                         envoy_cluster_name="remote_service_b")
+    final_500 = metric(envoy, "envoy_cluster_upstream_rq", envoy_response_code="500",
+                       envoy_cluster_name="remote_service_b")
+    final_200 = metric(envoy, "envoy_cluster_upstream_rq", envoy_response_code="200",
+                       envoy_cluster_name="remote_service_b")
+    b_ok = metric(b, "service_b_requests_total", status="2xx")
+    b_err = metric(b, "service_b_requests_total", status="5xx")
+    assert b_ok == final_200 and b_err == retried_500 + final_500
+    assert final_200 + final_500 == 1000
+    # ~1240 requests reach B (1000 x 1.24) and ~240 were retries: +-65 is 4 standard deviations
+    # (P(outside) = 6.1e-5 each, computed exactly for Binomial(1000, 0.2) first failures and their retries).
+    assert 1175 <= b_ok + b_err <= 1305, (b_ok, b_err)
+    assert 175 <= retried_500 <= 305, retried_500
+    return envoy, retried_500
+
+
 def test_seed_sidecar_retries_lift_success_to_99_percent(meshctl):
     meshctl.up(ROOT / "examples/seed/sidecar.yaml", "seedsc", env=seed_sidecar_env())
     st = meshctl.ps("seedsc")
@@ -50,22 +73,7 @@ def test_seed_sidecar_retries_lift_success_to_99_percent(meshctl):
     # P(fail) = 0.2^3 = 0.008 per request: >= 98 % holds with odds > 99.9 %.
     assert report["success_ratio"] >= 0.98, report
 
-    envoy = scrape(f"http://{a_ip}:9901/stats/prometheus")
-    b = scrape(f"http://{b_ip}:8081/metrics")
-    retried_500 = metric(envoy, "envoy_cluster_retry_upstream_rq", envoy_response_code="500",
-                         envoy_cluster_name="remote_service_b")
-    final_500 = metric(envoy, "envoy_cluster_upstream_rq", envoy_response_code="500",
-                       envoy_cluster_name="remote_service_b")
-    final_200 = metric(envoy, "envoy_cluster_upstream_rq", envoy_response_code="200",
-                       envoy_cluster_name="remote_service_b")
-    b_ok = metric(b, "service_b_requests_total", status="2xx")
-    b_err = metric(b, "service_b_requests_total", status="5xx")
-    # Every request B saw is accounted for by the sidecar, exactly.
-    assert b_ok == final_200 and b_err == retried_500 + final_500
-    assert final_200 + final_500 == 1000
-    # ~1240 requests reach B (1000 x 1.24) and ~240 were retries: +-65 is 4 standard deviations.
-    assert 1175 <= b_ok + b_err <= 1305, (b_ok, b_err)
-    assert 175 <= retried_500 <= 305, retried_500
+    envoy, retried_500 = seed_retry_numbers(a_ip, b_ip)
     assert metric(envoy, "envoy_cluster_upstream_rq_retry", envoy_cluster_name="remote_service_b") == retried_500
     ingress_ok = metric(envoy, "envoy_cluster_upstream_rq", envoy_response_code="200",
                         envoy_cluster_name="local_service")
