@@ -100,6 +100,9 @@ class Admin:
             "/quitquitquit": ("POST", self.quit, "drain and exit"),
             "/healthcheck/fail": ("POST", self.hc_fail, "fail readiness (state DRAINING)"),
             "/healthcheck/ok": ("POST", self.hc_ok, "pass readiness again"),
+            "/runtime": ("GET", self.runtime, "runtime overrides (JSON, like Envoy's)"),
+            "/runtime_modify": ("POST", self.runtime_modify,
+                                "set runtime keys: ?key=value (an empty value removes it)"),
         }
 
     def handle_tcp(self, stream: Stream) -> None:
@@ -247,6 +250,22 @@ class Admin:
 
     def hc_fail(self, stream: Stream, q: dict[str, list[str]]) -> None:
         self.sidecar.state = "DRAINING"
+        stream.reply(200, b"OK\n")
+
+    def runtime(self, stream: Stream, q: dict[str, list[str]]) -> None:
+        stream.reply(200, self.sidecar.runtime.dump(), content_type=b"application/json")
+
+    def runtime_modify(self, stream: Stream, q: dict[str, list[str]]) -> None:
+        """Envoy's /runtime_modify, but only for keys the filters read (Envoy accepts any key)."""
+        q = parse_qs(stream.url.decode("latin-1").partition("?")[2], keep_blank_values=True)
+        if not q:
+            stream.reply(400, b"usage: /runtime_modify?key1=value1&key2=value2&keyN=valueN\n"
+                              b"use an empty value to remove a previously added override\n")
+            return
+        err = self.sidecar.runtime.modify({k: v[-1].strip() for k, v in q.items()})
+        if err is not None:
+            stream.reply(400, err.encode())
+            return
         stream.reply(200, b"OK\n")
 
     def hc_ok(self, stream: Stream, q: dict[str, list[str]]) -> None:

@@ -21,6 +21,7 @@ from sidecar.access_log import AccessLogger
 from sidecar.admin import Admin, AdminConnections
 from sidecar.cluster import ClusterRuntime
 from sidecar.config import Bootstrap
+from sidecar.http_filters import Runtime
 from sidecar.router import HcmRuntime
 from sidecar.server import DownstreamProtocol, Handler
 from sidecar.stats import ClusterStats, HcmStats, ListenerStats, ServerStats, Store
@@ -42,6 +43,7 @@ class Sidecar:
         self.source = source
         self.resolver = HostsResolver(hosts_path)
         self.store = Store()
+        self.runtime = Runtime()  # admin /runtime_modify: read by the HTTP filters on each request
         self.server_stats = ServerStats(self.store)
         self.clusters: dict[str, ClusterRuntime] = {}
         self.loggers: dict[str, AccessLogger] = {}
@@ -69,7 +71,7 @@ class Sidecar:
             loggers = [self._logger(a.path, a.format) for a in hcm_cfg.access_logs]
             hstats = HcmStats(self.store, hcm_cfg.stat_prefix)
             lstats = ListenerStats(self.store, f"{lst.address}_{lst.port}", hcm_cfg.stat_prefix)
-            hcm = HcmRuntime(hcm_cfg, self.clusters, hstats, lstats, loggers)
+            hcm = HcmRuntime(hcm_cfg, self.clusters, hstats, lstats, loggers, runtime=self.runtime)
             self.hcms.append(hcm)
             max_header = hcm_cfg.max_request_headers_kb * 1024
             server = await loop.create_server(

@@ -69,6 +69,7 @@ class Route:
     retry_policy: RetryPolicy | None = None  # None: inherit the virtual host's
     prefix_rewrite: str | None = None
     name: str = ""
+    fault: FaultFilter | None = None  # typed_per_filter_config of envoy.filters.http.fault
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,62 @@ class AccessLog:
 
 
 @dataclass(frozen=True)
+class FaultAbort:
+    """Envoy's FaultAbort: a fixed ``http_status`` or ``header_abort`` (x-envoy-fault-abort-request)."""
+    http_status: int | None = None
+    header_abort: bool = False
+    percentage: tuple[int, int] = (0, 100)  # FractionalPercent: numerator, denominator (100, 10000, 1000000)
+
+
+@dataclass(frozen=True)
+class FaultDelay:
+    """Envoy's FaultDelay: a ``fixed_delay`` or ``header_delay`` (x-envoy-fault-delay-request, ms)."""
+    fixed_delay_s: float | None = None
+    header_delay: bool = False
+    percentage: tuple[int, int] = (0, 100)
+
+
+@dataclass(frozen=True)
+class FaultFilter:
+    """``envoy.filters.http.fault`` (HTTPFault); also a route's ``typed_per_filter_config`` override."""
+    abort: FaultAbort | None = None
+    delay: FaultDelay | None = None
+    max_active_faults: int | None = None
+    upstream_cluster: str | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    abort_percent_runtime: str = "fault.http.abort.abort_percent"
+    abort_http_status_runtime: str = "fault.http.abort.http_status"
+    delay_percent_runtime: str = "fault.http.delay.fixed_delay_percent"
+    delay_duration_runtime: str = "fault.http.delay.fixed_duration_ms"
+
+
+@dataclass(frozen=True)
+class RuntimePercent:
+    """RuntimeFractionalPercent: a default that the runtime key may override (an integer numerator)."""
+    runtime_key: str
+    percentage: tuple[int, int] = (0, 100)
+
+
+@dataclass(frozen=True)
+class LocalRateLimit:
+    """``envoy.filters.http.local_ratelimit``: one token bucket per filter, refilled continuously."""
+    stat_prefix: str
+    max_tokens: int
+    tokens_per_fill: int = 1
+    fill_interval_s: float = 1.0
+    filter_enabled: RuntimePercent | None = None  # None: 0 % enabled (Envoy's default)
+    filter_enforced: RuntimePercent | None = None  # None: 0 % enforced
+    status: int = 429
+
+
+@dataclass(frozen=True)
+class HttpFilter:
+    """One HTTP filter before the router: ``name`` is Envoy's (envoy.filters.http.fault / local_ratelimit)."""
+    name: str
+    config: FaultFilter | LocalRateLimit
+
+
+@dataclass(frozen=True)
 class HttpConnectionManager:
     stat_prefix: str
     route_config: RouteConfig
@@ -101,6 +158,7 @@ class HttpConnectionManager:
     use_remote_address: bool = False
     max_request_headers_kb: int = 60
     stream_idle_timeout_s: float = 300.0
+    http_filters: tuple[HttpFilter, ...] = ()  # before the router, in order
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from sidecar.config import (
     Endpoint,
     HeaderMatch,
     HttpConnectionManager,
+    HttpFilter,
     Listener,
     Route,
     RouteConfig,
@@ -52,6 +53,7 @@ from sidecar.config_fields import (
     self_routed,
     sub,
 )
+from sidecar.http_filters import FILTER_NAMES, parse_http_filter, parse_per_filter
 from sidecar.safe_regex import RegexError, compile_regex
 
 HCM_NAMES = ("envoy.filters.network.http_connection_manager", "envoy.http_connection_manager")
@@ -211,7 +213,7 @@ def _hcm(ctx: Ctx, cfg: dict[str, Any], path: str) -> HttpConnectionManager:
     if "route_config" not in cfg:
         raise ctx.error(sub(path, "route_config"), "required (rds is not supported)")
     route_config = _route_config(ctx, cfg["route_config"], sub(path, "route_config"))
-    _http_filters(ctx, cfg.get("http_filters"), sub(path, "http_filters"))
+    http_filters = _http_filters(ctx, cfg.get("http_filters"), sub(path, "http_filters"))
     logs = [log for i, a in enumerate(as_list(ctx, cfg.get("access_log"), sub(path, "access_log")))
             if (log := _access_log(ctx, a, sub(sub(path, "access_log"), i))) is not None]
     kw: dict[str, Any] = {}
@@ -223,22 +225,30 @@ def _hcm(ctx: Ctx, cfg: dict[str, Any], path: str) -> HttpConnectionManager:
     if "stream_idle_timeout" in cfg:
         kw["stream_idle_timeout_s"] = duration(ctx, cfg["stream_idle_timeout"], sub(path, "stream_idle_timeout"))
     return HttpConnectionManager(stat_prefix=stat_prefix, route_config=route_config, access_logs=tuple(logs),
-                                 codec_type=codec, **kw)
+                                 codec_type=codec, http_filters=http_filters, **kw)
 
 
-def _http_filters(ctx: Ctx, value: Any, path: str) -> None:
-    """Only the router: any other HTTP filter would transform traffic in ways we would silently skip."""
+def _http_filters(ctx: Ctx, value: Any, path: str) -> tuple[HttpFilter, ...]:
+    """The fault and local rate limit filters, then the router: any other HTTP filter would transform
+    traffic in ways we would silently skip."""
+    out: list[HttpFilter] = []
     for i, f in enumerate(as_list(ctx, value, path)):
         fpath = sub(path, i)
         f = as_dict(ctx, f, fpath, allow_none=False)
         name = f.get("name")
+        if name in FILTER_NAMES:
+            check_keys(ctx, f, fpath, ("typed_config", "config"), silent=("name",))
+            out.append(parse_http_filter(ctx, f, fpath, _header))
+            continue
         if name not in ROUTER_NAMES:
             raise ctx.error(sub(fpath, "name"), f"http filter {name!r} is not supported; running without it "
-                                                "would change behaviour (only envoy.filters.http.router is)")
+                                                "would change behaviour (supported: envoy.filters.http.fault, "
+                                                "envoy.filters.http.local_ratelimit, envoy.filters.http.router)")
         check_keys(ctx, f, fpath, ("typed_config", "config"), silent=("name",))
         for key in ("typed_config", "config"):
             cfg = as_dict(ctx, f.get(key), sub(fpath, key))
             check_keys(ctx, cfg, sub(fpath, key), ())
+    return tuple(out)
 
 
 def _access_log(ctx: Ctx, value: Any, path: str) -> AccessLog | None:
@@ -326,7 +336,7 @@ def _virtual_host(ctx: Ctx, value: Any, path: str) -> VirtualHost:
 
 def _route(ctx: Ctx, value: Any, path: str) -> Route:
     obj = as_dict(ctx, value, path, allow_none=False)
-    check_keys(ctx, obj, path, ("name", "match", "route", "direct_response"),
+    check_keys(ctx, obj, path, ("name", "match", "route", "direct_response", "typed_per_filter_config"),
                errors={"redirect": "redirect routes are not supported",
                        "filter_action": "filter_action routes are not supported"})
     actions = [k for k in ("route", "direct_response") if k in obj]
@@ -352,6 +362,9 @@ def _route(ctx: Ctx, value: Any, path: str) -> Route:
     if ctx.clusters is not None and cluster not in ctx.clusters:
         raise ctx.error(sub(apath, "cluster"), f"unknown cluster {cluster!r} (not in static_resources.clusters)")
     kw: dict[str, Any] = {}
+    if obj.get("typed_per_filter_config") is not None:
+        kw["fault"] = parse_per_filter(ctx, obj["typed_per_filter_config"], sub(path, "typed_per_filter_config"),
+                                       _header)
     if "timeout" in act:
         kw["timeout_s"] = duration(ctx, act["timeout"], sub(apath, "timeout"))
     if "retry_policy" in act:

@@ -26,6 +26,7 @@ from sidecar.config import HttpConnectionManager, Route, VirtualHost
 from sidecar.filters import DEFAULT_REQUEST_FILTERS, RequestFilter, new_request_id
 from sidecar.flow_control import PEER_SLOW
 from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, Headers, chunk, connection_tokens
+from sidecar.http_filters import HttpFilterChain, Runtime
 from sidecar.request_info import (
     FLAG_NO_HEALTHY_UPSTREAM,
     FLAG_NO_ROUTE,
@@ -37,7 +38,7 @@ from sidecar.request_info import (
     FLAG_UPSTREAM_RETRY_LIMIT_EXCEEDED,
 )
 from sidecar.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET, RetryState
-from sidecar.routing import RouteTable
+from sidecar.routing import RouteTable, _headers_match
 from sidecar.server import DownstreamProtocol, Stream, StreamEnd
 from sidecar.stats import ClusterStats, HcmStats, ListenerStats
 from sidecar.upstream import Pool, UpstreamConnection
@@ -199,7 +200,7 @@ class Forwarder:
         if override is not None and override.strip().isdigit():
             timeout_s = int(override) / 1000
         self.timeout_s = timeout_s
-        self.deadline = stream.info.start_monotonic + timeout_s if timeout_s > 0 else None
+        self.deadline = time.monotonic() + timeout_s if timeout_s > 0 else None  # after any fault delay
         self.attempts = 0
         self.state = _CREATED
         self.attempt: Attempt | None = None
@@ -570,7 +571,7 @@ class HcmRuntime:
 
     def __init__(self, cfg: HttpConnectionManager, clusters: dict[str, ClusterRuntime], stats: HcmStats,
                  listener_stats: ListenerStats, loggers: list[AccessLogger],
-                 filters: tuple[RequestFilter, ...] = DEFAULT_REQUEST_FILTERS) -> None:
+                 filters: tuple[RequestFilter, ...] = DEFAULT_REQUEST_FILTERS, runtime: Runtime | None = None) -> None:
         self.cfg = cfg
         self.table = RouteTable(cfg.route_config)
         self.clusters = clusters
@@ -580,6 +581,10 @@ class HcmRuntime:
         self.filters = filters
         self.loop = asyncio.get_event_loop()
         self.connections: set[DownstreamProtocol] = set()
+        self.http_filters: HttpFilterChain | None = None
+        if cfg.http_filters:
+            self.http_filters = HttpFilterChain(self, cfg.http_filters, runtime or Runtime(), stats.store,
+                                                cfg.stat_prefix, _headers_match)
         stats.store.derived_gauge(stats.prefix + "downstream_rq_active", self._active_requests)
 
     def _active_requests(self) -> int:
@@ -664,6 +669,16 @@ class HcmRuntime:
         table = self.table
         vh = table.virtual_host(info.authority)
         route = table.route(vh, info.path, headers) if vh is not None else None
+        if self.http_filters is not None:  # fault, local rate limit: they may answer, hold or pass the request
+            self.http_filters.decode(stream, vh, route, headers, path)
+            return
+        self.dispatch(stream, vh, route, headers, path)
+
+    def dispatch(self, stream: Stream, vh: VirtualHost | None, route: Route | None, headers: Headers,
+                 path: bytes) -> None:
+        """The router filter: after the HTTP filters (if any) let the request through."""
+        stats = self.stats
+        info = stream.info
         if route is None:
             stats.no_route.value += 1
             self.local_reply(stream, 404, b"", FLAG_NO_ROUTE)

@@ -127,8 +127,8 @@ def test_tls_on_cluster_and_chain_is_error(seed_doc):
 
 
 def test_unknown_http_filter_is_error(seed_doc):
-    _hcm(seed_doc)["http_filters"].insert(0, {"name": "envoy.filters.http.fault", "typed_config": {}})
-    assert "http_filters[0].name" in _err(seed_doc, "envoy.filters.http.fault")
+    _hcm(seed_doc)["http_filters"].insert(0, {"name": "envoy.filters.http.lua", "typed_config": {}})
+    assert "http_filters[0].name" in _err(seed_doc, "envoy.filters.http.lua")
 
 
 def test_route_to_missing_cluster_is_error(seed_doc):
