@@ -27,6 +27,7 @@ from pods.topology import PodSpec, Topology
 from sidecar.config import Bootstrap, ConfigError
 from sidecar.envoy_config import load_envoy
 from sidecar.envoy_export import export_envoy_yaml
+from sidecar.http_filters import add_live_faults
 from sidecar.short_config import compile_short
 
 #: Compile-time stand-in for a replica's alias; ports and names do not depend on it.
@@ -81,8 +82,10 @@ def compile_source(source: tuple[str, str], pod_ip: str, public_admin: bool) -> 
     """A sidecar configuration compiled for one alias (raises ConfigError)."""
     kind, text = source
     if kind == "envoy":
-        return load_envoy(text, pod_ip, public_admin=public_admin)
-    return compile_short(json.loads(text), pod_ip, public_admin=public_admin, source="sidecar")
+        boot = load_envoy(text, pod_ip, public_admin=public_admin)
+    else:
+        boot = compile_short(json.loads(text), pod_ip, public_admin=public_admin, source="sidecar")
+    return add_live_faults(boot)  # what `meshctl fault` switches on; the sidecar gets --live-faults
 
 
 def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_socket: Path) -> str:
@@ -160,6 +163,7 @@ def compile_sidecars(topo: Topology, config_dir: Path, engine: str | None = None
             args = ("--config", str(config))
         if public:
             args += ("--public-admin",)
+        args += ("--live-faults",)
         egress = boot.egress_listener
         edges = dict.fromkeys(r.cluster for lst in boot.listeners if lst.is_egress
                               for vh in lst.hcm.route_config.virtual_hosts for r in vh.routes if r.cluster)

@@ -84,10 +84,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="serve the whole admin (POST /quitquitquit, /healthcheck/*, /config_dump) on this "
                              "Unix socket, mode 0600; the TCP admin port only serves read-only pages")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--live-faults", action="store_true",
+                        help="an inactive fault filter on every route, for runtime keys (meshctl fault)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="sidecar: %(levelname)s: %(message)s")
     try:
         config = load(args, args.pod_ip)
+        if args.live_faults:
+            from sidecar.http_filters import add_live_faults
+
+            config = add_live_faults(config)
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(2)

@@ -100,7 +100,8 @@ def compile_envoy(doc: dict, pod_ip: str, public_admin: bool = False, source: st
     ctx = Ctx(source)
     if not isinstance(doc, dict):
         raise ctx.error("", f"expected an Envoy bootstrap mapping at the top level, got {type(doc).__name__}")
-    check_keys(ctx, doc, "", ("static_resources", "admin", "dynamic_resources"))
+    check_keys(ctx, doc, "", ("static_resources", "admin", "dynamic_resources"),
+               silent=("layered_runtime",))  # the runtime is always /runtime_modify's admin layer
     if doc.get("dynamic_resources"):
         raise ctx.error("dynamic_resources", _DYNAMIC)
     if "dynamic_resources" in doc:

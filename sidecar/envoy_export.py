@@ -40,6 +40,7 @@ from sidecar.config import (
     RouteMatch,
     VirtualHost,
 )
+from sidecar.http_filters import FAULT, LAYERED_RUNTIME, export_fault, export_http_filter
 
 HCM = "envoy.filters.network.http_connection_manager"
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -79,7 +80,8 @@ def export_envoy(boot: Bootstrap, admin_socket: str | None = None) -> dict[str, 
     """
     listeners = [_listener(lst) for lst in boot.listeners]
     clusters = [_cluster(c) for c in boot.clusters]
-    doc: dict[str, Any] = {"static_resources": {"listeners": listeners, "clusters": clusters}}
+    doc: dict[str, Any] = {"static_resources": {"listeners": listeners, "clusters": clusters},
+                           "layered_runtime": LAYERED_RUNTIME}  # /runtime_modify needs the admin layer
     if admin_socket is not None:
         taken = [name for name, used in ((ADMIN_LISTENER, [lst.name for lst in boot.listeners]),
                                          (ADMIN_CLUSTER, [c.name for c in boot.clusters])) if name in used]
@@ -138,7 +140,8 @@ def _hcm(hcm: HttpConnectionManager, extra: dict[str, Any] | None = None) -> dic
         "stream_idle_timeout": seconds(hcm.stream_idle_timeout_s),
         **(extra or {}),
         "route_config": {"name": rc.name, "virtual_hosts": [_virtual_host(vh) for vh in rc.virtual_hosts]},
-        "http_filters": [{"name": ROUTER, "typed_config": {"@type": ROUTER_TYPE}}],
+        "http_filters": [*(export_http_filter(f, _header) for f in hcm.http_filters),
+                         {"name": ROUTER, "typed_config": {"@type": ROUTER_TYPE}}],
     }
     if hcm.access_logs:
         cfg["access_log"] = [_access_log(a) for a in hcm.access_logs]
@@ -176,6 +179,8 @@ def _route(route: Route) -> dict[str, Any]:
     if route.prefix_rewrite is not None:
         action["prefix_rewrite"] = route.prefix_rewrite
     out["route"] = action
+    if route.fault is not None:
+        out["typed_per_filter_config"] = {FAULT: export_fault(route.fault, _header)}
     return out
 
 

@@ -499,3 +499,51 @@ class HttpFilterChain:
             if not f.decode(self, req):
                 return
         self.hcm.dispatch(req.stream, req.vh, req.route, req.headers, req.path)
+
+
+# --- export to the real Envoy -------------------------------------------------------------------------------------
+
+#: The real Envoy's runtime: without an admin layer /runtime_modify answers "No admin layer specified".
+LAYERED_RUNTIME = {"layers": [{"name": "static", "static_layer": {}}, {"name": "admin", "admin_layer": {}}]}
+
+
+def _pct(p: tuple[int, int]) -> dict[str, Any]:
+    return {"numerator": p[0], "denominator": DENOMINATOR_NAMES[p[1]]}
+
+
+def export_fault(cfg: FaultFilter, header: Callable[[HeaderMatch], dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"@type": FAULT_TYPE}
+    if cfg.abort is not None:
+        a = cfg.abort
+        out["abort"] = {"header_abort": {}} if a.header_abort else {"http_status": a.http_status}
+        out["abort"]["percentage"] = _pct(a.percentage)
+    if cfg.delay is not None:
+        d = cfg.delay
+        out["delay"] = {"header_delay": {}} if d.header_delay else {"fixed_delay": f"{d.fixed_delay_s:.3f}s"}
+        out["delay"]["percentage"] = _pct(d.percentage)
+    if cfg.max_active_faults is not None:
+        out["max_active_faults"] = cfg.max_active_faults
+    if cfg.upstream_cluster is not None:
+        out["upstream_cluster"] = cfg.upstream_cluster
+    if cfg.headers:
+        out["headers"] = [header(h) for h in cfg.headers]
+    for key in ("abort_percent_runtime", "abort_http_status_runtime", "delay_percent_runtime",
+                "delay_duration_runtime"):
+        out[key] = getattr(cfg, key)
+    return out
+
+
+def export_http_filter(f: HttpFilter, header: Callable[[HeaderMatch], dict[str, Any]]) -> dict[str, Any]:
+    cfg = f.config
+    if isinstance(cfg, FaultFilter):
+        return {"name": FAULT, "typed_config": export_fault(cfg, header)}
+    out: dict[str, Any] = {"@type": LOCAL_RATELIMIT_TYPE, "stat_prefix": cfg.stat_prefix,
+                           "token_bucket": {"max_tokens": cfg.max_tokens, "tokens_per_fill": cfg.tokens_per_fill,
+                                            "fill_interval": f"{cfg.fill_interval_s:.3f}s"}}
+    for key in ("filter_enabled", "filter_enforced"):
+        rp = getattr(cfg, key)
+        if rp is not None:
+            out[key] = {"runtime_key": rp.runtime_key, "default_value": _pct(rp.percentage)}
+    if cfg.status != 429:
+        out["status"] = {"code": cfg.status}
+    return {"name": LOCAL_RATELIMIT, "typed_config": out}
