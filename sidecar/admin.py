@@ -210,18 +210,32 @@ class Admin:
         rows = []
         out: list[dict[str, Any]] = []
         for c in self.sidecar.clusters.values():
+            od = c.outlier
+            if od is not None:  # Envoy prints these once the cluster has an outlier detector
+                sr, th = (_sr(od.sr_average), _sr(od.sr_threshold))
+                rows += [f"{c.name}::outlier::success_rate_average::{sr}",
+                         f"{c.name}::outlier::success_rate_ejection_threshold::{th}",
+                         f"{c.name}::outlier::local_origin_success_rate_average::-1",
+                         f"{c.name}::outlier::local_origin_success_rate_ejection_threshold::-1"]
             rows.append(f"{c.name}::default_priority::max_connections::{c.breakers.max_connections}")
+            rows.append(f"{c.name}::default_priority::max_pending_requests::{c.breakers.max_pending_requests}")
             rows.append(f"{c.name}::default_priority::max_requests::{c.breakers.max_requests}")
             rows.append(f"{c.name}::default_priority::max_retries::{c.breakers.max_retries}")
             rows.append(f"{c.name}::added_via_api::false")
             hosts = []
             for p in c.pools:
                 a = p.address
+                flags = ("/failed_active_hc" if p.hc_failed else "") + ("/failed_outlier_check" if p.ejected else "")
                 rows += [f"{c.name}::{a}::cx_active::{len(p.idle)}", f"{c.name}::{a}::rq_active::{p.active_requests}",
-                         f"{c.name}::{a}::health_flags::healthy", f"{c.name}::{a}::weight::1"]
+                         f"{c.name}::{a}::health_flags::{flags or 'healthy'}", f"{c.name}::{a}::weight::1"]
+                status: dict[str, Any] = {"eds_health_status": "HEALTHY"}
+                if p.hc_failed:
+                    status["failed_active_health_check"] = True
+                if p.ejected:
+                    status["failed_outlier_check"] = True
                 hosts.append({"address": {"socket_address": {"address": p.host, "port_value": p.port}},
                               "stats": [{"name": "rq_active", "value": p.active_requests}],
-                              "health_status": {"eds_health_status": "HEALTHY"}, "weight": 1})
+                              "health_status": status, "weight": 1})
             out.append({"name": c.name, "host_statuses": hosts})
         if q.get("format", [""])[0] == "json":
             stream.reply(200, json.dumps({"cluster_statuses": out}).encode(), content_type=JSON)
@@ -271,3 +285,8 @@ class Admin:
     def hc_ok(self, stream: Stream, q: dict[str, list[str]]) -> None:
         self.sidecar.state = "LIVE"
         stream.reply(200, b"OK\n")
+
+
+def _sr(value: float) -> str:
+    """A success rate as Envoy's /clusters prints it (-1: not computed)."""
+    return "-1" if value < 0 else f"{value:g}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Envoy's retry_on conditions that we implement.
 RETRY_ON = frozenset({"5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx",
@@ -32,6 +33,8 @@ class RetryPolicy:
     retriable_status_codes: frozenset[int] = frozenset()
     backoff_base_s: float = 0.025
     backoff_max_s: float | None = None  # None: 10 x base, as in Envoy
+    previous_hosts: bool = False  # retry_host_predicate envoy.retry_host_predicates.previous_hosts
+    host_selection_retry_max_attempts: int = 1
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,52 @@ class DirectResponse:
     body: bytes = b""
 
 
+#: Envoy's HeaderValueOption.append_action values.
+APPEND_ACTIONS = ("APPEND_IF_EXISTS_OR_ADD", "ADD_IF_ABSENT", "OVERWRITE_IF_EXISTS_OR_ADD", "OVERWRITE_IF_EXISTS")
+
+
+@dataclass(frozen=True)
+class HeaderValueOption:
+    name: str  # lower-case
+    value: str
+    append_action: str = "APPEND_IF_EXISTS_OR_ADD"
+    keep_empty_value: bool = False
+
+
+@dataclass(frozen=True)
+class HeaderMutations:
+    """request/response_headers_to_add/_to_remove of one level (route, virtual host or route configuration)."""
+
+    request_add: tuple[HeaderValueOption, ...] = ()
+    request_remove: tuple[str, ...] = ()  # lower-case
+    response_add: tuple[HeaderValueOption, ...] = ()
+    response_remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.request_add or self.request_remove or self.response_add or self.response_remove)
+
+
+@dataclass(frozen=True)
+class WeightedCluster:
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class MirrorPolicy:
+    """request_mirror_policies[]: a copy of each request (a ``fraction`` of them) goes to ``cluster``."""
+
+    cluster: str
+    numerator: int = 100  # runtime_fraction.default_value, as a fraction of ``denominator``
+    denominator: int = 100  # HUNDRED 100 | TEN_THOUSAND 10000 | MILLION 1000000
+
+
+@dataclass(frozen=True)
+class RegexRewrite:
+    pattern: Any  # a compiled RE2 pattern (sidecar.safe_regex)
+    substitution: str
+
+
 @dataclass(frozen=True)
 class Route:
     match: RouteMatch
@@ -70,6 +119,11 @@ class Route:
     prefix_rewrite: str | None = None
     name: str = ""
     fault: FaultFilter | None = None  # typed_per_filter_config of envoy.filters.http.fault
+    weighted_clusters: tuple[WeightedCluster, ...] = ()  # instead of ``cluster``
+    mirror_policies: tuple[MirrorPolicy, ...] = ()  # Envoy: request_mirror_policies
+    headers: HeaderMutations = field(default_factory=HeaderMutations)
+    regex_rewrite: RegexRewrite | None = None
+    host_rewrite_literal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,12 +133,14 @@ class VirtualHost:
     routes: tuple[Route, ...]
     retry_policy: RetryPolicy | None = None
     include_request_attempt_count: bool = False  # Envoy: x-envoy-attempt-count goes upstream only then
+    headers: HeaderMutations = field(default_factory=HeaderMutations)
 
 
 @dataclass(frozen=True)
 class RouteConfig:
     name: str
     virtual_hosts: tuple[VirtualHost, ...]
+    headers: HeaderMutations = field(default_factory=HeaderMutations)
 
 
 @dataclass(frozen=True)

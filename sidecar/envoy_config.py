@@ -31,12 +31,14 @@ from sidecar.config import (
     HttpConnectionManager,
     HttpFilter,
     Listener,
+    RegexRewrite,
     Route,
     RouteConfig,
     RouteMatch,
     VirtualHost,
 )
 from sidecar.config_fields import (
+    HEADER_MUTATION_KEYS,
     Ctx,
     as_bool,
     as_dict,
@@ -47,11 +49,14 @@ from sidecar.config_fields import (
     check_keys,
     circuit_breaker_threshold,
     duration,
+    header_mutations,
     lb_policy,
     local_host,
+    mirror_policies,
     retry_policy,
     self_routed,
     sub,
+    weighted_clusters,
 )
 from sidecar.http_filters import FILTER_NAMES, parse_http_filter, parse_per_filter
 from sidecar.safe_regex import RegexError, compile_regex
@@ -299,7 +304,7 @@ def _log_format(ctx: Ctx, cfg: dict[str, Any], path: str) -> str | None:
 
 def _route_config(ctx: Ctx, value: Any, path: str) -> RouteConfig:
     obj = as_dict(ctx, value, path, allow_none=False)
-    check_keys(ctx, obj, path, ("name", "virtual_hosts"), errors={"vhds": _DYNAMIC})
+    check_keys(ctx, obj, path, ("name", "virtual_hosts", *HEADER_MUTATION_KEYS), errors={"vhds": _DYNAMIC})
     vpath = sub(path, "virtual_hosts")
     vhosts = [_virtual_host(ctx, v, sub(vpath, i)) for i, v in enumerate(as_list(ctx, obj.get("virtual_hosts"), vpath))]
     seen: dict[str, str] = {}
@@ -310,13 +315,13 @@ def _route_config(ctx: Ctx, value: Any, path: str) -> RouteConfig:
                                 f"domain {d!r} is already used by virtual host {seen[d.lower()]!r}")
             seen[d.lower()] = vh.name
     name = as_str(ctx, obj["name"], sub(path, "name")) if "name" in obj else ""
-    return RouteConfig(name=name, virtual_hosts=tuple(vhosts))
+    return RouteConfig(name=name, virtual_hosts=tuple(vhosts), headers=header_mutations(ctx, obj, path))
 
 
 def _virtual_host(ctx: Ctx, value: Any, path: str) -> VirtualHost:
     obj = as_dict(ctx, value, path, allow_none=False)
     check_keys(ctx, obj, path, ("name", "domains", "routes", "retry_policy", "require_tls",
-                                "include_request_attempt_count"))
+                                "include_request_attempt_count", *HEADER_MUTATION_KEYS))
     if str(obj.get("require_tls", "NONE")).upper() != "NONE":
         raise ctx.error(sub(path, "require_tls"), _TLS)
     if "name" not in obj:
@@ -330,14 +335,15 @@ def _virtual_host(ctx: Ctx, value: Any, path: str) -> VirtualHost:
     policy = retry_policy(ctx, obj["retry_policy"], sub(path, "retry_policy")) if "retry_policy" in obj else None
     count = obj.get("include_request_attempt_count")
     return VirtualHost(name=as_str(ctx, obj["name"], sub(path, "name")), domains=domains, routes=routes,
-                       retry_policy=policy,
+                       retry_policy=policy, headers=header_mutations(ctx, obj, path),
                        include_request_attempt_count=as_bool(ctx, count, sub(path, "include_request_attempt_count"))
                        if count is not None else False)
 
 
 def _route(ctx: Ctx, value: Any, path: str) -> Route:
     obj = as_dict(ctx, value, path, allow_none=False)
-    check_keys(ctx, obj, path, ("name", "match", "route", "direct_response", "typed_per_filter_config"),
+    check_keys(ctx, obj, path, ("name", "match", "route", "direct_response", "typed_per_filter_config",
+                                *HEADER_MUTATION_KEYS),
                errors={"redirect": "redirect routes are not supported",
                        "filter_action": "filter_action routes are not supported"})
     actions = [k for k in ("route", "direct_response") if k in obj]
@@ -347,25 +353,39 @@ def _route(ctx: Ctx, value: Any, path: str) -> Route:
         raise ctx.error(sub(path, "match"), "required")
     match = _match(ctx, obj["match"], sub(path, "match"))
     name = as_str(ctx, obj["name"], sub(path, "name")) if "name" in obj else ""
+    mutations = header_mutations(ctx, obj, path)
     if "direct_response" in obj:
         return Route(match=match, direct_response=_direct(ctx, obj["direct_response"], sub(path, "direct_response")),
-                     name=name)
+                     name=name, headers=mutations)
     apath = sub(path, "route")
     act = as_dict(ctx, obj["route"], apath, allow_none=False)
-    check_keys(ctx, act, apath, ("cluster", "timeout", "retry_policy", "prefix_rewrite"),
-               errors={"weighted_clusters": "weighted_clusters is not supported; use one cluster",
-                       "cluster_header": "cluster_header is not supported; use a fixed cluster",
+    check_keys(ctx, act, apath, ("cluster", "timeout", "retry_policy", "prefix_rewrite", "weighted_clusters",
+                                 "request_mirror_policies", "regex_rewrite", "host_rewrite_literal"),
+               errors={"cluster_header": "cluster_header is not supported; use a fixed cluster",
                        "cluster_specifier_plugin": "cluster_specifier_plugin is not supported",
-                       "regex_rewrite": "regex_rewrite is not supported; use prefix_rewrite"})
-    if "cluster" not in act:
-        raise ctx.error(sub(apath, "cluster"), "required")
-    cluster = as_str(ctx, act["cluster"], sub(apath, "cluster"))
-    if ctx.clusters is not None and cluster not in ctx.clusters:
-        raise ctx.error(sub(apath, "cluster"), f"unknown cluster {cluster!r} (not in static_resources.clusters)")
-    kw: dict[str, Any] = {}
+                       "request_mirror_policy": "use request_mirror_policies (Envoy v3)",
+                       "host_rewrite_header": "host_rewrite_header is not supported; use host_rewrite_literal",
+                       "auto_host_rewrite": "auto_host_rewrite is not supported; use host_rewrite_literal"})
+    kw: dict[str, Any] = {"headers": mutations}
     if obj.get("typed_per_filter_config") is not None:
         kw["fault"] = parse_per_filter(ctx, obj["typed_per_filter_config"], sub(path, "typed_per_filter_config"),
                                        _header)
+    if ("cluster" in act) == ("weighted_clusters" in act):
+        raise ctx.error(apath, "exactly one of cluster or weighted_clusters is required")
+    cluster = None
+    if "weighted_clusters" in act:
+        kw["weighted_clusters"] = weighted_clusters(ctx, act["weighted_clusters"], sub(apath, "weighted_clusters"))
+    else:
+        cluster = as_str(ctx, act["cluster"], sub(apath, "cluster"))
+        if ctx.clusters is not None and cluster not in ctx.clusters:
+            raise ctx.error(sub(apath, "cluster"), f"unknown cluster {cluster!r} (not in static_resources.clusters)")
+    if act.get("request_mirror_policies") is not None:
+        kw["mirror_policies"] = mirror_policies(ctx, act["request_mirror_policies"],
+                                                sub(apath, "request_mirror_policies"))
+    if act.get("regex_rewrite") is not None:
+        kw["regex_rewrite"] = _regex_rewrite(ctx, act["regex_rewrite"], sub(apath, "regex_rewrite"))
+    if act.get("host_rewrite_literal") is not None:
+        kw["host_rewrite_literal"] = as_str(ctx, act["host_rewrite_literal"], sub(apath, "host_rewrite_literal"))
     if "timeout" in act:
         kw["timeout_s"] = duration(ctx, act["timeout"], sub(apath, "timeout"))
     if "retry_policy" in act:
@@ -374,7 +394,19 @@ def _route(ctx: Ctx, value: Any, path: str) -> Route:
         if not isinstance(act["prefix_rewrite"], str):
             raise ctx.error(sub(apath, "prefix_rewrite"), "expected a string")
         kw["prefix_rewrite"] = act["prefix_rewrite"]
+    if "prefix_rewrite" in kw and "regex_rewrite" in kw:
+        raise ctx.error(apath, "prefix_rewrite and regex_rewrite are exclusive (Envoy)")
     return Route(match=match, cluster=cluster, name=name, **kw)
+
+
+def _regex_rewrite(ctx: Ctx, value: Any, path: str) -> RegexRewrite:
+    """Envoy's RegexMatchAndSubstitute: {pattern: {regex}, substitution} (\\1 back-references)."""
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("pattern", "substitution"))
+    if "pattern" not in obj:
+        raise ctx.error(sub(path, "pattern"), "required")
+    sub_text = as_str(ctx, obj.get("substitution", ""), sub(path, "substitution"))
+    return RegexRewrite(pattern=_regex(ctx, obj["pattern"], sub(path, "pattern")), substitution=sub_text)
 
 
 def _regex(ctx: Ctx, value: Any, path: str) -> Any:

@@ -33,6 +33,8 @@ from sidecar.config import (
     ConfigError,
     DirectResponse,
     HeaderMatch,
+    HeaderMutations,
+    HeaderValueOption,
     HttpConnectionManager,
     Listener,
     RetryPolicy,
@@ -40,6 +42,7 @@ from sidecar.config import (
     RouteMatch,
     VirtualHost,
 )
+from sidecar.config_fields import PREVIOUS_HOSTS
 from sidecar.http_filters import FAULT, LAYERED_RUNTIME, export_fault, export_http_filter
 
 HCM = "envoy.filters.network.http_connection_manager"
@@ -139,7 +142,8 @@ def _hcm(hcm: HttpConnectionManager, extra: dict[str, Any] | None = None) -> dic
         "max_request_headers_kb": hcm.max_request_headers_kb,
         "stream_idle_timeout": seconds(hcm.stream_idle_timeout_s),
         **(extra or {}),
-        "route_config": {"name": rc.name, "virtual_hosts": [_virtual_host(vh) for vh in rc.virtual_hosts]},
+        "route_config": {"name": rc.name, "virtual_hosts": [_virtual_host(vh) for vh in rc.virtual_hosts],
+                         **_header_mutations(rc.headers)},
         "http_filters": [*(export_http_filter(f, _header) for f in hcm.http_filters),
                          {"name": ROUTER, "typed_config": {"@type": ROUTER_TYPE}}],
     }
@@ -164,24 +168,65 @@ def _virtual_host(vh: VirtualHost) -> dict[str, Any]:
     if vh.include_request_attempt_count:
         out["include_request_attempt_count"] = True
     out["routes"] = [_route(r) for r in vh.routes]
+    out.update(_header_mutations(vh.headers))
+    return out
+
+
+def _header_mutations(m: HeaderMutations) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if m.request_add:
+        out["request_headers_to_add"] = [_header_value_option(h) for h in m.request_add]
+    if m.request_remove:
+        out["request_headers_to_remove"] = list(m.request_remove)
+    if m.response_add:
+        out["response_headers_to_add"] = [_header_value_option(h) for h in m.response_add]
+    if m.response_remove:
+        out["response_headers_to_remove"] = list(m.response_remove)
+    return out
+
+
+def _header_value_option(h: HeaderValueOption) -> dict[str, Any]:
+    out: dict[str, Any] = {"header": {"key": h.name, "value": h.value.replace("%", "%%")},
+                           "append_action": h.append_action}
+    if h.keep_empty_value:
+        out["keep_empty_value"] = True
     return out
 
 
 def _route(route: Route) -> dict[str, Any]:
     out: dict[str, Any] = {"name": route.name} if route.name else {}
     out["match"] = _match(route.match)
+    out.update(_header_mutations(route.headers))
     if route.direct_response is not None:
         out["direct_response"] = _direct(route.direct_response)
         return out
-    action: dict[str, Any] = {"cluster": route.cluster, "timeout": seconds(route.timeout_s)}
+    action: dict[str, Any] = {"timeout": seconds(route.timeout_s)}
+    if route.weighted_clusters:
+        action["weighted_clusters"] = {"clusters": [{"name": w.name, "weight": w.weight}
+                                                    for w in route.weighted_clusters]}
+    else:
+        action["cluster"] = route.cluster
     if route.retry_policy is not None:
         action["retry_policy"] = _retry_policy(route.retry_policy)
     if route.prefix_rewrite is not None:
         action["prefix_rewrite"] = route.prefix_rewrite
+    if route.regex_rewrite is not None:
+        action["regex_rewrite"] = {"pattern": _regex(route.regex_rewrite.pattern),
+                                   "substitution": route.regex_rewrite.substitution}
+    if route.host_rewrite_literal is not None:
+        action["host_rewrite_literal"] = route.host_rewrite_literal
+    if route.mirror_policies:
+        action["request_mirror_policies"] = [
+            {"cluster": m.cluster, "runtime_fraction": {"default_value": {
+                "numerator": m.numerator, "denominator": _DENOMINATORS[m.denominator]}}}
+            for m in route.mirror_policies]
     out["route"] = action
     if route.fault is not None:
         out["typed_per_filter_config"] = {FAULT: export_fault(route.fault, _header)}
     return out
+
+
+_DENOMINATORS = {100: "HUNDRED", 10_000: "TEN_THOUSAND", 1_000_000: "MILLION"}
 
 
 def _regex(rx: Any) -> dict[str, Any]:
@@ -245,7 +290,14 @@ def _retry_policy(p: RetryPolicy) -> dict[str, Any]:
         if p.backoff_max_s is not None:
             back["max_interval"] = seconds(p.backoff_max_s)
         out["retry_back_off"] = back
+    if p.previous_hosts:
+        out["retry_host_predicate"] = [{"name": PREVIOUS_HOSTS, "typed_config": {"@type": PREVIOUS_HOSTS_TYPE}}]
+    if p.host_selection_retry_max_attempts != 1:
+        out["host_selection_retry_max_attempts"] = p.host_selection_retry_max_attempts
     return out
+
+
+PREVIOUS_HOSTS_TYPE = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 
 
 # --- clusters ------------------------------------------------------------------------------------

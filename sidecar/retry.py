@@ -21,7 +21,8 @@ _GATEWAY_CODES = (502, 503, 504)
 
 
 class RetryState:
-    __slots__ = ("retry_on", "codes", "retries_left", "base", "max", "attempt_retries", "per_try_timeout_s")
+    __slots__ = ("retry_on", "codes", "retries_left", "base", "max", "attempt_retries", "per_try_timeout_s",
+                 "host_selection_attempts")
 
     def __init__(self, policy: RetryPolicy | None, headers: Headers) -> None:
         if policy is not None:
@@ -31,6 +32,7 @@ class RetryState:
             self.per_try_timeout_s = policy.per_try_timeout_s
             self.base = policy.backoff_base_s
             self.max = policy.backoff_max_s or policy.backoff_base_s * 10
+            self.host_selection_attempts = policy.host_selection_retry_max_attempts
         else:
             self.retry_on = frozenset()
             self.codes = frozenset()
@@ -38,6 +40,7 @@ class RetryState:
             self.per_try_timeout_s = None
             self.base = 0.025
             self.max = 0.25
+            self.host_selection_attempts = 1
         self.attempt_retries = 0
         if headers:
             self._apply_headers(policy, headers)

@@ -40,6 +40,8 @@ from sidecar.request_info import (
 from sidecar.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET, RetryState
 from sidecar.routing import RouteTable, _headers_match
 from sidecar.server import DownstreamProtocol, Stream, StreamEnd
+from sidecar.shadow import ShadowRequest, shadow_request_bytes
+from sidecar.shaping import RoutePlan, apply_levels, mirror_sampled, plans_for
 from sidecar.stats import ClusterStats, HcmStats, ListenerStats
 from sidecar.upstream import Pool, UpstreamConnection
 
@@ -183,7 +185,7 @@ class Forwarder:
 
     __slots__ = ("hcm", "stream", "cluster", "cstats", "headers", "path", "retry", "timeout_s", "deadline",
                  "attempts", "state", "attempt", "retry_slot", "global_timer", "retry_timer", "connecting",
-                 "loop", "flags", "quiet_retry_used", "body_conn", "attempt_count")
+                 "loop", "flags", "quiet_retry_used", "body_conn", "attempt_count", "plan", "tried")
 
     def __init__(self, hcm: HcmRuntime, stream: Stream, route: Route, vh: VirtualHost, cluster: ClusterRuntime,
                  headers: Headers, path: bytes) -> None:
@@ -212,6 +214,9 @@ class Forwarder:
         self.quiet_retry_used = False
         self.body_conn: UpstreamConnection | None = None  # where a streamed request body goes
         self.attempt_count = vh.include_request_attempt_count  # Envoy sends x-envoy-attempt-count only then
+        self.plan: RoutePlan | None = None  # traffic shaping of the route (sidecar.shaping), if any
+        policy = route.retry_policy or vh.retry_policy
+        self.tried: list[Pool] | None = [] if policy is not None and policy.previous_hosts else None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -314,6 +319,20 @@ class Forwarder:
         if pool is None:
             self.cstats.upstream_cx_none_healthy.value += 1
             self._finish(_LOCAL_REPLY, 503, b"no healthy upstream", FLAG_NO_HEALTHY_UPSTREAM)
+            return
+        tried = self.tried
+        if tried is not None and not quiet:  # retry_host_predicate previous_hosts: re-pick a host already tried
+            left = self.retry.host_selection_attempts
+            while pool in tried and left > 0:
+                pool = cluster.choose() or pool
+                left -= 1
+            tried.append(pool)
+        conn = None if quiet else pool.take_idle()
+        breakers = cluster.breakers
+        if conn is None and cluster.pending_requests >= breakers.max_pending_requests:
+            # Envoy: the pool refuses the stream before it exists (no upstream_rq_total)
+            self.cstats.upstream_rq_pending_overflow.value += 1
+            self._finish(_LOCAL_REPLY, 503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
             return
         if not quiet:
             self.attempts += 1
@@ -534,6 +553,9 @@ class Forwarder:
             extra = connection_tokens(headers)
             kept = [h for h in kept if h[0] not in extra]
         kept.append((b"x-envoy-upstream-service-time", b"%d" % elapsed))
+        plan = self.plan
+        if plan is not None and plan.response_levels:
+            kept = apply_levels(kept, plan.response_levels)
         info.raw_response_headers = kept
         self.stream.send_head(status, kept, length)
 
@@ -574,6 +596,7 @@ class HcmRuntime:
                  filters: tuple[RequestFilter, ...] = DEFAULT_REQUEST_FILTERS, runtime: Runtime | None = None) -> None:
         self.cfg = cfg
         self.table = RouteTable(cfg.route_config)
+        self.plans = plans_for(cfg.route_config)  # traffic shaping; empty: nothing to do per request
         self.clusters = clusters
         self.stats = stats
         self.listener_stats = listener_stats
@@ -688,6 +711,10 @@ class HcmRuntime:
             stats.rq_direct_response.value += 1
             stream.reply(route.direct_response.status, route.direct_response.body)
             return
+        plan = self.plans.get(id(route)) if self.plans else None
+        if plan is not None:
+            self._shaped(stream, vh, route, plan, headers, path)
+            return
         cluster = self.clusters[route.cluster or ""]
         info.upstream_cluster = cluster.name
         if route.prefix_rewrite is not None and route.match.prefix is not None:
@@ -695,6 +722,39 @@ class HcmRuntime:
             headers.append((b"x-envoy-original-path", path))
             path = route.prefix_rewrite.encode() + path[len(route.match.prefix):]
         Forwarder(self, stream, route, vh, cluster, headers, path).start()
+
+    def _shaped(self, stream: Stream, vh: VirtualHost, route: Route, plan: RoutePlan, headers: Headers,
+                path: bytes) -> None:
+        """dispatch() for a route with traffic shaping: Envoy's finalizeRequestHeaders, then mirrors."""
+        info = stream.info
+        cluster = self.clusters[plan.pick_cluster() if plan.total else route.cluster or ""]
+        info.upstream_cluster = cluster.name
+        if plan.request_levels:
+            headers = apply_levels(headers, plan.request_levels)
+        if plan.host_rewrite is not None:
+            headers = [(n, plan.host_rewrite if n == b"host" else v) for n, v in headers]
+        rx = plan.regex_rewrite
+        if route.prefix_rewrite is not None and route.match.prefix is not None:
+            info.original_path = info.path
+            headers.append((b"x-envoy-original-path", path))
+            path = route.prefix_rewrite.encode() + path[len(route.match.prefix):]
+        elif rx is not None:
+            bare, q, query = path.partition(b"?")
+            new = rx.pattern.sub(rx.substitution, bare.decode("latin-1")).encode("latin-1")
+            if new != bare:
+                info.original_path = info.path
+                headers.append((b"x-envoy-original-path", path))
+                path = new + q + query
+        fwd = Forwarder(self, stream, route, vh, cluster, headers, path)
+        fwd.plan = plan
+        fwd.start()
+        if plan.mirrors and stream.replayable:
+            for m in plan.mirrors:
+                shadow = self.clusters.get(m.cluster)
+                if shadow is not None and mirror_sampled(m):
+                    data = shadow_request_bytes(stream.method, path, headers, bytes(stream.body),
+                                                stream.chunked_request, stream.content_length, fwd.timeout_s)
+                    ShadowRequest(shadow, data, stream.method == b"HEAD", fwd.timeout_s).start()
 
     @staticmethod
     def _remote_address(stream: Stream, headers: Headers) -> Headers:

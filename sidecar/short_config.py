@@ -35,8 +35,10 @@ from sidecar.config_fields import (
     check_keys,
     circuit_breaker_threshold,
     duration,
+    health_check,
     lb_policy,
     local_host,
+    outlier_detection,
     retry_policy,
     self_routed,
     sub,
@@ -137,7 +139,8 @@ def _route_kw(ctx: Ctx, obj: dict[str, Any], path: str) -> dict[str, Any]:
 def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str,
              logs: tuple[AccessLog, ...]) -> tuple[Listener, list[Cluster], dict[str, str]]:
     obj = as_dict(ctx, value, path, allow_none=False)
-    check_keys(ctx, obj, path, ("port", "to", "timeout", "retry_policy", "connect_timeout"))
+    check_keys(ctx, obj, path, ("port", "to", "timeout", "retry_policy", "connect_timeout", "circuit_breakers",
+                                "outlier_detection", "health_check"))
     for key in ("port", "to"):
         if key not in obj:
             raise ctx.error(sub(path, key), "required")
@@ -161,6 +164,10 @@ def _cluster_kw(ctx: Ctx, obj: dict[str, Any], path: str) -> dict[str, Any]:
         kw["lb_policy"] = lb_policy(ctx, obj["lb_policy"], sub(path, "lb_policy"))
     if obj.get("circuit_breakers") is not None:
         kw["circuit_breakers"] = circuit_breaker_threshold(ctx, obj["circuit_breakers"], sub(path, "circuit_breakers"))
+    if obj.get("outlier_detection") is not None:
+        kw["outlier_detection"] = outlier_detection(ctx, obj["outlier_detection"], sub(path, "outlier_detection"))
+    if obj.get("health_check") is not None:
+        kw["health_checks"] = (health_check(ctx, obj["health_check"], sub(path, "health_check"), short=True),)
     return kw
 
 
@@ -180,7 +187,7 @@ def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
         p = sub(rpath, i)
         r = as_dict(ctx, r, p, allow_none=False)
         check_keys(ctx, r, p, ("host", "hosts", "to", "timeout", "retry_policy", "connect_timeout", "lb_policy",
-                               "circuit_breakers"))
+                               "circuit_breakers", "outlier_detection", "health_check"))
         parsed.append((p, _hosts(ctx, r, p), _target_required(ctx, r, p, pod_ip), _route_kw(ctx, r, p),
                        _cluster_kw(ctx, r, p)))
 
@@ -198,8 +205,8 @@ def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
         name = host if len(ports_by_host[host]) == 1 else f"{host}_{tport}"
         cluster = Cluster(name=name, type=_cluster_type(host), endpoints=(Endpoint(host, tport),), **cluster_kw)
         if target in clusters and clusters[target] != cluster:
-            raise ctx.error(p, f"routes to {host}:{tport} disagree on connect_timeout, lb_policy or "
-                               f"circuit_breakers (see {cluster_paths[target]})")
+            raise ctx.error(p, f"routes to {host}:{tport} disagree on connect_timeout, lb_policy, "
+                               f"circuit_breakers, outlier_detection or health_check (see {cluster_paths[target]})")
         clusters.setdefault(target, cluster)
         cluster_paths.setdefault(target, p)
         domains: list[str] = []

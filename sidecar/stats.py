@@ -428,14 +428,14 @@ class Store:
 # --- per-scope stat bundles for the data path ------------------------------------------------------------------------
 
 # Only stats the sidecar really counts, with Envoy's meaning. Not exported because nothing here could count them:
-# upstream_cx_overflow (max_connections is not enforced), upstream_rq_rx_reset / upstream_rq_tx_reset (Envoy 1.40
+# upstream_rq_rx_reset / upstream_rq_tx_reset (Envoy 1.40
 # leaves them at 0 for HTTP/1 upstreams: a reset there is a connection close, see upstream_cx_destroy_*),
 # update_empty (EDS only).
 _CLUSTER_COUNTERS = (
     "upstream_rq_total", "upstream_rq_completed", "upstream_rq_retry", "upstream_rq_retry_success",
     "upstream_rq_retry_limit_exceeded", "upstream_rq_retry_overflow", "upstream_rq_timeout",
     "upstream_rq_per_try_timeout", "upstream_rq_pending_overflow", "upstream_rq_pending_total",
-    "upstream_rq_cancelled",
+    "upstream_rq_cancelled", "upstream_cx_overflow", "upstream_cx_pool_overflow",
     "upstream_cx_total", "upstream_cx_http1_total", "upstream_cx_connect_fail", "upstream_cx_connect_timeout",
     "upstream_cx_destroy", "upstream_cx_destroy_local", "upstream_cx_destroy_remote", "upstream_cx_none_healthy",
     "upstream_cx_destroy_with_active_rq", "upstream_cx_destroy_local_with_active_rq",

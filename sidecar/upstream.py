@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 
@@ -184,7 +184,7 @@ class Pool:
     """Idle keep-alive connections to one endpoint (LIFO: the warmest first)."""
 
     def __init__(self, host: str, port: int, source_ip: str | None, max_idle: int = 64,
-                 stats: ClusterStats | None = None) -> None:
+                 stats: ClusterStats | None = None, owner: Any = None) -> None:
         # Connection stats are always counted somewhere (a pool built alone counts into a private store).
         self.stats = stats if stats is not None else ClusterStats(Store(), f"{host}:{port}")
         self.host = host
@@ -194,6 +194,19 @@ class Pool:
         self.max_idle = max_idle
         self.active_requests = 0
         self.address = f"{host}:{port}"
+        self.owner = owner  # the ClusterRuntime: connection count (max_connections) and waiting requests
+        # outlier detection and active health checking state (sidecar.cluster)
+        self.ejected = 0.0  # since when (monotonic), 0.0: not ejected
+        self.ejections = 0
+        self.od_5xx = self.od_gw = self.od_local = self.od_ok = self.od_total = 0
+        self.od_ejected_this_interval = False
+        self.hc_failed = False
+        self.hc_first = True
+        self.hc_oks = self.hc_fails = 0
+        self.hc_timer: asyncio.TimerHandle | None = None
+        self.hc_deadline: asyncio.TimerHandle | None = None
+        self.hc_probe: Any = None
+        self.closed_for_good = False
 
     def take_idle(self) -> UpstreamConnection | None:
         while self.idle:
@@ -210,10 +223,15 @@ class Pool:
         stats.upstream_cx_total.value += 1
         stats.upstream_cx_http1_total.value += 1
         started = time.monotonic()
+        owner = self.owner
+        if owner is not None:
+            owner.cx_count += 1
+        conn_failed = True
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, local_addr=local),
                 timeout)
+            conn_failed = False
         except TimeoutError:
             # Envoy counts a timed-out connect as a failure too, and the connection as destroyed by us.
             stats.upstream_cx_connect_timeout.value += 1
@@ -230,6 +248,10 @@ class Pool:
             stats.upstream_cx_destroy.value += 1
             stats.upstream_cx_destroy_local.value += 1
             raise
+        finally:
+            if owner is not None and conn_failed:
+                owner.cx_count -= 1
+                owner.cx_freed()
         stats.upstream_cx_connect_ms.record((time.monotonic() - started) * 1000)
         stats.upstream_cx_active.value += 1
         return conn
@@ -249,11 +271,19 @@ class Pool:
             else:
                 stats.upstream_cx_destroy_remote_with_active_rq.value += 1
         stats.upstream_cx_length_ms.record(lifetime_s * 1000)
+        owner = self.owner
+        if owner is not None:
+            owner.cx_count -= 1
+            if owner.waiters:
+                owner.cx_freed()
 
     def release(self, conn: UpstreamConnection) -> None:
         if conn.closed or not conn.keep_alive or len(self.idle) >= self.max_idle:
             conn.close()
             return
+        owner = self.owner
+        if owner is not None and owner.waiters and owner.cx_idle(self, conn):
+            return  # a request waiting for a connection (max_connections) took it
         self.idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:

@@ -180,14 +180,15 @@ def test_listener_filters_are_error(seed_doc):
 # --- warnings ------------------------------------------------------------------------------------
 
 def test_unknown_fields_warn_with_full_path(seed_doc):
-    seed_doc["static_resources"]["clusters"][0]["outlier_detection"] = {"consecutive_5xx": 5}
+    seed_doc["static_resources"]["clusters"][0]["upstream_connection_options"] = {}
     seed_doc["static_resources"]["clusters"][1]["http2_protocol_options"] = {}
     seed_doc["node"] = {"id": "x"}
     seed_doc["static_resources"]["clusters"][0]["lb_policy"] = "MAGLEV"
     _vhost(seed_doc)["retry_policy"] = {"retry_on": "5xx,reset-before-request"}
     b = compile_envoy(seed_doc, POD, public_admin=True)
     w = "\n".join(b.warnings)
-    assert "envoy.yaml: static_resources.clusters[0].outlier_detection: not implemented, ignored" in b.warnings
+    assert "envoy.yaml: static_resources.clusters[0].upstream_connection_options: not implemented, ignored" \
+        in b.warnings
     assert "envoy.yaml: node: not implemented, ignored" in b.warnings
     assert "clusters[1].http2_protocol_options" in w and "HTTP/1.1" in w
     assert "clusters[0].lb_policy: lb_policy MAGLEV" in w and b.clusters[0].lb_policy == "ROUND_ROBIN"
@@ -389,22 +390,53 @@ def test_short_public_admin_address():
     assert b.admin.address == "0.0.0.0"
 
 
-def test_unenforced_circuit_breaker_thresholds_warn_naming_the_field():
+def test_circuit_breaker_thresholds_are_parsed_without_warnings():
     doc = _minimal()
     doc["static_resources"]["clusters"][0]["circuit_breakers"] = {"thresholds": [
-        {"max_connections": 10, "max_pending_requests": 20, "max_requests": 30, "max_retries": 1}]}
+        {"max_connections": 10, "max_pending_requests": 20, "max_requests": 30, "max_retries": 1,
+         "retry_budget": {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 2}}]}
     b = compile_envoy(doc, POD)
-    path = "static_resources.clusters[0].circuit_breakers.thresholds[0]"
-    for field in ("max_connections", "max_pending_requests"):
-        assert sum(f"{path}.{field}: parsed but not enforced" in w for w in b.warnings) == 1, b.warnings
-    # max_requests and max_retries are applied by the router (upstream_rq_pending_overflow, _retry_overflow)
-    assert not any(".max_requests" in w or ".max_retries" in w for w in b.warnings), b.warnings
+    cb = b.clusters[0].circuit_breakers
+    assert (cb.max_connections, cb.max_pending_requests, cb.max_requests, cb.max_retries) == (10, 20, 30, 1)
+    assert (cb.retry_budget_percent, cb.min_retry_concurrency) == (25.0, 2)
+    assert not any("circuit_breakers" in w for w in b.warnings), b.warnings  # all enforced now
     short = compile_short({"egress": {"port": 9001, "routes": [
-        {"host": "b", "to": "b:80", "circuit_breakers": {"max_connections": 1, "max_pending_requests": 1}}]}}, POD)
-    assert [w for w in short.warnings if "not enforced" in w] == [
-        "sidecar.egress.routes[0].circuit_breakers.max_connections: parsed but not enforced (no limit applies)",
-        "sidecar.egress.routes[0].circuit_breakers.max_pending_requests: parsed but not enforced (no limit applies)"]
-    assert not any("not enforced" in w for w in compile_envoy(_minimal(), POD).warnings)  # defaults: silent
+        {"host": "b", "to": "b:80", "circuit_breakers": {"max_connections": 1, "max_pending_requests": 1,
+                                                         "retry_budget": {"budget_percent": 50}}}]}}, POD)
+    scb = short.clusters[0].circuit_breakers
+    assert (scb.max_connections, scb.max_pending_requests, scb.retry_budget_percent) == (1, 1, 50.0)
+    assert not short.warnings
+    with pytest.raises(ConfigError, match="budget_percent"):
+        compile_short({"egress": {"port": 9001, "routes": [
+            {"host": "b", "to": "b:80", "circuit_breakers": {"retry_budget": {"budget_percent": 150}}}]}}, POD)
+
+
+def test_outlier_detection_and_health_checks_parse_in_both_forms():
+    doc = _minimal()
+    c = doc["static_resources"]["clusters"][0]
+    c["outlier_detection"] = {"consecutive_5xx": 3, "interval": "0.5s", "base_ejection_time": "2s",
+                              "max_ejection_percent": 50, "enforcing_consecutive_gateway_failure": 100}
+    c["health_checks"] = [{"timeout": "1s", "interval": "2s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+                           "http_health_check": {"path": "/healthz", "expected_statuses": [{"start": 200,
+                                                                                            "end": 300}]}}]
+    b = compile_envoy(doc, POD)
+    od = b.clusters[0].outlier_detection
+    assert (od.consecutive_5xx, od.interval_s, od.base_ejection_time_s, od.max_ejection_percent) == (3, 0.5, 2.0, 50)
+    hc = b.clusters[0].health_checks[0]
+    assert (hc.path, hc.expected_statuses, hc.unhealthy_threshold) == ("/healthz", ((200, 300),), 2)
+    assert not b.warnings
+    short = compile_short({"egress": {"port": 9001, "routes": [
+        {"host": "b", "to": "b:80", "outlier_detection": {"consecutive_5xx": 2},
+         "health_check": {"path": "/h", "interval": "1s", "timeout": "0.5s", "expected_statuses": [200, 204]}}]}},
+        POD)
+    assert short.clusters[0].outlier_detection.consecutive_5xx == 2
+    assert short.clusters[0].health_checks[0].expected_statuses == ((200, 201), (204, 205))
+    with pytest.raises(ConfigError, match="health_check.path: required"):
+        compile_short({"egress": {"port": 9001, "routes": [
+            {"host": "b", "to": "b:80", "health_check": {"interval": "1s", "timeout": "1s"}}]}}, POD)
+    with pytest.raises(ConfigError, match="max_ejection_percent"):
+        compile_short({"egress": {"port": 9001, "routes": [
+            {"host": "b", "to": "b:80", "outlier_detection": {"max_ejection_percent": 101}}]}}, POD)
 
 
 def test_route_and_header_regexes_are_re2_linear_on_hostile_input():
