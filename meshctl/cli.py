@@ -335,6 +335,94 @@ def admin(name: str, path: str, project: str | None, method: str) -> None:
     sys.exit(1 if failed else 0)
 
 
+@main.command(short_help="Inject faults live on a pod's egress (or ingress) route: abort, delay.")
+@click.argument("src", metavar="FROM", required=False)
+@click.argument("dst", metavar="TO", required=False)
+@click.option("--abort", "abort", metavar="PERCENT", help="abort this share of requests, e.g. 50%")
+@click.option("--status", type=int, default=503, show_default=True, help="the abort's HTTP status")
+@click.option("--delay", "delay", metavar="DURATION[@PERCENT]", help="delay requests, e.g. 200ms@10%")
+@click.option("--ingress", is_flag=True, help="on TO's ingress instead of FROM's egress")
+@click.option("--list", "list_", is_flag=True, help="show the active faults")
+@click.option("--clear", is_flag=True, help="remove the faults (all, or FROM -> TO's)")
+@project_option
+def fault(src: str | None, dst: str | None, abort: str | None, status: int, delay: str | None, ingress: bool,
+          list_: bool, clear: bool, project: str | None) -> None:
+    """Inject faults on FROM's egress route(s) to TO through the sidecars' runtime, live (both engines).
+
+    `fault a b --abort 50% --status 503 --delay 200ms@10%`; `fault a b --ingress ...` (on b's ingress);
+    `fault --list`; `fault --clear [FROM TO]`. Each call replaces the edge's fault.
+    """
+    from meshctl import fault as f
+
+    if list_ and (clear or src or abort or delay):
+        fail("--list takes no other arguments", USAGE_ERROR)
+    if (src is None) != (dst is None):
+        fail("give both FROM and TO", USAGE_ERROR)
+    if not (list_ or clear):
+        if src is None:
+            fail("usage: meshctl fault FROM TO --abort PERCENT [--status N] [--delay DURATION@PERCENT] "
+                 "| --list | --clear [FROM TO]", USAGE_ERROR)
+        if abort is None and delay is None:
+            fail("give --abort and/or --delay (or --clear to remove a fault)", USAGE_ERROR)
+    try:
+        spec = f.Fault()
+        if abort is not None:
+            spec = f.Fault(abort_percent=f.parse_percent(abort, "--abort"), status=status)
+            if not 200 <= status <= 599:
+                raise f.FaultError(f"--status must be from 200 to 599, got {status}")
+        if delay is not None:
+            ms, pct = f.parse_delay(delay)
+            spec = f.Fault(spec.abort_percent, spec.status, ms, pct)
+    except f.FaultError as exc:
+        fail(str(exc), USAGE_ERROR)
+    state = _pick_mesh(project)
+    mesh_status = _ask(state, "GET", "/v1/status?resources=0")
+    if list_:
+        rows = f.active(mesh_status)
+        if not rows:
+            click.echo("no active faults")
+            return
+        click.echo(f"{'POD':<12} {'ROUTE':<8} {'CLUSTER':<20} FAULT")
+        for row in rows:
+            click.echo(f"{row['pod']:<12} {row['direction']:<8} {row['cluster']:<20} {f.describe(row)}")
+        return
+    problems: list[str] = []
+    try:
+        if clear and src is None:
+            for p in mesh_status["pods"]:
+                if p.get("sidecar") is None:
+                    continue
+                for r in p["replicas"]:
+                    sock = r.get("admin_socket")
+                    keys = f.clear_keys(f.runtime_of(sock)) if sock else {}
+                    if keys:
+                        problems += f.apply([(r["replica"], sock)], keys)
+        else:
+            pod = dst if ingress else src
+            sockets = f.sidecar_replicas(mesh_status, pod or "")
+            if ingress:
+                clusters = f.ingress_clusters(mesh_status, pod or "", sockets[0][1]) if sockets else []
+            else:
+                clusters = f.egress_clusters(mesh_status, src or "", dst or "")
+            direction = "ingress" if ingress else "egress"
+            keys: dict[str, str] = {}
+            for c in clusters:
+                keys.update(f.runtime_keys(spec, direction, c))
+            problems += f.apply(sockets, keys)
+            if not problems:
+                what = "cleared" if clear else f.describe({"abort_percent": spec.abort_percent, "status": spec.status,
+                                                           "delay_ms": spec.delay_ms,
+                                                           "delay_percent": spec.delay_percent})
+                click.echo(f"{pod} {direction} -> {', '.join(clusters)}: {what} ({len(sockets)} replica(s))")
+    except f.FaultError as exc:
+        fail(str(exc), USAGE_ERROR)
+    except OSError as exc:
+        fail(f"cannot reach a sidecar admin: {exc}")
+    for line in problems:
+        click.echo(f"meshctl: {line}", err=True)
+    sys.exit(1 if problems else 0)
+
+
 @main.group(short_help="Export a mesh's configuration for other programs.")
 def export() -> None:
     """Export a mesh's configuration for other programs."""

@@ -243,6 +243,43 @@ class CircuitBreakers:
     max_pending_requests: int = 1024
     max_requests: int = 1024
     max_retries: int = 3
+    # retry_budget (Envoy): when set, it replaces max_retries: retries in flight may reach budget_percent of the
+    # active + pending requests, and at least min_retry_concurrency.
+    retry_budget_percent: float | None = None  # None: no retry_budget
+    min_retry_concurrency: int = 3
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    """Envoy's cluster.outlier_detection (consecutive and success-rate detectors)."""
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    consecutive_local_origin_failure: int = 5
+    split_external_local_origin_errors: bool = False
+    interval_s: float = 10.0
+    base_ejection_time_s: float = 30.0
+    max_ejection_time_s: float = 300.0
+    max_ejection_percent: int = 10
+    enforcing_consecutive_5xx: int = 100
+    enforcing_consecutive_gateway_failure: int = 0
+    enforcing_consecutive_local_origin_failure: int = 100
+    enforcing_success_rate: int = 100
+    success_rate_minimum_hosts: int = 5
+    success_rate_request_volume: int = 100
+    success_rate_stdev_factor: int = 1900  # divided by 1000
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """Envoy's active HTTP health check (cluster.health_checks[0] with http_health_check)."""
+    timeout_s: float
+    interval_s: float
+    unhealthy_threshold: int
+    healthy_threshold: int
+    path: str
+    expected_statuses: tuple[tuple[int, int], ...] = ((200, 201),)  # [start, end) ranges, Envoy's default 200
+    no_traffic_interval_s: float = 60.0
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -253,6 +290,8 @@ class Cluster:
     connect_timeout_s: float = 5.0
     lb_policy: str = "ROUND_ROBIN"  # ROUND_ROBIN | LEAST_REQUEST | RANDOM
     circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
+    outlier_detection: OutlierDetection | None = None
+    health_checks: tuple[HealthCheck, ...] = ()
     dns_refresh_rate_s: float = 5.0
     per_connection_buffer_limit_bytes: int = 1024 * 1024
 
