@@ -27,8 +27,10 @@ from sidecar.config import (
     Endpoint,
     HeaderMutations,
     HeaderValueOption,
+    HealthCheck,
     Listener,
     MirrorPolicy,
+    OutlierDetection,
     RetryPolicy,
     WeightedCluster,
 )
@@ -268,150 +270,139 @@ def lb_policy(ctx: Ctx, value: Any, path: str) -> str:
 
 
 def circuit_breaker_threshold(ctx: Ctx, value: Any, path: str) -> CircuitBreakers:
-    """One thresholds entry (Envoy) or the short form's flat mapping."""
+    """One thresholds entry (Envoy) or the short form's flat mapping; all enforced (see ClusterRuntime)."""
     obj = as_dict(ctx, value, path)
     names = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
-    check_keys(ctx, obj, path, names if ctx.strict else (*names, "priority"))
+    check_keys(ctx, obj, path, (*names, "retry_budget") if ctx.strict else (*names, "retry_budget", "priority"),
+               silent=() if ctx.strict else ("track_remaining", "max_connection_pools"))
     defaults = CircuitBreakers()
-    breakers = CircuitBreakers(**{n: as_int(ctx, obj.get(n, getattr(defaults, n)), sub(path, n)) for n in names})
-    for n in _UNENFORCED_THRESHOLDS:
-        if n in obj:  # a limit someone set and expects to hold: say it does not (yet)
-            ctx.warn(sub(path, n), "parsed but not enforced (no limit applies)")
-    return breakers
+    kw: dict[str, Any] = {n: as_int(ctx, _wrapped(obj.get(n, getattr(defaults, n))), sub(path, n)) for n in names}
+    if obj.get("retry_budget") is not None:
+        bpath = sub(path, "retry_budget")
+        b = as_dict(ctx, obj["retry_budget"], bpath)
+        check_keys(ctx, b, bpath, ("budget_percent", "min_retry_concurrency"))
+        pct = _wrapped(b.get("budget_percent", 20.0))
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 <= pct <= 100:
+            raise ctx.error(sub(bpath, "budget_percent"), f"expected a percentage 0..100, got {pct!r}")
+        kw["retry_budget_percent"] = float(pct)
+        kw["min_retry_concurrency"] = as_int(ctx, _wrapped(b.get("min_retry_concurrency", 3)),
+                                             sub(bpath, "min_retry_concurrency"))
+    return CircuitBreakers(**kw)
 
 
-#: Circuit-breaker thresholds the data path does not apply yet (max_requests and max_retries are applied).
-_UNENFORCED_THRESHOLDS = ("max_connections", "max_pending_requests")
+def _wrapped(value: Any) -> Any:
+    """A protobuf wrapper written out ({value: 5}, {value: 20.0}) as its value."""
+    if isinstance(value, dict) and set(value) == {"value"}:
+        return value["value"]
+    return value
 
 
-# --- traffic shaping (route level): weighted clusters, mirrors, header mutations ------------------
-
-HEADER_MUTATION_KEYS = ("request_headers_to_add", "request_headers_to_remove", "response_headers_to_add",
-                        "response_headers_to_remove")
-_FRACTION_DENOMINATORS = {"HUNDRED": 100, "TEN_THOUSAND": 10_000, "MILLION": 1_000_000}
+def _percent(ctx: Ctx, obj: dict[str, Any], path: str, name: str, default: int) -> int:
+    return as_int(ctx, _wrapped(obj.get(name, default)), sub(path, name), 0, 100)
 
 
-def _pb_value(value: Any) -> Any:
-    """A protobuf wrapper written out ({value: 90}) as its value."""
-    return value["value"] if isinstance(value, dict) and set(value) == {"value"} else value
+_OUTLIER_INTS = ("consecutive_5xx", "consecutive_gateway_failure", "consecutive_local_origin_failure",
+                 "success_rate_minimum_hosts", "success_rate_request_volume", "success_rate_stdev_factor")
+_OUTLIER_PERCENTS = ("max_ejection_percent", "enforcing_consecutive_5xx", "enforcing_consecutive_gateway_failure",
+                     "enforcing_consecutive_local_origin_failure", "enforcing_success_rate")
+_OUTLIER_DURATIONS = ("interval", "base_ejection_time", "max_ejection_time")
+#: Envoy outlier_detection fields we accept and do not implement (their detectors stay off, as with Envoy's
+#: defaults: failure-percentage enforcing is 0 by default).
+_OUTLIER_IGNORED = ("enforcing_failure_percentage", "enforcing_failure_percentage_local_origin",
+                    "failure_percentage_threshold", "failure_percentage_minimum_hosts",
+                    "failure_percentage_request_volume", "enforcing_local_origin_success_rate",
+                    "max_ejection_time_jitter", "successful_active_health_check_uneject_host",
+                    "always_eject_one_host")
 
 
-def header_mutations(ctx: Ctx, obj: Mapping[str, Any], path: str) -> HeaderMutations:
-    """The four Envoy header lists of one level (route, virtual host, route configuration)."""
+def outlier_detection(ctx: Ctx, value: Any, path: str) -> OutlierDetection:
+    """Envoy's cluster.outlier_detection (the short form uses the same field names)."""
+    obj = as_dict(ctx, value, path)
+    check_keys(ctx, obj, path, (*_OUTLIER_INTS, *_OUTLIER_PERCENTS, *_OUTLIER_DURATIONS,
+                                "split_external_local_origin_errors"),
+               silent=() if ctx.strict else _OUTLIER_IGNORED)
+    d = OutlierDetection()
     kw: dict[str, Any] = {}
-    for key, field_ in (("request_headers_to_add", "request_add"), ("response_headers_to_add", "response_add")):
-        if obj.get(key) is not None:
-            kpath = sub(path, key)
-            kw[field_] = tuple(_header_value_option(ctx, h, sub(kpath, i))
-                               for i, h in enumerate(as_list(ctx, obj[key], kpath)))
-    for key, field_ in (("request_headers_to_remove", "request_remove"),
-                        ("response_headers_to_remove", "response_remove")):
-        if obj.get(key) is not None:
-            kpath = sub(path, key)
-            names = [as_str(ctx, n, sub(kpath, i)).lower() for i, n in enumerate(as_list(ctx, obj[key], kpath))]
-            for i, n in enumerate(names):
-                _mutable_header(ctx, n, sub(kpath, i))
-            kw[field_] = tuple(names)
-    return HeaderMutations(**kw)
+    for n in _OUTLIER_INTS:
+        kw[n] = as_int(ctx, _wrapped(obj.get(n, getattr(d, n))), sub(path, n))
+    for n in _OUTLIER_PERCENTS:
+        kw[n] = _percent(ctx, obj, path, n, getattr(d, n))
+    for n in _OUTLIER_DURATIONS:
+        if obj.get(n) is not None:
+            kw[n + "_s"] = duration(ctx, obj[n], sub(path, n))
+    if "split_external_local_origin_errors" in obj:
+        kw["split_external_local_origin_errors"] = as_bool(ctx, obj["split_external_local_origin_errors"],
+                                                           sub(path, "split_external_local_origin_errors"))
+    out = OutlierDetection(**kw)
+    if out.interval_s <= 0:
+        raise ctx.error(sub(path, "interval"), "must be greater than 0")
+    return out
 
 
-def _mutable_header(ctx: Ctx, name: str, path: str) -> None:
-    if not name or name.startswith(":") or name == "host":
-        raise ctx.error(path, f"header {name!r} cannot be modified (Envoy: no pseudo headers, no host)")
-
-
-def _header_value_option(ctx: Ctx, value: Any, path: str) -> HeaderValueOption:
+def health_check(ctx: Ctx, value: Any, path: str, short: bool = False) -> HealthCheck:
+    """One active HTTP health check. Envoy: timeout, interval, unhealthy_threshold, healthy_threshold (required)
+    and http_health_check {path, host, expected_statuses: [{start, end}]}; the short form is flat: path, and
+    expected_statuses as a list of codes."""
     obj = as_dict(ctx, value, path, allow_none=False)
-    check_keys(ctx, obj, path, ("header", "append", "append_action", "keep_empty_value"))
-    hpath = sub(path, "header")
-    hdr = as_dict(ctx, obj.get("header"), hpath, allow_none=False)
-    check_keys(ctx, hdr, hpath, ("key", "value"))
-    if "key" not in hdr:
-        raise ctx.error(sub(hpath, "key"), "required")
-    name = as_str(ctx, hdr["key"], sub(hpath, "key")).lower()
-    _mutable_header(ctx, name, sub(hpath, "key"))
-    raw = hdr.get("value", "")
-    text = str(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else as_str(ctx, raw,
-                                                                                           sub(hpath, "value"))
-    if "%" in text.replace("%%", ""):
-        raise ctx.error(sub(hpath, "value"), "command operators (%...%) are not supported; write %% for a %")
-    if "append" in obj and "append_action" in obj:
-        raise ctx.error(path, "append and append_action are exclusive (Envoy)")
-    action = "APPEND_IF_EXISTS_OR_ADD"
-    if "append" in obj:  # Envoy's deprecated bool: true appends, false overwrites
-        action = action if as_bool(ctx, obj["append"], sub(path, "append")) else "OVERWRITE_IF_EXISTS_OR_ADD"
-    if "append_action" in obj:
-        action = as_str(ctx, obj["append_action"], sub(path, "append_action")).upper()
-        if action not in APPEND_ACTIONS:
-            raise ctx.error(sub(path, "append_action"), f"expected one of {', '.join(APPEND_ACTIONS)}")
-    keep = as_bool(ctx, obj["keep_empty_value"], sub(path, "keep_empty_value")) if "keep_empty_value" in obj else False
-    return HeaderValueOption(name=name, value=text.replace("%%", "%"), append_action=action, keep_empty_value=keep)
-
-
-def weighted_clusters(ctx: Ctx, value: Any, path: str) -> tuple[WeightedCluster, ...]:
-    """Envoy's route.weighted_clusters: {clusters: [{name, weight}], total_weight (deprecated: the sum)}."""
-    obj = as_dict(ctx, value, path, allow_none=False)
-    check_keys(ctx, obj, path, ("clusters", "total_weight"),
-               errors={"runtime_key_prefix": "runtime weights are not supported",
-                       "header_name": "header-selected weighted clusters are not supported",
-                       "random_value_specifier": "random_value_specifier is not supported",
-                       "use_hash_policy": "use_hash_policy is not supported"})
-    cpath = sub(path, "clusters")
-    out = []
-    for i, c in enumerate(as_list(ctx, obj.get("clusters"), cpath)):
-        p = sub(cpath, i)
-        c = as_dict(ctx, c, p, allow_none=False)
-        check_keys(ctx, c, p, ("name", "weight"),
-                   errors={k: "per-cluster header mutations are not supported; set them on the route"
-                           for k in HEADER_MUTATION_KEYS})
-        if "name" not in c:
-            raise ctx.error(sub(p, "name"), "required")
-        name = as_str(ctx, c["name"], sub(p, "name"))
-        if ctx.clusters is not None and name not in ctx.clusters:
-            raise ctx.error(sub(p, "name"), f"unknown cluster {name!r} (not in static_resources.clusters)")
-        out.append(WeightedCluster(name=name, weight=as_int(ctx, _pb_value(c.get("weight", 0)), sub(p, "weight"))))
-    if not out:
-        raise ctx.error(cpath, "at least one cluster is required")
-    total = sum(c.weight for c in out)
-    if total <= 0:
-        raise ctx.error(cpath, "the sum of the weights must be greater than 0")
-    if obj.get("total_weight") is not None:
-        declared = as_int(ctx, _pb_value(obj["total_weight"]), sub(path, "total_weight"))
-        if declared and declared != total:
-            raise ctx.error(sub(path, "total_weight"), f"the weights add up to {total}, not {declared}")
-    return tuple(out)
-
-
-def mirror_policies(ctx: Ctx, value: Any, path: str) -> tuple[MirrorPolicy, ...]:
-    """Envoy's route.request_mirror_policies: [{cluster, runtime_fraction: {default_value: {numerator,
-    denominator}}}]."""
-    out = []
-    for i, m in enumerate(as_list(ctx, value, path)):
-        p = sub(path, i)
-        m = as_dict(ctx, m, p, allow_none=False)
-        check_keys(ctx, m, p, ("cluster", "runtime_fraction"), silent=("trace_sampled",),
-                   errors={"cluster_header": "cluster_header is not supported; name the cluster",
-                           "disable_shadow_host_suffix_append": "the -shadow host suffix is always appended"})
-        if "cluster" not in m:
-            raise ctx.error(sub(p, "cluster"), "required")
-        name = as_str(ctx, m["cluster"], sub(p, "cluster"))
-        if ctx.clusters is not None and name not in ctx.clusters:
-            raise ctx.error(sub(p, "cluster"), f"unknown cluster {name!r} (not in static_resources.clusters)")
-        num, den = 100, 100
-        if m.get("runtime_fraction") is not None:
-            fpath = sub(p, "runtime_fraction")
-            f = as_dict(ctx, m["runtime_fraction"], fpath)
-            check_keys(ctx, f, fpath, ("default_value",), silent=("runtime_key",))
-            dpath = sub(fpath, "default_value")
-            d = as_dict(ctx, f.get("default_value"), dpath)
-            check_keys(ctx, d, dpath, ("numerator", "denominator"))
-            den_name = str(d.get("denominator", "HUNDRED")).upper()
-            if den_name not in _FRACTION_DENOMINATORS:
-                raise ctx.error(sub(dpath, "denominator"), f"expected one of {', '.join(_FRACTION_DENOMINATORS)}")
-            den = _FRACTION_DENOMINATORS[den_name]
-            num = as_int(ctx, d.get("numerator", 0), sub(dpath, "numerator"))
-        out.append(MirrorPolicy(cluster=name, numerator=num, denominator=den))
-    return tuple(out)
+    common = ("timeout", "interval", "unhealthy_threshold", "healthy_threshold", "no_traffic_interval")
+    if short:
+        check_keys(ctx, obj, path, (*common, "path", "host", "expected_statuses"))
+        http = obj
+        hpath = path
+    else:
+        check_keys(ctx, obj, path, (*common, "http_health_check"),
+                   silent=("interval_jitter", "interval_jitter_percent", "unhealthy_interval",
+                           "unhealthy_edge_interval", "healthy_edge_interval", "event_log_path",
+                           "always_log_health_check_failures", "reuse_connection", "initial_jitter"),
+                   errors={"tcp_health_check": "only http_health_check is implemented",
+                           "grpc_health_check": "only http_health_check is implemented",
+                           "custom_health_check": "only http_health_check is implemented"})
+        hpath = sub(path, "http_health_check")
+        if obj.get("http_health_check") is None:
+            raise ctx.error(hpath, "required (only HTTP health checks are implemented)")
+        http = as_dict(ctx, obj["http_health_check"], hpath)
+        check_keys(ctx, http, hpath, ("path", "host", "expected_statuses"),
+                   silent=("codec_client_type", "request_headers_to_add", "request_headers_to_remove"))
+    for key in ("timeout", "interval", "unhealthy_threshold", "healthy_threshold"):
+        if short and key in ("unhealthy_threshold", "healthy_threshold"):
+            continue
+        if obj.get(key) is None:
+            raise ctx.error(sub(path, key), "required")
+    if http.get("path") is None:
+        raise ctx.error(sub(hpath, "path"), "required")
+    hc_path = as_str(ctx, http["path"], sub(hpath, "path"))
+    ranges: list[tuple[int, int]] = []
+    if http.get("expected_statuses") is not None:
+        epath = sub(hpath, "expected_statuses")
+        for i, r in enumerate(as_list(ctx, http["expected_statuses"], epath)):
+            if short:
+                code = as_int(ctx, r, sub(epath, i), 100, 599)
+                ranges.append((code, code + 1))
+            else:
+                r = as_dict(ctx, r, sub(epath, i), allow_none=False)
+                check_keys(ctx, r, sub(epath, i), ("start", "end"))
+                lo = as_int(ctx, r.get("start"), sub(sub(epath, i), "start"), 100, 599)
+                hi = as_int(ctx, r.get("end"), sub(sub(epath, i), "end"), 101, 600)
+                if hi <= lo:
+                    raise ctx.error(sub(epath, i), "end must be greater than start")
+                ranges.append((lo, hi))
+    kw: dict[str, Any] = {}
+    if ranges:
+        kw["expected_statuses"] = tuple(ranges)
+    if obj.get("no_traffic_interval") is not None:
+        kw["no_traffic_interval_s"] = duration(ctx, obj["no_traffic_interval"], sub(path, "no_traffic_interval"))
+    if http.get("host") is not None:
+        kw["host"] = as_str(ctx, http["host"], sub(hpath, "host"))
+    timeout = duration(ctx, obj["timeout"], sub(path, "timeout"))
+    interval = duration(ctx, obj["interval"], sub(path, "interval"))
+    if timeout <= 0 or interval <= 0:
+        raise ctx.error(sub(path, "interval" if interval <= 0 else "timeout"), "must be greater than 0")
+    return HealthCheck(timeout_s=timeout, interval_s=interval,
+                       unhealthy_threshold=as_int(ctx, _wrapped(obj.get("unhealthy_threshold", 2)),
+                                                  sub(path, "unhealthy_threshold"), 1),
+                       healthy_threshold=as_int(ctx, _wrapped(obj.get("healthy_threshold", 1)),
+                                                sub(path, "healthy_threshold"), 1),
+                       path=hc_path, **kw)
 
 
 # --- addresses ------------------------------------------------------------------

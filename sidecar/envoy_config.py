@@ -50,9 +50,11 @@ from sidecar.config_fields import (
     circuit_breaker_threshold,
     duration,
     header_mutations,
+    health_check,
     lb_policy,
     local_host,
     mirror_policies,
+    outlier_detection,
     retry_policy,
     self_routed,
     sub,
@@ -525,7 +527,8 @@ def _cluster(ctx: Ctx, value: Any, path: str, pod_ip: str) -> Cluster:
     obj = as_dict(ctx, value, path, allow_none=False)
     check_keys(ctx, obj, path, ("name", "type", "connect_timeout", "lb_policy", "load_assignment", "hosts",
                                 "circuit_breakers", "dns_refresh_rate", "per_connection_buffer_limit_bytes",
-                                "http2_protocol_options", "dns_lookup_family", "cluster_type"),
+                                "http2_protocol_options", "dns_lookup_family", "cluster_type",
+                                "outlier_detection", "health_checks"),
                silent=("typed_dns_resolver_config",),  # any resolver: names resolve in the pod's hosts file
                errors={"transport_socket": _TLS, "tls_context": _TLS,
                        "eds_cluster_config": _DYNAMIC, "transport_socket_matches": _TLS})
@@ -565,6 +568,14 @@ def _cluster(ctx: Ctx, value: Any, path: str, pod_ip: str) -> Cluster:
                                                          sub(path, "per_connection_buffer_limit_bytes"), 1)
     if obj.get("circuit_breakers") is not None:
         kw["circuit_breakers"] = _circuit_breakers(ctx, obj["circuit_breakers"], sub(path, "circuit_breakers"))
+    if obj.get("outlier_detection") is not None:
+        kw["outlier_detection"] = outlier_detection(ctx, obj["outlier_detection"], sub(path, "outlier_detection"))
+    if obj.get("health_checks") is not None:
+        hpath = sub(path, "health_checks")
+        checks = as_list(ctx, obj["health_checks"], hpath)
+        if len(checks) > 1:
+            raise ctx.error(hpath, "one health check per cluster is supported")
+        kw["health_checks"] = tuple(health_check(ctx, h, sub(hpath, i)) for i, h in enumerate(checks))
     return Cluster(name=name, type=ctype, endpoints=tuple(ep for ep, _ in endpoints), **kw)
 
 

@@ -35,8 +35,10 @@ from sidecar.config import (
     HeaderMatch,
     HeaderMutations,
     HeaderValueOption,
+    HealthCheck,
     HttpConnectionManager,
     Listener,
+    OutlierDetection,
     RetryPolicy,
     Route,
     RouteMatch,
@@ -309,6 +311,10 @@ def _cluster(c: Cluster) -> dict[str, Any]:
         "per_connection_buffer_limit_bytes": c.per_connection_buffer_limit_bytes,
         "circuit_breakers": {"thresholds": [_thresholds(c.circuit_breakers)]},
     }
+    if c.outlier_detection is not None:
+        out["outlier_detection"] = _outlier_detection(c.outlier_detection)
+    if c.health_checks:
+        out["health_checks"] = [_health_check(h) for h in c.health_checks]
     if c.type == "STATIC":
         out = {"name": c.name, "type": "STATIC", **out}
     else:
@@ -326,9 +332,40 @@ def _cluster(c: Cluster) -> dict[str, Any]:
 
 
 def _thresholds(cb: CircuitBreakers) -> dict[str, Any]:
-    return {"priority": "DEFAULT", "max_connections": cb.max_connections,
-            "max_pending_requests": cb.max_pending_requests, "max_requests": cb.max_requests,
-            "max_retries": cb.max_retries}
+    out: dict[str, Any] = {"priority": "DEFAULT", "max_connections": cb.max_connections,
+                           "max_pending_requests": cb.max_pending_requests, "max_requests": cb.max_requests,
+                           "max_retries": cb.max_retries}
+    if cb.retry_budget_percent is not None:
+        out["retry_budget"] = {"budget_percent": {"value": cb.retry_budget_percent},
+                               "min_retry_concurrency": cb.min_retry_concurrency}
+    return out
+
+
+def _outlier_detection(od: OutlierDetection) -> dict[str, Any]:
+    return {
+        "consecutive_5xx": od.consecutive_5xx, "consecutive_gateway_failure": od.consecutive_gateway_failure,
+        "consecutive_local_origin_failure": od.consecutive_local_origin_failure,
+        "split_external_local_origin_errors": od.split_external_local_origin_errors,
+        "interval": seconds(od.interval_s), "base_ejection_time": seconds(od.base_ejection_time_s),
+        "max_ejection_time": seconds(od.max_ejection_time_s), "max_ejection_percent": od.max_ejection_percent,
+        "enforcing_consecutive_5xx": od.enforcing_consecutive_5xx,
+        "enforcing_consecutive_gateway_failure": od.enforcing_consecutive_gateway_failure,
+        "enforcing_consecutive_local_origin_failure": od.enforcing_consecutive_local_origin_failure,
+        "enforcing_success_rate": od.enforcing_success_rate,
+        "success_rate_minimum_hosts": od.success_rate_minimum_hosts,
+        "success_rate_request_volume": od.success_rate_request_volume,
+        "success_rate_stdev_factor": od.success_rate_stdev_factor,
+    }
+
+
+def _health_check(hc: HealthCheck) -> dict[str, Any]:
+    http: dict[str, Any] = {"path": hc.path,
+                            "expected_statuses": [{"start": lo, "end": hi} for lo, hi in hc.expected_statuses]}
+    if hc.host is not None:
+        http["host"] = hc.host
+    return {"timeout": seconds(hc.timeout_s), "interval": seconds(hc.interval_s),
+            "unhealthy_threshold": hc.unhealthy_threshold, "healthy_threshold": hc.healthy_threshold,
+            "no_traffic_interval": seconds(hc.no_traffic_interval_s), "http_health_check": http}
 
 
 # --- admin ---------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ class Forwarder:
 
     __slots__ = ("hcm", "stream", "cluster", "cstats", "headers", "path", "retry", "timeout_s", "deadline",
                  "attempts", "state", "attempt", "retry_slot", "global_timer", "retry_timer", "connecting",
-                 "loop", "flags", "quiet_retry_used", "body_conn", "attempt_count", "plan", "tried")
+                 "loop", "flags", "quiet_retry_used", "body_conn", "attempt_count", "plan", "tried", "waiting")
 
     def __init__(self, hcm: HcmRuntime, stream: Stream, route: Route, vh: VirtualHost, cluster: ClusterRuntime,
                  headers: Headers, path: bytes) -> None:
@@ -214,6 +214,7 @@ class Forwarder:
         self.quiet_retry_used = False
         self.body_conn: UpstreamConnection | None = None  # where a streamed request body goes
         self.attempt_count = vh.include_request_attempt_count  # Envoy sends x-envoy-attempt-count only then
+        self.waiting: Pool | None = None  # waiting for a connection to this endpoint (max_connections)
         self.plan: RoutePlan | None = None  # traffic shaping of the route (sidecar.shaping), if any
         policy = route.retry_policy or vh.retry_policy
         self.tried: list[Pool] | None = [] if policy is not None and policy.previous_hosts else None
@@ -243,6 +244,12 @@ class Forwarder:
             cluster.active_requests -= 1
         if prev is _CONNECTING:
             cluster.pending_requests -= 1
+        if self.waiting is not None:
+            try:
+                cluster.waiters.remove((self, self.waiting))
+            except ValueError:
+                pass
+            self.waiting = None
         if self.retry_slot:
             self.retry_slot = False
             cluster.active_retries -= 1
@@ -334,20 +341,52 @@ class Forwarder:
             self.cstats.upstream_rq_pending_overflow.value += 1
             self._finish(_LOCAL_REPLY, 503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
             return
+        conn = None if quiet else pool.take_idle()
+        breakers = cluster.breakers
+        if conn is None and cluster.pending_requests >= breakers.max_pending_requests:
+            # Envoy: the pool refuses the stream before it exists (no upstream_rq_total)
+            self.cstats.upstream_rq_pending_overflow.value += 1
+            self._finish(_LOCAL_REPLY, 503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
+            return
         if not quiet:
             self.attempts += 1
             self.cstats.upstream_rq_total.value += 1
         info = self.stream.info
         info.attempts = self.attempts
         info.upstream_host = pool.address
-        conn = None if quiet else pool.take_idle()
         if conn is not None:
             self._send(pool, conn, True)
         else:
             self.state = _CONNECTING
             cluster.pending_requests += 1
             self.cstats.upstream_rq_pending_total.value += 1
+            if cluster.cx_count >= breakers.max_connections:
+                # Envoy (HTTP/1): no new connection over the limit; the request waits for one to free up.
+                self.cstats.upstream_cx_overflow.value += 1
+                self.waiting = pool
+                cluster.waiters.append((self, pool))
+                return
             self.connecting = self.loop.create_task(self._connect(pool))
+
+    def connect_waiting(self, pool: Pool) -> None:
+        """A connection slot freed up (max_connections): open our own."""
+        self.waiting = None
+        if self.state is _CONNECTING:
+            self.connecting = self.loop.create_task(self._connect(pool))
+
+    def use_waiting(self, pool: Pool, conn: UpstreamConnection) -> None:
+        """A connection of our endpoint became free: it is ours (taken once its response is fully handled)."""
+        self.waiting = None
+        self.loop.call_soon(self._use_waiting, pool, conn)
+
+    def _use_waiting(self, pool: Pool, conn: UpstreamConnection) -> None:
+        if self.state is not _CONNECTING or conn.closed:
+            pool.release(conn)
+            if self.state is _CONNECTING:
+                self.connect_waiting(pool)
+            return
+        self.cluster.pending_requests -= 1
+        self._send(pool, conn, True)
 
     async def _connect(self, pool: Pool) -> None:
         timeout = self.cluster.cfg.connect_timeout_s
@@ -357,6 +396,8 @@ class Forwarder:
             conn = await pool.connect(timeout)
         except OSError as exc:  # refused, unreachable, or timed out (the pool counts which)
             self.connecting = None
+            if self.cluster.outlier is not None:
+                self.cluster.outlier.local_failure(pool)
             if self.state is _CONNECTING:
                 self.cluster.pending_requests -= 1
                 self.on_failure(None, CONNECT_TIMEOUT if isinstance(exc, TimeoutError) else CONNECT_FAILURE)
@@ -437,6 +478,9 @@ class Forwarder:
             attempt.mode = _DISCARDING
             return
         self._release_retry_slot()
+        od = self.cluster.outlier
+        if od is not None:
+            od.result(attempt.pool, status)
         retry = self.retry
         if retry.retry_on and retry.status_retriable(status) and self._may_retry():
             # As Envoy: the retried response is not read to its end; its stream is reset, which on HTTP/1
@@ -463,6 +507,9 @@ class Forwarder:
             self.next_attempt(quiet=True)
             return
         self._release_retry_slot()
+        od = self.cluster.outlier
+        if od is not None and attempt is not None:
+            od.local_failure(attempt.pool)  # (a failed connect is reported by _connect)
         if kind == PER_TRY_TIMEOUT:
             self.cstats.upstream_rq_per_try_timeout.value += 1
         kind_for_policy = PER_TRY_TIMEOUT if kind == PER_TRY_TIMEOUT else (
@@ -494,7 +541,7 @@ class Forwarder:
             return False
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return False
-        if self.cluster.active_retries >= self.cluster.breakers.max_retries:
+        if self.cluster.active_retries >= self.cluster.max_retries():
             self.cstats.upstream_rq_retry_overflow.value += 1
             return False
         return True
