@@ -254,7 +254,6 @@ def retry_policy(ctx: Ctx, value: Any, path: str) -> RetryPolicy:
 PREVIOUS_HOSTS = "envoy.retry_host_predicates.previous_hosts"
 
 
-
 def lb_policy(ctx: Ctx, value: Any, path: str) -> str:
     """An lb_policy we implement; Envoy files fall back to ROUND_ROBIN with a warning."""
     name = as_str(ctx, value, path).upper()
@@ -403,6 +402,136 @@ def health_check(ctx: Ctx, value: Any, path: str, short: bool = False) -> Health
                        healthy_threshold=as_int(ctx, _wrapped(obj.get("healthy_threshold", 1)),
                                                 sub(path, "healthy_threshold"), 1),
                        path=hc_path, **kw)
+
+
+# --- traffic shaping (route level): weighted clusters, mirrors, header mutations ------------------
+
+HEADER_MUTATION_KEYS = ("request_headers_to_add", "request_headers_to_remove", "response_headers_to_add",
+                        "response_headers_to_remove")
+_FRACTION_DENOMINATORS = {"HUNDRED": 100, "TEN_THOUSAND": 10_000, "MILLION": 1_000_000}
+
+
+def _pb_value(value: Any) -> Any:
+    """A protobuf wrapper written out ({value: 90}) as its value."""
+    return value["value"] if isinstance(value, dict) and set(value) == {"value"} else value
+
+
+def header_mutations(ctx: Ctx, obj: Mapping[str, Any], path: str) -> HeaderMutations:
+    """The four Envoy header lists of one level (route, virtual host, route configuration)."""
+    kw: dict[str, Any] = {}
+    for key, field_ in (("request_headers_to_add", "request_add"), ("response_headers_to_add", "response_add")):
+        if obj.get(key) is not None:
+            kpath = sub(path, key)
+            kw[field_] = tuple(_header_value_option(ctx, h, sub(kpath, i))
+                               for i, h in enumerate(as_list(ctx, obj[key], kpath)))
+    for key, field_ in (("request_headers_to_remove", "request_remove"),
+                        ("response_headers_to_remove", "response_remove")):
+        if obj.get(key) is not None:
+            kpath = sub(path, key)
+            names = [as_str(ctx, n, sub(kpath, i)).lower() for i, n in enumerate(as_list(ctx, obj[key], kpath))]
+            for i, n in enumerate(names):
+                _mutable_header(ctx, n, sub(kpath, i))
+            kw[field_] = tuple(names)
+    return HeaderMutations(**kw)
+
+
+def _mutable_header(ctx: Ctx, name: str, path: str) -> None:
+    if not name or name.startswith(":") or name == "host":
+        raise ctx.error(path, f"header {name!r} cannot be modified (Envoy: no pseudo headers, no host)")
+
+
+def _header_value_option(ctx: Ctx, value: Any, path: str) -> HeaderValueOption:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("header", "append", "append_action", "keep_empty_value"))
+    hpath = sub(path, "header")
+    hdr = as_dict(ctx, obj.get("header"), hpath, allow_none=False)
+    check_keys(ctx, hdr, hpath, ("key", "value"))
+    if "key" not in hdr:
+        raise ctx.error(sub(hpath, "key"), "required")
+    name = as_str(ctx, hdr["key"], sub(hpath, "key")).lower()
+    _mutable_header(ctx, name, sub(hpath, "key"))
+    raw = hdr.get("value", "")
+    text = str(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else as_str(ctx, raw,
+                                                                                           sub(hpath, "value"))
+    if "%" in text.replace("%%", ""):
+        raise ctx.error(sub(hpath, "value"), "command operators (%...%) are not supported; write %% for a %")
+    if "append" in obj and "append_action" in obj:
+        raise ctx.error(path, "append and append_action are exclusive (Envoy)")
+    action = "APPEND_IF_EXISTS_OR_ADD"
+    if "append" in obj:  # Envoy's deprecated bool: true appends, false overwrites
+        action = action if as_bool(ctx, obj["append"], sub(path, "append")) else "OVERWRITE_IF_EXISTS_OR_ADD"
+    if "append_action" in obj:
+        action = as_str(ctx, obj["append_action"], sub(path, "append_action")).upper()
+        if action not in APPEND_ACTIONS:
+            raise ctx.error(sub(path, "append_action"), f"expected one of {', '.join(APPEND_ACTIONS)}")
+    keep = as_bool(ctx, obj["keep_empty_value"], sub(path, "keep_empty_value")) if "keep_empty_value" in obj else False
+    return HeaderValueOption(name=name, value=text.replace("%%", "%"), append_action=action, keep_empty_value=keep)
+
+
+def weighted_clusters(ctx: Ctx, value: Any, path: str) -> tuple[WeightedCluster, ...]:
+    """Envoy's route.weighted_clusters: {clusters: [{name, weight}], total_weight (deprecated: the sum)}."""
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("clusters", "total_weight"),
+               errors={"runtime_key_prefix": "runtime weights are not supported",
+                       "header_name": "header-selected weighted clusters are not supported",
+                       "random_value_specifier": "random_value_specifier is not supported",
+                       "use_hash_policy": "use_hash_policy is not supported"})
+    cpath = sub(path, "clusters")
+    out = []
+    for i, c in enumerate(as_list(ctx, obj.get("clusters"), cpath)):
+        p = sub(cpath, i)
+        c = as_dict(ctx, c, p, allow_none=False)
+        check_keys(ctx, c, p, ("name", "weight"),
+                   errors={k: "per-cluster header mutations are not supported; set them on the route"
+                           for k in HEADER_MUTATION_KEYS})
+        if "name" not in c:
+            raise ctx.error(sub(p, "name"), "required")
+        name = as_str(ctx, c["name"], sub(p, "name"))
+        if ctx.clusters is not None and name not in ctx.clusters:
+            raise ctx.error(sub(p, "name"), f"unknown cluster {name!r} (not in static_resources.clusters)")
+        out.append(WeightedCluster(name=name, weight=as_int(ctx, _pb_value(c.get("weight", 0)), sub(p, "weight"))))
+    if not out:
+        raise ctx.error(cpath, "at least one cluster is required")
+    total = sum(c.weight for c in out)
+    if total <= 0:
+        raise ctx.error(cpath, "the sum of the weights must be greater than 0")
+    if obj.get("total_weight") is not None:
+        declared = as_int(ctx, _pb_value(obj["total_weight"]), sub(path, "total_weight"))
+        if declared and declared != total:
+            raise ctx.error(sub(path, "total_weight"), f"the weights add up to {total}, not {declared}")
+    return tuple(out)
+
+
+def mirror_policies(ctx: Ctx, value: Any, path: str) -> tuple[MirrorPolicy, ...]:
+    """Envoy's route.request_mirror_policies: [{cluster, runtime_fraction: {default_value: {numerator,
+    denominator}}}]."""
+    out = []
+    for i, m in enumerate(as_list(ctx, value, path)):
+        p = sub(path, i)
+        m = as_dict(ctx, m, p, allow_none=False)
+        check_keys(ctx, m, p, ("cluster", "runtime_fraction"), silent=("trace_sampled",),
+                   errors={"cluster_header": "cluster_header is not supported; name the cluster",
+                           "disable_shadow_host_suffix_append": "the -shadow host suffix is always appended"})
+        if "cluster" not in m:
+            raise ctx.error(sub(p, "cluster"), "required")
+        name = as_str(ctx, m["cluster"], sub(p, "cluster"))
+        if ctx.clusters is not None and name not in ctx.clusters:
+            raise ctx.error(sub(p, "cluster"), f"unknown cluster {name!r} (not in static_resources.clusters)")
+        num, den = 100, 100
+        if m.get("runtime_fraction") is not None:
+            fpath = sub(p, "runtime_fraction")
+            f = as_dict(ctx, m["runtime_fraction"], fpath)
+            check_keys(ctx, f, fpath, ("default_value",), silent=("runtime_key",))
+            dpath = sub(fpath, "default_value")
+            d = as_dict(ctx, f.get("default_value"), dpath)
+            check_keys(ctx, d, dpath, ("numerator", "denominator"))
+            den_name = str(d.get("denominator", "HUNDRED")).upper()
+            if den_name not in _FRACTION_DENOMINATORS:
+                raise ctx.error(sub(dpath, "denominator"), f"expected one of {', '.join(_FRACTION_DENOMINATORS)}")
+            den = _FRACTION_DENOMINATORS[den_name]
+            num = as_int(ctx, d.get("numerator", 0), sub(dpath, "numerator"))
+        out.append(MirrorPolicy(cluster=name, numerator=num, denominator=den))
+    return tuple(out)
 
 
 # --- addresses ------------------------------------------------------------------
