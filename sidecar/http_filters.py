@@ -489,6 +489,8 @@ class HttpFilterChain:
 
     def decode(self, stream: Stream, vh: VirtualHost | None, route: Route | None, headers: Headers,
                path: bytes) -> None:
+        if route is not None and route.cluster:
+            stream.info.upstream_cluster = route.cluster  # Envoy logs the route's cluster for a filter's reply too
         self.resume(Request(stream, vh, route, headers, path))
 
     def resume(self, req: Request) -> None:

@@ -275,8 +275,9 @@ def request_bytes(method: str, target: str, host: str, headers: list[tuple[str, 
 class Engine:
     """One proxy (the real Envoy or ``python -m sidecar``) with its own aliases, upstreams and files."""
 
-    def __init__(self, kind: str, workdir: Path) -> None:
+    def __init__(self, kind: str, workdir: Path, template: Path = TEMPLATE) -> None:
         self.kind = kind
+        self.template = template
         net = ENGINE_NET[kind]
         self.ip = f"127.0.{net}.1"
         self.svc = f"127.0.{net}.2"
@@ -305,7 +306,7 @@ class Engine:
 
     # -- configuration ----------------------------------------------------------------
     def render(self) -> dict[str, Any]:
-        text = Template(TEMPLATE.read_text()).substitute(
+        text = Template(self.template.read_text()).substitute(
             LISTEN=self.ip, PORT=self.port, EDGE_PORT=self.edge_port, ADMIN_PORT=self.admin_port, SVC=self.svc,
             DEAD=self.dead, LB1=self.lb[0], LB2=self.lb[1], LB3=self.lb[2], UP_PORT=self.up_port,
             LOG=str(self.log_path))
@@ -598,11 +599,12 @@ class Pair:
         self.pool.shutdown(wait=True)
 
 
-def start_pair(workdir: Path) -> Iterator[Pair]:
-    """Module fixture body: start both engines (in parallel), yield them, stop them."""
+def start_pair(workdir: Path, template: Path = TEMPLATE) -> Iterator[Pair]:
+    """Module fixture body: start both engines (in parallel), yield them, stop them. ``template``: another
+    bootstrap with the same placeholders (a module whose scenarios need other filters)."""
     envoy = envoy_binary()
     assert envoy is not None
-    engines = [Engine("envoy", workdir), Engine("sidecar", workdir)]
+    engines = [Engine("envoy", workdir, template), Engine("sidecar", workdir, template)]
     try:
         for e in engines:
             e.start(envoy)
