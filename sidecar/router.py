@@ -341,13 +341,6 @@ class Forwarder:
             self.cstats.upstream_rq_pending_overflow.value += 1
             self._finish(_LOCAL_REPLY, 503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
             return
-        conn = None if quiet else pool.take_idle()
-        breakers = cluster.breakers
-        if conn is None and cluster.pending_requests >= breakers.max_pending_requests:
-            # Envoy: the pool refuses the stream before it exists (no upstream_rq_total)
-            self.cstats.upstream_rq_pending_overflow.value += 1
-            self._finish(_LOCAL_REPLY, 503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
-            return
         if not quiet:
             self.attempts += 1
             self.cstats.upstream_rq_total.value += 1
