@@ -470,13 +470,29 @@ class Request:
         self.index = 0
 
 
+_INERT: dict[int, bool] = {}
+
+
+def _inert(cfg: FaultFilter) -> bool:
+    """No fault without a runtime override: 0 % and no header control (cached by identity: configs live on)."""
+    v = _INERT.get(id(cfg))
+    if v is None:
+        v = _INERT[id(cfg)] = all(x is None or (x.percentage[0] == 0 and not getattr(x, "header_abort", False)
+                                                and not getattr(x, "header_delay", False))
+                                  for x in (cfg.abort, cfg.delay))
+    return v
+
+
 class HttpFilterChain:
     """One connection manager's HTTP filters; ``proceed`` is the router (``HcmRuntime.dispatch``)."""
 
     def __init__(self, hcm: Any, filters: tuple[HttpFilter, ...], runtime: Runtime, store: Store,
                  stat_prefix: str, headers_match: Callable[[tuple[HeaderMatch, ...], Headers], bool]) -> None:
         self.hcm = hcm
+        self.runtime = runtime
         self.headers_match = headers_match
+        #: Only fault filters that inject nothing without a runtime override (the live faults' default).
+        self.idle_when_quiet = all(isinstance(f.config, FaultFilter) and _inert(f.config) for f in filters)
         self.filters: list[Any] = []
         fstats = None
         for f in filters:
@@ -489,6 +505,11 @@ class HttpFilterChain:
 
     def decode(self, stream: Stream, vh: VirtualHost | None, route: Route | None, headers: Headers,
                path: bytes) -> None:
+        if self.idle_when_quiet and not self.runtime.values:  # live faults, all off: straight to the router
+            fault = route.fault if route is not None else None
+            if fault is None or _inert(fault):
+                self.hcm.dispatch(stream, vh, route, headers, path)
+                return
         if route is not None and route.cluster:
             stream.info.upstream_cluster = route.cluster  # Envoy logs the route's cluster for a filter's reply too
         self.resume(Request(stream, vh, route, headers, path))
