@@ -165,8 +165,9 @@ def compile_sidecars(topo: Topology, config_dir: Path, engine: str | None = None
             args += ("--public-admin",)
         args += ("--live-faults",)
         egress = boot.egress_listener
-        edges = dict.fromkeys(r.cluster for lst in boot.listeners if lst.is_egress
-                              for vh in lst.hcm.route_config.virtual_hosts for r in vh.routes if r.cluster)
+        edges = dict.fromkeys(c for lst in boot.listeners if lst.is_egress
+                              for vh in lst.hcm.route_config.virtual_hosts for r in vh.routes
+                              for c in ((r.cluster,) if r.cluster else (w.name for w in r.weighted_clusters)))
         out.launches[pod.name] = SidecarLaunch(
             args=args,
             admin_port=boot.admin.port if boot.admin else None,

@@ -451,8 +451,9 @@ def _header_value_option(ctx: Ctx, value: Any, path: str) -> HeaderValueOption:
     name = as_str(ctx, hdr["key"], sub(hpath, "key")).lower()
     _mutable_header(ctx, name, sub(hpath, "key"))
     raw = hdr.get("value", "")
-    text = str(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else as_str(ctx, raw,
-                                                                                           sub(hpath, "value"))
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise ctx.error(sub(hpath, "value"), f"expected a string, got {_kind(raw)}")
+    text = str(raw)
     if "%" in text.replace("%%", ""):
         raise ctx.error(sub(hpath, "value"), "command operators (%...%) are not supported; write %% for a %")
     if "append" in obj and "append_action" in obj:

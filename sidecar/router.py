@@ -185,7 +185,7 @@ class Forwarder:
 
     __slots__ = ("hcm", "stream", "cluster", "cstats", "headers", "path", "retry", "timeout_s", "deadline",
                  "attempts", "state", "attempt", "retry_slot", "global_timer", "retry_timer", "connecting",
-                 "loop", "flags", "quiet_retry_used", "body_conn", "attempt_count", "plan", "tried", "waiting")
+                 "loop", "flags", "quiet_retry_used", "body_conn", "attempt_count", "waiting", "plan", "tried")
 
     def __init__(self, hcm: HcmRuntime, stream: Stream, route: Route, vh: VirtualHost, cluster: ClusterRuntime,
                  headers: Headers, path: bytes) -> None:
@@ -279,7 +279,9 @@ class Forwarder:
         info_flags = stream.info.response_flags
         info_flags.extend(f for f in self.flags if f not in info_flags)
         if ending is _LOCAL_REPLY:
-            self.hcm.local_reply(stream, status, body, flag)
+            plan = self.plan  # Envoy: the route's response_headers_to_add go on the router's local replies too
+            self.hcm.local_reply(stream, status, body, flag,
+                                 apply_levels([], plan.response_levels) if plan is not None else None)
         elif ending is _BROKEN:
             if flag is not None:
                 info_flags.append(flag)
@@ -686,14 +688,15 @@ class HcmRuntime:
         else:
             self.stats.downstream_cx_idle_timeout.value += 1  # an idle keep-alive connection
 
-    def local_reply(self, stream: Stream, status: int, body: bytes, flag: str | None) -> None:
+    def local_reply(self, stream: Stream, status: int, body: bytes, flag: str | None,
+                    headers: Headers | None = None) -> None:
         if stream.head_sent:
             stream.abort()
             return
         flags = stream.info.response_flags
         if flag and flag not in flags:
             flags.append(flag)
-        stream.reply(status, body)
+        stream.reply(status, body, headers)
 
     def on_request(self, stream: Stream) -> None:
         info = stream.info
@@ -749,7 +752,9 @@ class HcmRuntime:
         info.route_name = route.name
         if route.direct_response is not None:
             stats.rq_direct_response.value += 1
-            stream.reply(route.direct_response.status, route.direct_response.body)
+            plan = self.plans.get(id(route)) if self.plans else None
+            stream.reply(route.direct_response.status, route.direct_response.body,
+                         apply_levels([], plan.response_levels) if plan is not None else None)
             return
         plan = self.plans.get(id(route)) if self.plans else None
         if plan is not None:
@@ -771,8 +776,10 @@ class HcmRuntime:
         info.upstream_cluster = cluster.name
         if plan.request_levels:
             headers = apply_levels(headers, plan.request_levels)
-        if plan.host_rewrite is not None:
+        if plan.host_rewrite is not None:  # Envoy keeps the original in x-envoy-original-host
+            original = stream.info.authority.encode("latin-1")
             headers = [(n, plan.host_rewrite if n == b"host" else v) for n, v in headers]
+            headers.append((b"x-envoy-original-host", original))
         rx = plan.regex_rewrite
         if route.prefix_rewrite is not None and route.match.prefix is not None:
             info.original_path = info.path

@@ -77,7 +77,6 @@ class ShadowRequest:
             self.timer = loop.call_later(self.timeout_s, self._on_timeout)
         conn = pool.take_idle()
         if conn is not None:
-            stats.upstream_rq_total.value += 1
             self._send(conn)
             return
         if cluster.pending_requests >= cluster.breakers.max_pending_requests:
@@ -87,7 +86,6 @@ class ShadowRequest:
         self.pending = True
         cluster.pending_requests += 1
         stats.upstream_rq_pending_total.value += 1
-        stats.upstream_rq_total.value += 1
         self.connecting = loop.create_task(self._connect(pool))
 
     async def _connect(self, pool: Pool) -> None:
@@ -115,6 +113,7 @@ class ShadowRequest:
         assert self.pool is not None
         self.conn = conn
         self.pool.active_requests += 1
+        self.cluster.stats.upstream_rq_total.value += 1  # as Envoy: once handed to a connection
         conn.send(self.data, self, self.head_only)
 
     # -- ResponseSink ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ misspelt ``retry_policy`` silently dropped is a retry that never happens.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from pods.addressing import is_ip
@@ -21,23 +22,29 @@ from sidecar.config import (
     Endpoint,
     HttpConnectionManager,
     Listener,
+    MirrorPolicy,
     Route,
     RouteConfig,
     RouteMatch,
     VirtualHost,
+    WeightedCluster,
 )
 from sidecar.config_fields import (
+    HEADER_MUTATION_KEYS,
     Ctx,
     as_dict,
+    as_int,
     as_list,
     as_port,
     as_str,
     check_keys,
     circuit_breaker_threshold,
     duration,
+    header_mutations,
     health_check,
     lb_policy,
     local_host,
+    mirror_policies,
     outlier_detection,
     retry_policy,
     self_routed,
@@ -187,20 +194,25 @@ def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
         p = sub(rpath, i)
         r = as_dict(ctx, r, p, allow_none=False)
         check_keys(ctx, r, p, ("host", "hosts", "to", "timeout", "retry_policy", "connect_timeout", "lb_policy",
-                               "circuit_breakers", "outlier_detection", "health_check"))
-        parsed.append((p, _hosts(ctx, r, p), _target_required(ctx, r, p, pod_ip), _route_kw(ctx, r, p),
-                       _cluster_kw(ctx, r, p)))
+                               "circuit_breakers", "outlier_detection", "health_check", "request_mirror_policies",
+                               *HEADER_MUTATION_KEYS))
+        route_kw = _route_kw(ctx, r, p)
+        route_kw["headers"] = header_mutations(ctx, r, p)
+        parsed.append((p, _hosts(ctx, r, p), _targets(ctx, r, p, pod_ip), route_kw, _cluster_kw(ctx, r, p),
+                       _mirrors(ctx, r, p, pod_ip)))
 
     # One cluster per distinct target, named like the pod it reaches ("b"), or "b_80"
     # when the same host is reached on several ports.
     ports_by_host: dict[str, set[int]] = {}
-    for _, _, (host, tport), _, _ in parsed:
-        ports_by_host.setdefault(host, set()).add(tport)
+    for _, _, targets, _, _, mirrors in parsed:
+        for (host, tport), _ in (*targets, *mirrors):
+            ports_by_host.setdefault(host, set()).add(tport)
     clusters: dict[tuple[str, int], Cluster] = {}
     cluster_paths: dict[tuple[str, int], str] = {}
     vhosts: list[VirtualHost] = []
     domains_seen: dict[str, str] = {}
-    for p, hosts, target, route_kw, cluster_kw in parsed:
+
+    def cluster_for(target: tuple[str, int], p: str, cluster_kw: dict[str, Any]) -> str:
         host, tport = target
         name = host if len(ports_by_host[host]) == 1 else f"{host}_{tport}"
         cluster = Cluster(name=name, type=_cluster_type(host), endpoints=(Endpoint(host, tport),), **cluster_kw)
@@ -209,6 +221,18 @@ def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
                                f"circuit_breakers, outlier_detection or health_check (see {cluster_paths[target]})")
         clusters.setdefault(target, cluster)
         cluster_paths.setdefault(target, p)
+        return name
+
+    for p, hosts, targets, route_kw, cluster_kw, mirrors in parsed:
+        names = [(cluster_for(t, p, cluster_kw), w) for t, w in targets]
+        if len(names) == 1 and names[0][1] is None:
+            name = names[0][0]
+            route_kw["cluster"] = name
+        else:
+            name = names[0][0]
+            route_kw["weighted_clusters"] = tuple(WeightedCluster(n, w or 0) for n, w in names)
+        if mirrors:
+            route_kw["mirror_policies"] = tuple(replace(m, cluster=cluster_for(t, p, cluster_kw)) for t, m in mirrors)
         domains: list[str] = []
         for h in hosts:
             for d in (h, f"{h}:*"):
@@ -217,7 +241,7 @@ def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
                 domains_seen[d.lower()] = p
                 domains.append(d)
         vname = name if name not in {v.name for v in vhosts} else f"{name}_{len(vhosts)}"
-        route = Route(match=RouteMatch(prefix="/"), cluster=name, **route_kw)
+        route = Route(match=RouteMatch(prefix="/"), **route_kw)
         vhosts.append(VirtualHost(name=vname, domains=tuple(domains), routes=(route,)))
     # No catch-all virtual host: a host nobody routed must get Envoy's 404 (NR), not a guess.
     hcm = HttpConnectionManager(stat_prefix="egress_http", access_logs=logs,
@@ -242,4 +266,42 @@ def _target_required(ctx: Ctx, r: dict[str, Any], path: str, pod_ip: str) -> tup
     if "to" not in r:
         raise ctx.error(sub(path, "to"), "required")
     return _target(ctx, r["to"], sub(path, "to"), pod_ip)
+
+
+def _targets(ctx: Ctx, r: dict[str, Any], path: str, pod_ip: str) -> list[tuple[tuple[str, int], int | None]]:
+    """``to: HOST:PORT``, or a weighted split (a canary): ``to: [{target: HOST:PORT, weight: N}, ...]``."""
+    if not isinstance(r.get("to"), list):
+        return [(_target_required(ctx, r, path, pod_ip), None)]
+    tpath = sub(path, "to")
+    out = []
+    for i, item in enumerate(r["to"]):
+        ipath = sub(tpath, i)
+        item = as_dict(ctx, item, ipath, allow_none=False)
+        check_keys(ctx, item, ipath, ("target", "weight"))
+        for key in ("target", "weight"):
+            if key not in item:
+                raise ctx.error(sub(ipath, key), "required")
+        out.append((_target(ctx, item["target"], sub(ipath, "target"), pod_ip),
+                    as_int(ctx, item["weight"], sub(ipath, "weight"))))
+    if not out:
+        raise ctx.error(tpath, "at least one target is required")
+    if sum(w or 0 for _, w in out) <= 0:
+        raise ctx.error(tpath, "the sum of the weights must be greater than 0")
+    return out
+
+
+def _mirrors(ctx: Ctx, r: dict[str, Any], path: str, pod_ip: str) -> list[tuple[tuple[str, int], MirrorPolicy]]:
+    """Envoy's request_mirror_policies, with ``cluster`` a HOST:PORT target as in ``to``."""
+    if r.get("request_mirror_policies") is None:
+        return []
+    mpath = sub(path, "request_mirror_policies")
+    items = as_list(ctx, r["request_mirror_policies"], mpath)
+    targets = []
+    for i, m in enumerate(items):
+        m = as_dict(ctx, m, sub(mpath, i), allow_none=False)
+        if "cluster" not in m:
+            raise ctx.error(sub(sub(mpath, i), "cluster"), "required")
+        targets.append(_target(ctx, m["cluster"], sub(sub(mpath, i), "cluster"), pod_ip))
+    policies = mirror_policies(ctx, [{**m, "cluster": "-"} for m in items], mpath)
+    return list(zip(targets, policies, strict=True))
 

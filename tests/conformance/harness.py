@@ -412,7 +412,7 @@ class Engine:
 
 #: The stats compared after every scenario (as deltas): per cluster and for the listener's connection manager.
 WATCHED_STATS = re.compile(
-    r"^cluster\.(svc|dead|lb)\.("
+    r"^cluster\.(svc|dead|lb|canary|shadow)\.("
     r"upstream_rq_(total|completed|[1-5]xx|\d{3}|retry|retry_success|retry_limit_exceeded|retry_overflow"
     r"|retry_backoff_exponential|timeout|per_try_timeout|pending_total|cancelled|rx_reset|tx_reset)"
     r"|upstream_cx_(total|connect_fail|connect_timeout|destroy|destroy_local|destroy_remote"
