@@ -41,6 +41,7 @@ class ClusterRuntime:
         self.panic = False
         self.breakers = b = cfg.circuit_breakers
         self.cx_count = 0  # connections open or opening, across endpoints (max_connections)
+        self.rq_attached = 0  # requests on an upstream connection (max_requests, as Envoy counts it)
         self.waiters: deque[tuple[Any, Pool]] = deque()  # requests waiting for a connection (max_connections)
         self.lb_pools: list[Pool] = []  # what choose() picks from: healthy endpoints (or all, in panic)
         self.outlier: OutlierDetector | None = None
@@ -49,12 +50,13 @@ class ClusterRuntime:
         store.derived_gauge(stats.prefix + "upstream_rq_active", lambda: self.active_requests)
         store.derived_gauge(stats.prefix + "upstream_rq_pending_active", lambda: self.pending_requests)
         cb = stats.prefix + "circuit_breakers."
-        store.derived_gauge(cb + "default.cx_open", lambda: int(self.cx_count >= b.max_connections))
+        # Envoy sets an *_open gauge when its count moves: a limit of 0 with nothing in use reads 0.
+        store.derived_gauge(cb + "default.cx_open", lambda: _open(self.cx_count, b.max_connections))
         store.derived_gauge(cb + "default.cx_pool_open", lambda: 0)
         store.derived_gauge(cb + "default.rq_pending_open",
-                            lambda: int(self.pending_requests >= b.max_pending_requests))
-        store.derived_gauge(cb + "default.rq_open", lambda: int(self.active_requests >= b.max_requests))
-        store.derived_gauge(cb + "default.rq_retry_open", lambda: int(self.active_retries >= self.max_retries()))
+                            lambda: _open(self.pending_requests, b.max_pending_requests))
+        store.derived_gauge(cb + "default.rq_open", lambda: _open(self.rq_attached, b.max_requests))
+        store.derived_gauge(cb + "default.rq_retry_open", lambda: _open(self.active_retries, self.max_retries()))
         for g in ("cx_open", "cx_pool_open", "rq_pending_open", "rq_open", "rq_retry_open"):
             store.derived_gauge(cb + "high." + g, lambda: 0)  # no HIGH-priority routes here
         self.lb_healthy_panic = store.counter(stats.prefix + "lb_healthy_panic")
@@ -196,6 +198,10 @@ class ClusterRuntime:
             p.close()
 
 
+def _open(count: int, limit: int) -> int:
+    return int(count > 0 and count >= limit)
+
+
 #: Envoy's outlier_detection.* counters (all exported once the cluster has outlier detection).
 _OUTLIER_KINDS = ("consecutive_5xx", "consecutive_gateway_failure", "consecutive_local_origin_failure",
                   "success_rate", "local_origin_success_rate", "failure_percentage",
@@ -334,8 +340,8 @@ class OutlierDetector:
 
 
 class _Probe(asyncio.Protocol):
-    """One health check request on its own connection (Envoy's default: a new connection per check would be
-    reuse_connection: false; we close after each check, cheaply, with no task)."""
+    """One health check request on its own connection, closed once the status line is read (Envoy keeps it for
+    the next check, reuse_connection; the request is the same: GET path, host, user-agent Envoy/HC)."""
 
     def __init__(self, checker: HealthChecker, pool: Pool) -> None:
         self.checker = checker
@@ -348,8 +354,7 @@ class _Probe(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         hc = self.checker.cfg
         host = hc.host or self.checker.cluster.name
-        transport.write(f"GET {hc.path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: Envoy/HC\r\n"  # type: ignore[attr-defined]
-                        f"connection: close\r\n\r\n".encode())
+        transport.write(f"GET {hc.path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: Envoy/HC\r\n\r\n".encode())  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -458,4 +463,6 @@ class HealthChecker:
         pool.hc_first = False
         if changed:
             self.cluster.update_hosts()
-        self._schedule(pool, cfg.interval_s)
+        # Envoy: until the cluster has had traffic (a connection), checks run every no_traffic_interval
+        used = self.cluster.stats.upstream_cx_total.value > 0
+        self._schedule(pool, cfg.interval_s if used else cfg.no_traffic_interval_s)

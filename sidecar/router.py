@@ -133,6 +133,7 @@ class Attempt:
     def on_complete(self, conn: UpstreamConnection) -> None:
         self.completed = True
         self.pool.active_requests -= 1
+        self.fwd.cluster.rq_attached -= 1
         conn.reading.resume(PEER_SLOW)  # nothing more to hold back: a pooled connection must be readable
         if self.request_done:
             self.pool.release(conn)
@@ -149,6 +150,7 @@ class Attempt:
             return
         self.completed = True
         self.pool.active_requests -= 1
+        self.fwd.cluster.rq_attached -= 1
         if self.timer is not None:
             self.timer.cancel()
         if self.mode is _AWAITING_HEAD:
@@ -171,6 +173,7 @@ class Attempt:
         if not self.completed:
             self.completed = True
             self.pool.active_requests -= 1
+            self.fwd.cluster.rq_attached -= 1
             self.conn.sink = None
             self.conn.reset(active_rq=True)
 
@@ -222,10 +225,6 @@ class Forwarder:
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
         cluster = self.cluster
-        if cluster.active_requests >= cluster.breakers.max_requests:
-            self.cstats.upstream_rq_pending_overflow.value += 1  # Envoy counts a max_requests overflow here
-            self._finish(_LOCAL_REPLY, 503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
-            return
         cluster.active_requests += 1  # given back by _finish, whatever the ending
         self.state = _SCHEDULED
         self.stream.receiver = self
@@ -280,8 +279,10 @@ class Forwarder:
         info_flags.extend(f for f in self.flags if f not in info_flags)
         if ending is _LOCAL_REPLY:
             plan = self.plan  # Envoy: the route's response_headers_to_add go on the router's local replies too
-            self.hcm.local_reply(stream, status, body, flag,
-                                 apply_levels([], plan.response_levels) if plan is not None else None)
+            extra = apply_levels([], plan.response_levels) if plan is not None else None
+            if flag is FLAG_UPSTREAM_OVERFLOW:  # a circuit breaker's overflow
+                extra = [*(extra or ()), (b"x-envoy-overloaded", b"true")]
+            self.hcm.local_reply(stream, status, body, flag, extra)
         elif ending is _BROKEN:
             if flag is not None:
                 info_flags.append(flag)
@@ -339,9 +340,9 @@ class Forwarder:
         conn = None if quiet else pool.take_idle()
         breakers = cluster.breakers
         if conn is None and cluster.pending_requests >= breakers.max_pending_requests:
-            # Envoy: the pool refuses the stream before it exists (no upstream_rq_total)
+            # Envoy: the pool refuses the stream before it exists (no upstream_rq_total); a 503 of the cluster's
             self.cstats.upstream_rq_pending_overflow.value += 1
-            self._finish(_LOCAL_REPLY, 503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
+            self._upstream_reply(503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
             return
         if not quiet:
             self.attempts += 1
@@ -405,10 +406,21 @@ class Forwarder:
         self._send(pool, conn, False)
 
     def _send(self, pool: Pool, conn: UpstreamConnection, reused: bool) -> None:
+        cluster = self.cluster
+        if cluster.rq_attached >= cluster.breakers.max_requests:
+            # Envoy checks max_requests when the stream attaches to a connection (which stays pooled): 503 UO,
+            # upstream_rq_active_overflow, counted as the cluster's 503; the stream never existed upstream.
+            pool.release(conn)
+            if not self.quiet_retry_used:
+                self.cstats.upstream_rq_total.value -= 1
+            self.cstats.upstream_rq_active_overflow.value += 1
+            self._upstream_reply(503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
+            return
         attempt = Attempt(self, pool, conn, reused)
         self.attempt = attempt
         self.state = _WAITING
         pool.active_requests += 1
+        cluster.rq_attached += 1
         s = self.stream
         conn.send(self.request_bytes(), attempt, s.method == b"HEAD")
         if s.streaming:
@@ -538,6 +550,7 @@ class Forwarder:
             return False
         if self.cluster.active_retries >= self.cluster.max_retries():
             self.cstats.upstream_rq_retry_overflow.value += 1
+            self.flags.append(FLAG_UPSTREAM_OVERFLOW)  # Envoy flags the response UO
             return False
         return True
 

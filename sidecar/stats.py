@@ -436,6 +436,7 @@ _CLUSTER_COUNTERS = (
     "upstream_rq_retry_limit_exceeded", "upstream_rq_retry_overflow", "upstream_rq_timeout",
     "upstream_rq_per_try_timeout", "upstream_rq_pending_overflow", "upstream_rq_pending_total",
     "upstream_rq_cancelled", "upstream_cx_overflow", "upstream_cx_pool_overflow",
+    "upstream_rq_active_overflow",
     "upstream_cx_total", "upstream_cx_http1_total", "upstream_cx_connect_fail", "upstream_cx_connect_timeout",
     "upstream_cx_destroy", "upstream_cx_destroy_local", "upstream_cx_destroy_remote", "upstream_cx_none_healthy",
     "upstream_cx_destroy_with_active_rq", "upstream_cx_destroy_local_with_active_rq",

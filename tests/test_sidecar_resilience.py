@@ -63,7 +63,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory, ports: dict[str, int],
          "outlier_detection": {"consecutive_5xx": 3, "interval": "0.2s", "base_ejection_time": "30s",
                                "max_ejection_percent": 50}},
         {"host": "hc.svc", "to": f"duo:{up}",
-         "health_check": {"path": "/status/200", "interval": "0.1s", "timeout": "0.5s",
+         "health_check": {"path": "/status/200", "interval": "0.1s", "timeout": "0.5s", "no_traffic_interval": "0.1s",
                           "unhealthy_threshold": 2, "healthy_threshold": 1}},
     ]
     hosts = "".join(f"{ip} trio\n" for ip in (*GOOD, BAD)) + f"{GOOD[0]} duo\n{BAD} duo\n"

@@ -148,7 +148,8 @@ NEVER_NONZERO_HERE = {
     r"server\.version": "no build revision number",
     r"circuit_breakers\.high\.\w+": "no HIGH-priority routes (Envoy exports them all the same)",
     r"(circuit_breakers\.default\.cx_pool_open|upstream_cx_pool_overflow)": "max_connection_pools is unlimited",
-    r"(circuit_breakers\.default\.(cx_open|rq_pending_open)|upstream_cx_overflow|lb_healthy_panic)":
+    r"(circuit_breakers\.default\.(cx_open|rq_pending_open|rq_open|rq_retry_open)|upstream_cx_overflow"
+    r"|upstream_rq_pending_overflow|lb_healthy_panic)":
         "driven in tests/test_sidecar_resilience.py (needs tiny limits or unhealthy hosts)",
 }
 
