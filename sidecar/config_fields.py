@@ -305,21 +305,13 @@ _OUTLIER_INTS = ("consecutive_5xx", "consecutive_gateway_failure", "consecutive_
 _OUTLIER_PERCENTS = ("max_ejection_percent", "enforcing_consecutive_5xx", "enforcing_consecutive_gateway_failure",
                      "enforcing_consecutive_local_origin_failure", "enforcing_success_rate")
 _OUTLIER_DURATIONS = ("interval", "base_ejection_time", "max_ejection_time")
-#: Envoy outlier_detection fields we accept and do not implement (their detectors stay off, as with Envoy's
-#: defaults: failure-percentage enforcing is 0 by default).
-_OUTLIER_IGNORED = ("enforcing_failure_percentage", "enforcing_failure_percentage_local_origin",
-                    "failure_percentage_threshold", "failure_percentage_minimum_hosts",
-                    "failure_percentage_request_volume", "enforcing_local_origin_success_rate",
-                    "max_ejection_time_jitter", "successful_active_health_check_uneject_host",
-                    "always_eject_one_host")
 
 
 def outlier_detection(ctx: Ctx, value: Any, path: str) -> OutlierDetection:
     """Envoy's cluster.outlier_detection (the short form uses the same field names)."""
     obj = as_dict(ctx, value, path)
     check_keys(ctx, obj, path, (*_OUTLIER_INTS, *_OUTLIER_PERCENTS, *_OUTLIER_DURATIONS,
-                                "split_external_local_origin_errors"),
-               silent=() if ctx.strict else _OUTLIER_IGNORED)
+                                "split_external_local_origin_errors"))  # the others: "not implemented" warnings
     d = OutlierDetection()
     kw: dict[str, Any] = {}
     for n in _OUTLIER_INTS:

@@ -182,3 +182,35 @@ def test_active_health_check_takes_the_failing_host_out(sidecar, ports, upstream
     assert st["cluster.duo.lb_healthy_panic"] == 0
     checks = [r for r in upstream.requests_for("/status/200") if r.header("user-agent") == "Envoy/HC"]
     assert checks and checks[0].header("host") == "duo"
+
+
+def test_resilience_fields_survive_the_export_and_warn_when_not_implemented() -> None:
+    import yaml
+
+    from sidecar.envoy_config import compile_envoy
+    from sidecar.envoy_export import export_envoy
+    from tests.test_export import IP, comparable, roundtrip
+
+    doc = {"static_resources": {"clusters": [{
+        "name": "c", "type": "STATIC", "load_assignment": {"endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 80}}}}]}]},
+        "circuit_breakers": {"thresholds": [{"max_connections": 7, "max_pending_requests": 8, "max_requests": 9,
+                                             "max_retries": 2, "retry_budget": {"budget_percent": {"value": 30.0},
+                                                                                "min_retry_concurrency": 4}}]},
+        "outlier_detection": {"consecutive_5xx": 3, "consecutive_gateway_failure": 4,
+                              "consecutive_local_origin_failure": 6, "split_external_local_origin_errors": True,
+                              "interval": "0.5s", "base_ejection_time": "2s", "max_ejection_time": "20s",
+                              "max_ejection_percent": 40, "enforcing_consecutive_5xx": 90,
+                              "enforcing_consecutive_gateway_failure": 80, "enforcing_success_rate": 70,
+                              "success_rate_minimum_hosts": 3, "success_rate_request_volume": 50,
+                              "success_rate_stdev_factor": 1500, "failure_percentage_threshold": 80},
+        "health_checks": [{"timeout": "1s", "interval": "3s", "unhealthy_threshold": 3, "healthy_threshold": 2,
+                           "no_traffic_interval": "9s",
+                           "http_health_check": {"path": "/hz", "host": "h.local",
+                                                 "expected_statuses": [{"start": 200, "end": 204}]}}]}]}}
+    boot = compile_envoy(doc, IP)
+    assert boot.warnings == ("envoy.yaml: static_resources.clusters[0].outlier_detection.failure_percentage_threshold:"
+                             " not implemented, ignored",)
+    assert comparable(roundtrip(boot)) == comparable(boot)
+    text = yaml.safe_dump(export_envoy(boot))
+    assert "retry_budget" in text and "outlier_detection" in text and "http_health_check" in text
