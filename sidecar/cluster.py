@@ -274,9 +274,7 @@ class OutlierDetector:
     # -- ejection ---------------------------------------------------------------------------------
     def _detected(self, pool: Pool, kind: str, enforcing: int) -> None:
         c = self.c
-        c["ejections_detected_" + kind].value += 1
-        if kind.startswith("consecutive"):
-            pool.od_5xx = pool.od_gw = pool.od_local = 0  # Envoy resets the host's counters on detection
+        c["ejections_detected_" + kind].value += 1  # (a streak is detected once: its count equals the threshold)
         if pool.ejected or enforcing <= 0 or random.randrange(100) >= enforcing:
             return
         cluster = self.cluster
@@ -349,9 +347,13 @@ class _Probe(asyncio.Protocol):
         self.buf = b""
         self.transport: asyncio.Transport | None = None
         self.done = False
+        self.connecting: asyncio.Future[Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.done:  # timed out or stopped while connecting
+            transport.close()
+            return
         hc = self.checker.cfg
         host = hc.host or self.checker.cluster.name
         transport.write(f"GET {hc.path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: Envoy/HC\r\n\r\n".encode())  # type: ignore[attr-defined]
@@ -373,6 +375,8 @@ class _Probe(asyncio.Protocol):
         self.done = True
         if self.transport is not None:
             self.transport.close()
+        elif self.connecting is not None:
+            self.connecting.cancel()
         self.checker.outcome(self.pool, code)
 
 
@@ -406,9 +410,15 @@ class HealthChecker:
                 pool.hc_timer.cancel()
                 pool.hc_timer = None
             probe = pool.hc_probe
-            if probe is not None and probe.transport is not None:
+            if probe is not None:
                 probe.done = True
-                probe.transport.abort()
+                if probe.transport is not None:
+                    probe.transport.abort()
+                elif probe.connecting is not None:
+                    probe.connecting.cancel()
+            if pool.hc_deadline is not None:
+                pool.hc_deadline.cancel()
+                pool.hc_deadline = None
 
     def _schedule(self, pool: Pool, delay: float) -> None:
         if self.stopped or pool.closed_for_good:
@@ -425,6 +435,7 @@ class HealthChecker:
         pool.hc_probe = probe
         fut = asyncio.ensure_future(loop.create_connection(lambda: probe, pool.host, pool.port,
                                                            local_addr=(pool.source_ip, 0) if pool.source_ip else None))
+        probe.connecting = fut
         fut.add_done_callback(lambda f: probe.finish(None) if f.cancelled() or f.exception() else None)
         pool.hc_deadline = loop.call_later(self.cfg.timeout_s, self._timeout, probe)
 

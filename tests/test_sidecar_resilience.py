@@ -214,3 +214,80 @@ def test_resilience_fields_survive_the_export_and_warn_when_not_implemented() ->
     assert comparable(roundtrip(boot)) == comparable(boot)
     text = yaml.safe_dump(export_envoy(boot))
     assert "retry_budget" in text and "outlier_detection" in text and "http_health_check" in text
+
+
+def _od_cluster(n_hosts: int, **od: Any) -> ClusterRuntime:
+    """A static cluster of n hosts with outlier detection, refreshed (no I/O: IPs) but not started (no timer)."""
+    import asyncio
+
+    from sidecar.config import OutlierDetection
+    cfg = Cluster(name="od", type="STATIC", endpoints=tuple(Endpoint(f"127.0.242.{i + 1}", 80) for i in range(n_hosts)),
+                  outlier_detection=OutlierDetection(**od))
+    rt = ClusterRuntime(cfg, ClusterStats(Store(), "od"), resolver=None)  # type: ignore[arg-type]
+    asyncio.run(rt.refresh())
+    return rt
+
+
+def _count(rt: ClusterRuntime, name: str) -> int:
+    return rt.stats.store.counter(f"cluster.od.outlier_detection.{name}").value
+
+
+def test_ejection_time_grows_with_the_ejection_count_and_decays(monkeypatch) -> None:
+    import sidecar.cluster as cl
+    rt = _od_cluster(2, consecutive_5xx=2, base_ejection_time_s=10.0, max_ejection_time_s=25.0,
+                     max_ejection_percent=50)
+    od = rt.outlier
+    assert od is not None
+    monkeypatch.setattr(od, "timer", None)
+    monkeypatch.setattr(cl.asyncio, "get_running_loop", lambda: type("L", (), {"call_later": lambda *a: None})())
+    now = [1000.0]
+    monkeypatch.setattr(cl.time, "monotonic", lambda: now[0])
+    bad = rt.pools[0]
+    for want_s in (10.0, 20.0, 25.0):  # base x count, capped by max_ejection_time
+        od.result(bad, 503)
+        od.result(bad, 503)
+        assert bad.ejected and od.ejection_time(bad) == want_s
+        assert rt.lb_pools == [rt.pools[1]]  # the ejected host left the load balancer (1 of 2: no panic)
+        now[0] += want_s - 0.01
+        od.tick()
+        assert bad.ejected  # not yet
+        now[0] += 0.02
+        od.tick()
+        assert not bad.ejected and len(rt.lb_pools) == 2
+    assert _count(rt, "ejections_enforced_consecutive_5xx") == 3
+    count = bad.ejections
+    od.tick()  # an interval without ejection: the multiplier decays
+    assert bad.ejections == count - 1
+
+
+def test_max_ejection_percent_and_gateway_and_local_origin() -> None:
+    rt = _od_cluster(3, consecutive_5xx=1, consecutive_gateway_failure=1, enforcing_consecutive_gateway_failure=100,
+                     consecutive_local_origin_failure=2, split_external_local_origin_errors=True,
+                     max_ejection_percent=33)
+    od = rt.outlier
+    assert od is not None
+    a, b, c = rt.pools
+    od.result(a, 500)  # a 5xx but not a gateway error
+    assert a.ejected and _count(rt, "ejections_detected_consecutive_gateway_failure") == 0
+    od.result(b, 502)  # both detectors fire; one of three out is already 33 %: overflow
+    assert not b.ejected and _count(rt, "ejections_overflow") >= 1
+    assert _count(rt, "ejections_detected_consecutive_gateway_failure") == 1
+    od.local_failure(c)  # split: local-origin errors have their own count
+    assert not c.ejected and c.od_5xx == 0
+    od.result(c, 200)  # a response: the connection worked, the local streak ends
+    od.local_failure(c)
+    assert c.od_local == 1
+
+
+def test_success_rate_ejects_the_outlier_host() -> None:
+    rt = _od_cluster(5, consecutive_5xx=1000, success_rate_minimum_hosts=5, success_rate_request_volume=100,
+                     success_rate_stdev_factor=1900, max_ejection_percent=100)
+    od = rt.outlier
+    assert od is not None
+    for i, pool in enumerate(rt.pools):
+        for k in range(100):
+            od.result(pool, 503 if (i == 0 and k % 2 == 0) else 200)  # host 0: 50 %, others 100 %
+    od._success_rate()
+    assert rt.pools[0].ejected and not any(p.ejected for p in rt.pools[1:])
+    assert _count(rt, "ejections_enforced_success_rate") == 1
+    assert (od.sr_average, od.sr_threshold) == (90.0, 52.0)  # mean - 1.9 x stdev (20)
