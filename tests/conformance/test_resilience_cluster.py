@@ -126,10 +126,10 @@ def od_consecutive_5xx_ejects_then_panic(p: Probe) -> None:
 
 
 def hc_failing_host_marked_and_panic(p: Probe) -> None:
-    """hc_dead: nobody listens (a network failure). /status/503 as the health check path: a host starts unhealthy and stays so after its first (failed) check,
-    /failed_active_hc; the other cluster's host is healthy after its first success. Before any traffic the next
-    check waits no_traffic_interval (60 s), so each host is checked once here. The failing cluster's only host
-    still gets traffic (panic)."""
+    """hc_dead: nobody listens (a network failure). /status/503 as the health check path: a host starts
+    unhealthy and stays so after its first (failed) check, /failed_active_hc; the other cluster's host is healthy
+    after its first success. Before any traffic the next check waits no_traffic_interval (60 s), so each host is
+    checked once here. The failing cluster's only host still gets traffic (panic)."""
     _wait_stat(p, "cluster.hc_bad.health_check.failure", lambda v: v >= 1)
     _wait_stat(p, "cluster.hc_good.health_check.success", lambda v: v >= 1)
     _wait_stat(p, "cluster.hc_dead.health_check.failure", lambda v: v >= 1)
