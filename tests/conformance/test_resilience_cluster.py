@@ -19,10 +19,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     yield from start_pair(Path(tmp_path_factory.mktemp("conformance_resilience")), HERE / "envoy_resilience.yaml")
 
 
-def _deltas(p: Probe, before: dict[str, int], names: list[str]) -> None:
+def _deltas(p: Probe, before: dict[str, int], names: list[str], key: str = "delta") -> None:
     after = p.engine.stats()
     for n in names:
-        p.put(f"delta {n}", str(after.get(n, 0) - before.get(n, 0)))
+        p.put(f"{key} {n}", str(after.get(n, 0) - before.get(n, 0)))
 
 
 def _gauges(p: Probe, key: str, names: list[str]) -> None:
@@ -122,6 +122,36 @@ def od_consecutive_5xx_ejects_then_panic(p: Probe) -> None:
     _deltas(p, before, [c + "lb_healthy_panic", c + "upstream_cx_none_healthy"])
 
 
+def od_gateway_failure_not_500(p: Probe) -> None:
+    """consecutive_gateway_failure 1 (enforced): a 500 is no gateway failure, a 502 ejects the host."""
+    o = "cluster.od_gw.outlier_detection."
+    names = [o + n for n in ("ejections_enforced_consecutive_gateway_failure",
+                             "ejections_detected_consecutive_gateway_failure", "ejections_enforced_total",
+                             "ejections_detected_consecutive_5xx")]
+    before = p.engine.stats()
+    p.exchange("GET", "/status/500", "odgw.test", key="500")
+    time.sleep(0.1)
+    _deltas(p, before, names, "after 500:")
+    p.exchange("GET", "/status/502", "odgw.test", key="502")
+    _wait_stat(p, o + "ejections_active", lambda v: v >= 1)
+    _deltas(p, before, names, "after 502:")
+    _gauges(p, "ejected", [o + "ejections_active"])
+    _clusters_line(p, "od_gw", "health_flags")
+
+
+def od_connect_failures_count_as_5xx(p: Probe) -> None:
+    """Without split_external_local_origin_errors, connect failures count as 5xx: two of them eject the host."""
+    o = "cluster.od_dead.outlier_detection."
+    before = p.engine.stats()
+    p.exchange("GET", "/x", "oddead.test", key="1", local=True)
+    p.exchange("GET", "/x", "oddead.test", key="2", local=True)
+    _wait_stat(p, o + "ejections_active", lambda v: v >= 1)
+    _deltas(p, before, [o + n for n in ("ejections_enforced_consecutive_5xx", "ejections_detected_consecutive_5xx",
+                                        "ejections_detected_consecutive_gateway_failure",
+                                        "ejections_detected_consecutive_local_origin_failure")])
+    _gauges(p, "ejected", [o + "ejections_active"])
+
+
 # --- active health checks ----------------------------------------------------------------------------------------
 
 
@@ -156,7 +186,8 @@ def hc_failing_host_marked_and_panic(p: Probe) -> None:
 
 SCENARIOS = {f.__name__: f for f in (
     cb_max_requests_overflow, cb_max_connections_queues_then_pending_overflows, cb_max_retries_zero,
-    cb_retry_budget_zero, od_consecutive_5xx_ejects_then_panic, hc_failing_host_marked_and_panic,
+    cb_retry_budget_zero, od_consecutive_5xx_ejects_then_panic, od_gateway_failure_not_500,
+    od_connect_failures_count_as_5xx, hc_failing_host_marked_and_panic,
 )}
 
 
