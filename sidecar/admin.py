@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from sidecar.config import CircuitBreakers
 from sidecar.safe_regex import RegexError, compile_regex
 from sidecar.server import DownstreamProtocol, Handler, HandlerOnly, Stream
 
@@ -210,6 +211,7 @@ class Admin:
         rows = []
         out: list[dict[str, Any]] = []
         for c in self.sidecar.clusters.values():
+            rows.append(f"{c.name}::observability_name::{c.name}")
             od = c.outlier
             if od is not None:  # Envoy prints these once the cluster has an outlier detector
                 sr, th = (_sr(od.sr_average), _sr(od.sr_threshold))
@@ -221,6 +223,9 @@ class Admin:
             rows.append(f"{c.name}::default_priority::max_pending_requests::{c.breakers.max_pending_requests}")
             rows.append(f"{c.name}::default_priority::max_requests::{c.breakers.max_requests}")
             rows.append(f"{c.name}::default_priority::max_retries::{c.breakers.max_retries}")
+            hp = CircuitBreakers()  # HIGH-priority thresholds: Envoy's defaults (we parse only DEFAULT ones)
+            rows += [f"{c.name}::high_priority::{n}::{getattr(hp, n)}"
+                     for n in ("max_connections", "max_pending_requests", "max_requests", "max_retries")]
             rows.append(f"{c.name}::added_via_api::false")
             hosts = []
             for p in c.pools:

@@ -162,6 +162,12 @@ def test_consecutive_5xx_ejects_the_broken_replica(sidecar, ports, upstream):
     assert f"trio::{BAD}:{ports['up']}::health_flags::/failed_outlier_check" in clusters
     assert f"trio::{GOOD[0]}:{ports['up']}::health_flags::healthy" in clusters
     assert "trio::outlier::success_rate_average::-1" in clusters
+    # Envoy's rows, in its order (checked against Envoy 1.40's /clusters)
+    head = [ln for ln in clusters.splitlines() if ln.startswith("trio::")][:14]
+    assert head[0] == "trio::observability_name::trio" and head[1].startswith("trio::outlier::success_rate_average")
+    assert head[5:7] == ["trio::default_priority::max_connections::1024",
+                         "trio::default_priority::max_pending_requests::1024"]
+    assert head[12:14] == ["trio::high_priority::max_retries::3", "trio::added_via_api::false"]
 
 
 def test_active_health_check_takes_the_failing_host_out(sidecar, ports, upstream):
