@@ -63,6 +63,15 @@ def run(quick: bool) -> tuple[list[Row], dict[str, Any]]:
         rows.append(_row("sidecar vs real Envoy: RSS", s["rss_mb"], "MB", e["rss_mb"], "envoy", "<= 0.5x envoy",
                          s["rss_mb"] <= 0.5 * e["rss_mb"]))
 
+    for variant, figure in (("sidecar+live-faults", "inactive fault filter (--live-faults): rps vs plain"),
+                            ("sidecar+ratelimit", "local rate limit that never limits: rps vs plain"),
+                            ("sidecar+headers", "route header mutations: rps vs plain")):
+        v = hop.get(variant)
+        if v is not None:  # issue 13: each filter, enabled but inactive, costs <= 5 % (paired per repetition)
+            rows.append(_row(figure, v["rps"], "rps", s["rps"], "plain sidecar", ">= 0.95x",
+                             v["rps_vs_plain"] >= 0.95, ratio=v["rps_vs_plain"],
+                             spread=f"{v['rps_min']:.0f}-{v['rps_max']:.0f}"))
+
     lg = part("loadgen", lambda: loadgen.measure(20_000 if quick else 50_000, 1 if quick else 3))
     rows.append(_row("meshctl traffic -c10 -> nginx", lg["traffic"]["rps"], "rps", lg["hey"]["rps"], "hey",
                      ">= 2x hey", lg["traffic_vs_hey"] >= 2,

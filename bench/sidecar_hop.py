@@ -24,6 +24,13 @@ NGINX_PROXY = ("127.0.232.1", 8080)
 SIDECAR = ("127.0.233.1", 8080)
 ENVOY = ("127.0.234.1", 8080)
 SIDECAR_ADMIN = 9901
+#: Our sidecar again, each with one more filter that never acts: (pod alias, extra sidecar argv, bootstrap extras).
+#: Measured interleaved with the plain sidecar; issue 13: each costs <= 5 % of its rps.
+VARIANTS = {
+    "sidecar+live-faults": ("127.0.233.2", ["--live-faults"], {}),  # what every mesh sidecar carries
+    "sidecar+ratelimit": ("127.0.233.3", [], {"ratelimit": True}),  # a bucket that never runs dry
+    "sidecar+headers": ("127.0.233.4", [], {"headers": True}),  # route request/response header mutations
+}
 
 
 def envoy_binary() -> str | None:
@@ -32,12 +39,29 @@ def envoy_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("envoy")
 
 
-def sidecar_config(workdir: Path, ip: str = "0.0.0.0", name: str = "envoy") -> Path:
+_RATELIMIT = """
+                  - name: envoy.filters.http.local_ratelimit
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+                      stat_prefix: bench_rl
+                      token_bucket: {max_tokens: 1000000000, tokens_per_fill: 1000000000, fill_interval: 1s}
+                      filter_enabled: {runtime_key: bench_rl_enabled, default_value: {numerator: 100}}
+                      filter_enforced: {runtime_key: bench_rl_enforced, default_value: {numerator: 100}}"""
+_HEADERS = ("request_headers_to_add: [{header: {key: x-bench, value: hop}}], "
+            "response_headers_to_add: [{header: {key: x-bench-hop, value: sidecar}}], "
+            "response_headers_to_remove: [x-unused]")
+
+
+def sidecar_config(workdir: Path, ip: str = "0.0.0.0", name: str = "envoy", ratelimit: bool = False,
+                   headers: bool = False) -> Path:
     """An Envoy bootstrap like the seed's egress: retries on 5xx, access log to a file, stats on.
 
     Our sidecar reads 0.0.0.0 as its pod alias; the real Envoy gets its own alias spelled out.
+    ``ratelimit``: a local rate limit, enabled and enforced, whose bucket never runs dry; ``headers``:
+    header mutations on the route.
     """
     path = workdir / f"{name}.yaml"
+    route_extra = (", " + _HEADERS) if headers else ""
     path.write_text(textwrap.dedent(f"""
         static_resources:
           listeners:
@@ -58,8 +82,8 @@ def sidecar_config(workdir: Path, ip: str = "0.0.0.0", name: str = "envoy") -> P
                     - name: backend
                       domains: ["*"]
                       retry_policy: {{retry_on: 5xx, num_retries: 2}}
-                      routes: [{{match: {{prefix: /}}, route: {{cluster: backend}}}}]
-                  http_filters:
+                      routes: [{{match: {{prefix: /}}, route: {{cluster: backend}}{route_extra}}}]
+                  http_filters:{_RATELIMIT if ratelimit else ""}
                   - name: envoy.filters.http.router
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -75,9 +99,11 @@ def sidecar_config(workdir: Path, ip: str = "0.0.0.0", name: str = "envoy") -> P
     return path
 
 
-def sidecar(workdir: Path) -> Peer:
-    argv = [sys.executable, "-m", "sidecar", "--envoy", str(sidecar_config(workdir)), "--pod-ip", SIDECAR[0]]
-    return Peer("sidecar", argv, *SIDECAR)
+def sidecar(workdir: Path, name: str = "sidecar", ip: str = SIDECAR[0], args: tuple[str, ...] = (),
+            **extras: bool) -> Peer:
+    cfg = sidecar_config(workdir, name="envoy" if name == "sidecar" else name, **extras)
+    argv = [sys.executable, "-m", "sidecar", "--envoy", str(cfg), "--pod-ip", ip, *args]
+    return Peer(name, argv, ip, SIDECAR[1])
 
 
 def envoy(workdir: Path, binary: str) -> Peer:
@@ -107,14 +133,20 @@ def _rss(procs: list[psutil.Process]) -> int:
     return sum(p.memory_info().rss for p in procs if p.is_running())
 
 
-def measure(duration_s: float, reps: int) -> dict[str, dict[str, float]]:
+def measure(duration_s: float, reps: int, only_sidecars: bool = False) -> dict[str, dict[str, float]]:
+    """Medians per target; ``<variant>`` rows also get ``rps_vs_plain``: the median of the per-repetition
+    ratios to the plain sidecar measured just before (paired, so slow drifts of the machine cancel)."""
     workdir = temp_workdir()
     backend = nginx(workdir, *BACKEND)
-    peers = {"haproxy": haproxy(workdir, *HAPROXY, upstream=BACKEND),
-             "nginx-proxy": nginx(workdir, *NGINX_PROXY, upstream=BACKEND),
-             "sidecar": sidecar(workdir)}
+    peers: dict[str, Peer] = {}
+    if not only_sidecars:
+        peers["haproxy"] = haproxy(workdir, *HAPROXY, upstream=BACKEND)
+        peers["nginx-proxy"] = nginx(workdir, *NGINX_PROXY, upstream=BACKEND)
+    peers["sidecar"] = sidecar(workdir)
+    for vname, (vip, vargs, extras) in VARIANTS.items():
+        peers[vname] = sidecar(workdir, vname, vip, tuple(vargs), **extras)
     binary = envoy_binary()
-    if binary is not None:
+    if binary is not None and not only_sidecars:
         peers["envoy"] = envoy(workdir, binary)
     targets = {"direct": (BACKEND, backend), **{k: ((p.ip, p.port), p) for k, p in peers.items()}}
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in targets}
@@ -124,8 +156,15 @@ def measure(duration_s: float, reps: int) -> dict[str, dict[str, float]]:
         wait_port(SIDECAR[0], SIDECAR_ADMIN)
         for (ip, port), _ in targets.values():  # warm up
             run_wrk(f"http://{ip}:{port}/", 1)
-        for _ in range(reps):
-            for name, ((ip, port), peer) in targets.items():
+        order = list(targets)
+        for rep in range(reps):
+            # the variants' order rotates so that none always runs right after the plain sidecar
+            variants = [n for n in order if n in VARIANTS]
+            k = rep % max(len(variants), 1)
+            variants = variants[k:] + variants[:k]
+            names = [n for n in order if n not in VARIANTS] + variants
+            for name in names:
+                (ip, port), peer = targets[name]
                 procs = _tree(peer.pid)
                 cpu0 = _cpu(procs)
                 r = run_wrk(f"http://{ip}:{port}/", duration_s)
@@ -140,18 +179,22 @@ def measure(duration_s: float, reps: int) -> dict[str, dict[str, float]]:
         out[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         out[name]["rps_min"] = min(r["rps"] for r in rs)
         out[name]["rps_max"] = max(r["rps"] for r in rs)
+        if name in VARIANTS:
+            out[name]["rps_vs_plain"] = statistics.median(r["rps"] / p["rps"] for r, p in zip(rs, samples["sidecar"], strict=True))
     return out
 
 
 def main() -> None:
     duration = float(sys.argv[1]) if len(sys.argv) > 1 else 5
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    res = measure(duration, reps)
-    hap = res["haproxy"]["rps"]
+    only = len(sys.argv) > 3 and sys.argv[3] == "sidecars"  # `python -m bench.sidecar_hop 5 5 sidecars`
+    res = measure(duration, reps, only)
+    ref = res["haproxy" if "haproxy" in res else "sidecar"]["rps"]
     for name, r in res.items():
-        print(f"{name:<12} {r['rps']:>9.0f} rps ({r['rps_min']:.0f}-{r['rps_max']:.0f})  p50 {r['p50_ms']:.2f} ms  "
+        vs = f"  x{r['rps_vs_plain']:.3f} plain (paired)" if "rps_vs_plain" in r else ""
+        print(f"{name:<20} {r['rps']:>9.0f} rps ({r['rps_min']:.0f}-{r['rps_max']:.0f})  p50 {r['p50_ms']:.2f} ms  "
               f"p99 {r['p99_ms']:.2f} ms  cpu {r['cpu_us_per_rq']:.1f} us/rq  rss {r['rss_mb']:.1f} MB  "
-              f"x{r['rps'] / hap:.2f} haproxy")
+              f"x{r['rps'] / ref:.2f} {'haproxy' if 'haproxy' in res else 'sidecar'}{vs}")
     print(json.dumps(res))
 
 

@@ -236,6 +236,8 @@ class Runtime:
     def __init__(self) -> None:
         self.values: dict[str, str] = {}
         self.known: set[str] = set()  # runtime keys named in the configured filters
+        #: Called after every change: the filter chains recompute what can fire (see HttpFilterChain.rearm).
+        self.watchers: list[Callable[[], None]] = []
 
     def valid(self, key: str) -> bool:
         return key in self.known or key.startswith(RUNTIME_PREFIXES)
@@ -255,6 +257,8 @@ class Runtime:
                 self.values.pop(k, None)
             else:
                 self.values[k] = v
+        for watch in self.watchers:
+            watch()
         return None
 
     def dump(self) -> bytes:
@@ -426,6 +430,13 @@ class RateLimitRuntime:
             runtime.known.add(cfg.filter_enabled.runtime_key)
         if cfg.filter_enforced is not None:
             runtime.known.add(cfg.filter_enforced.runtime_key)
+        self.always_enabled = False  # filter_enabled at 100 % with no runtime override: no lookup per request
+        self.rearm()
+
+    def rearm(self) -> None:
+        fe = self.cfg.filter_enabled
+        self.always_enabled = (fe is not None and fe.runtime_key not in self.runtime.values
+                               and fe.percentage[0] >= fe.percentage[1])
 
     def _take(self) -> bool:
         now = time.monotonic()
@@ -440,7 +451,8 @@ class RateLimitRuntime:
     def decode(self, chain: HttpFilterChain, req: Request) -> bool:
         cfg = self.cfg
         rt = self.runtime
-        if cfg.filter_enabled is None or not rt.enabled(cfg.filter_enabled.runtime_key, cfg.filter_enabled.percentage):
+        if not self.always_enabled and (cfg.filter_enabled is None or
+                                        not rt.enabled(cfg.filter_enabled.runtime_key, cfg.filter_enabled.percentage)):
             return True
         self.enabled.value += 1
         if self._take():
@@ -470,17 +482,18 @@ class Request:
         self.index = 0
 
 
-_INERT: dict[int, bool] = {}
-
-
 def _inert(cfg: FaultFilter) -> bool:
-    """No fault without a runtime override: 0 % and no header control (cached by identity: configs live on)."""
-    v = _INERT.get(id(cfg))
-    if v is None:
-        v = _INERT[id(cfg)] = all(x is None or (x.percentage[0] == 0 and not getattr(x, "header_abort", False)
-                                                and not getattr(x, "header_delay", False))
-                                  for x in (cfg.abort, cfg.delay))
-    return v
+    """No fault without a runtime override: 0 % and no header control."""
+    return all(x is None or (x.percentage[0] == 0 and not getattr(x, "header_abort", False)
+                             and not getattr(x, "header_delay", False))
+               for x in (cfg.abort, cfg.delay))
+
+
+def _quiet(cfg: FaultFilter, values: dict[str, str]) -> bool:
+    """This fault config can do nothing at all now: inert, none of its runtime keys set, no overflow to count."""
+    return (_inert(cfg) and cfg.max_active_faults is None
+            and not any(k in values for k in (cfg.abort_percent_runtime, cfg.abort_http_status_runtime,
+                                              cfg.delay_percent_runtime, cfg.delay_duration_runtime)))
 
 
 class HttpFilterChain:
@@ -491,8 +504,13 @@ class HttpFilterChain:
         self.hcm = hcm
         self.runtime = runtime
         self.headers_match = headers_match
-        #: Only fault filters that inject nothing without a runtime override (the live faults' default).
-        self.idle_when_quiet = all(isinstance(f.config, FaultFilter) and _inert(f.config) for f in filters)
+        self.configs = filters
+        #: id() of the routes (and of None: no route) for which every filter is quiet: the request goes
+        #: straight to the router (one set lookup). Only fault filters can be quiet (a rate limit always
+        #: counts); recomputed at load and whenever the runtime changes, never per request.
+        self.passive: frozenset[int] = frozenset()
+        rc = getattr(getattr(hcm, "cfg", None), "route_config", None)
+        self.routes: tuple[Route, ...] = tuple(r for vh in rc.virtual_hosts for r in vh.routes) if rc else ()
         self.filters: list[Any] = []
         fstats = None
         for f in filters:
@@ -502,14 +520,27 @@ class HttpFilterChain:
                 self.filters.append(FaultRuntime(f.config, runtime, fstats))
             else:
                 self.filters.append(RateLimitRuntime(f.config, runtime, store))
+        runtime.watchers.append(self.rearm)
+        self.rearm()
+
+    def rearm(self) -> None:
+        values = self.runtime.values
+        for f in self.filters:
+            if isinstance(f, RateLimitRuntime):
+                f.rearm()
+        if not all(isinstance(f.config, FaultFilter) for f in self.configs):
+            self.passive = frozenset()
+            return
+        quiet = {id(route) for route in (*self.routes, None)
+                 if all(_quiet(route.fault if route is not None and route.fault is not None else f.config, values)
+                        for f in self.configs)}
+        self.passive = frozenset(quiet)
 
     def decode(self, stream: Stream, vh: VirtualHost | None, route: Route | None, headers: Headers,
                path: bytes) -> None:
-        if self.idle_when_quiet and not self.runtime.values:  # live faults, all off: straight to the router
-            fault = route.fault if route is not None else None
-            if fault is None or _inert(fault):
-                self.hcm.dispatch(stream, vh, route, headers, path)
-                return
+        if id(route) in self.passive:  # live faults, off on this route: straight to the router
+            self.hcm.dispatch(stream, vh, route, headers, path)
+            return
         if route is not None and route.cluster:
             stream.info.upstream_cluster = route.cluster  # Envoy logs the route's cluster for a filter's reply too
         self.resume(Request(stream, vh, route, headers, path))

@@ -210,3 +210,27 @@ def test_local_rate_limit_token_bucket(sc):
     d = {k: after[k] - before.get(k, 0) for k in after if k.startswith("lrl.")}
     assert d["lrl.http_local_rate_limit.enabled"] == 10 and d["lrl.http_local_rate_limit.ok"] == 5
     assert d["lrl.http_local_rate_limit.rate_limited"] == 5 and d["lrl.http_local_rate_limit.enforced"] == 5
+
+
+def test_live_faults_inactive_routes_skip_the_chain_until_their_keys_are_set():
+    """The inactive path is precomputed: a route is passive until a runtime key of its own fault is set."""
+    from types import SimpleNamespace
+
+    from sidecar.config import Route, RouteConfig, RouteMatch, VirtualHost
+    from sidecar.http_filters import FAULT, FaultFilter, HttpFilter, HttpFilterChain, Runtime, live_fault
+    from sidecar.stats import Store
+
+    a = Route(RouteMatch(prefix="/a"), cluster="a", fault=live_fault("fault.http.egress.a."))
+    b = Route(RouteMatch(prefix="/b"), cluster="b", fault=live_fault("fault.http.egress.b."))
+    rc = RouteConfig("rc", (VirtualHost("v", ("*",), (a, b)),))
+
+    hcm = SimpleNamespace(cfg=SimpleNamespace(route_config=rc))
+    rt = Runtime()
+    chain = HttpFilterChain(hcm, (HttpFilter(FAULT, FaultFilter()),), rt, Store(), "t", lambda h, hs: True)
+    assert {id(a), id(b), id(None)} <= chain.passive
+    assert rt.modify({"fault.http.egress.b.abort.abort_percent": "100"}) is None
+    assert id(a) in chain.passive and id(b) not in chain.passive and id(None) in chain.passive
+    assert rt.modify({"fault.http.egress.b.abort.abort_percent": ""}) is None
+    assert id(b) in chain.passive
+    assert rt.modify({"fault.http.abort.abort_percent": "100"}) is None  # the filter's own key: no route, and
+    assert id(None) not in chain.passive and id(a) in chain.passive  # routes with their own config stay passive
