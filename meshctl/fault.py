@@ -88,8 +88,8 @@ def sidecar_replicas(status: dict[str, Any], pod: str) -> list[tuple[str, str]]:
     raise FaultError(f"no pod named '{pod}'")
 
 
-def _admin(sock: str, method: str, path: str) -> tuple[int, bytes]:
-    return request(Path(sock), method, path, timeout=5.0)
+def _admin(sock: str, method: str, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    return request(Path(sock), method, path, timeout=timeout)
 
 
 def egress_clusters(status: dict[str, Any], src: str, dst: str) -> list[str]:
@@ -130,15 +130,15 @@ def apply(sockets: list[tuple[str, str]], keys: dict[str, str]) -> list[str]:
     return problems
 
 
-def runtime_of(sock: str) -> dict[str, str]:
-    code, body = _admin(sock, "GET", "/runtime")
+def runtime_of(sock: str, timeout: float = 5.0) -> dict[str, str]:
+    code, body = _admin(sock, "GET", "/runtime", timeout)
     if code != 200:
         return {}
     entries = json.loads(body or b"{}").get("entries", {})
     return {k: str(v.get("final_value", "")) for k, v in entries.items()}
 
 
-def active(status: dict[str, Any]) -> list[dict[str, Any]]:
+def active(status: dict[str, Any], timeout: float = 5.0) -> list[dict[str, Any]]:
     """Every active fault: {pod, direction, cluster, abort_percent, status, delay_ms, delay_percent, replicas}."""
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for p in status["pods"]:
@@ -148,7 +148,7 @@ def active(status: dict[str, Any]) -> list[dict[str, Any]]:
             if not r.get("admin_socket"):
                 continue
             try:
-                values = runtime_of(r["admin_socket"])
+                values = runtime_of(r["admin_socket"], timeout)
             except (OSError, http.client.HTTPException, ValueError):
                 continue
             found: dict[tuple[str, str], dict[str, str]] = {}

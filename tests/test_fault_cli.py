@@ -84,3 +84,15 @@ def test_fault_inject_list_clear(meshctl):
     meshctl("fault", "a", "b", "--abort", "12.5%", "-p", "faultcli")
     dump = json.loads(meshctl("admin", "a", "/runtime", "-p", "faultcli").stdout)
     assert dump["entries"]["fault.http.egress.b.abort.abort_percent"]["final_value"] == "1250"
+
+    # meshctl stats marks the edge: a FAULTS cell, and "faults" per edge in -o json
+    snap = json.loads(meshctl("stats", "-p", "faultcli", "-o", "json", "--interval", "0.3").stdout)
+    marked = [e for e in snap["edges"] if e["faults"]]
+    assert [(e["from"], e["faults"][0]["abort_percent"], e["faults"][0]["status"]) for e in marked] == \
+        [("a", 12.5, 503)], snap["edges"]
+    assert all(not p["faults"] for p in snap["pods"])
+    table = meshctl("stats", "-p", "faultcli", "--once", "--interval", "0.3").stdout
+    assert "FAULTS" in table and "abort 12.5% (503)" in table, table
+    meshctl("fault", "--clear", "-p", "faultcli")
+    snap = json.loads(meshctl("stats", "-p", "faultcli", "-o", "json", "--interval", "0.3").stdout)
+    assert all(not e["faults"] for e in snap["edges"])

@@ -74,7 +74,7 @@ def test_stats_json_and_numbers_on_the_seed_sidecar_demo(meshctl):
     pods = {p["pod"]: p for p in idle["pods"]}
     assert set(pods) == {"a", "b"}
     assert set(pods["a"]) == {"pod", "status", "ready", "restarts", "cpu_percent", "rss_bytes", "meshed", "success",
-                              "rps", "p50_ms", "p95_ms", "p99_ms", "retries_per_s", "upstream_5xx_per_s"}
+                              "rps", "p50_ms", "p95_ms", "p99_ms", "retries_per_s", "upstream_5xx_per_s", "faults"}
     assert pods["a"]["ready"] == "2/2" and pods["a"]["status"] == "running" and pods["a"]["meshed"]
     assert pods["a"]["success"] is None and pods["a"]["p99_ms"] is None  # no traffic: no number, not zero
     load = subprocess.Popen([sys.executable, "-m", "meshctl", "traffic", "a", "-p", "stj", "--rate", "200",
@@ -99,7 +99,7 @@ def test_stats_json_and_numbers_on_the_seed_sidecar_demo(meshctl):
     assert a["retries_per_s"] > 0 and a["upstream_5xx_per_s"] > 0
     edge = next(e for e in busy["edges"] if e["to"] == "remote_service_b")
     assert set(edge) == {"from", "to", "rps", "success", "actual_success", "retries_per_s", "timeouts_per_s",
-                         "p99_ms"}
+                         "p99_ms", "faults"}
     assert edge["from"] == "a" and edge["rps"] > 50
     # B fails ~20 % of attempts; retries hide most of it from A.
     assert edge["actual_success"] < edge["success"]

@@ -1,8 +1,8 @@
 """``meshctl stats``: golden signals per pod and per edge, from scrapes of the running mesh.
 
 Every poll reads the supervisor's process table (control socket), every
-sidecar's ``/stats/prometheus`` and every declared service metrics endpoint,
-concurrently and with a short timeout, so a hung pod costs one empty cell
+sidecar's ``/stats/prometheus`` (and runtime, on its admin socket: live faults) and every declared
+service metrics endpoint, concurrently and with a short timeout, so a hung pod costs one empty cell
 rather than a frozen screen. Numbers are deltas over a sliding window.
 """
 
@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
 
 from meshctl.client import call
+from meshctl.fault import active as active_faults
 from meshctl.observe.promtext import Labels, parse
 from meshctl.observe.window import Window, bucket_deltas, counter_delta, histogram_quantile
 from meshctl.state import StateDir
@@ -71,6 +73,7 @@ class PodRow:
     p99_ms: float | None
     retries_per_s: float | None
     upstream_5xx_per_s: float | None
+    faults: list[dict[str, Any]] = field(default_factory=list)  # live ingress faults (meshctl fault)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class EdgeRow:
     retries_per_s: float | None
     timeouts_per_s: float | None
     p99_ms: float | None
+    faults: list[dict[str, Any]] = field(default_factory=list)  # live egress faults (meshctl fault)
 
 
 @dataclass
@@ -115,6 +119,8 @@ class Collector:
         self.status: dict[str, Any] = {}
         self.windows: dict[str, Window[Index]] = {}  # "replica/sidecar" or "replica/service" -> scrapes
         self.session: aiohttp.ClientSession | None = None
+        #: Live faults (``meshctl.fault.active``): read from each replica's admin socket runtime.
+        self.faults: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> Collector:
         timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
@@ -150,7 +156,9 @@ class Collector:
                 jobs[f"{p['replica']}/sidecar"] = f"http://{p['ip']}:{launch.admin_port}/stats/prometheus"
             elif p["role"] == "service" and metrics is not None:
                 jobs[f"{p['replica']}/service"] = f"http://{p['ip']}:{metrics['port']}{metrics['path']}"
-        texts = await asyncio.gather(*(self._get(u) for u in jobs.values()))
+        texts, self.faults = await asyncio.gather(
+            asyncio.gather(*(self._get(u) for u in jobs.values())),
+            asyncio.get_running_loop().run_in_executor(None, partial(active_faults, self.status, SCRAPE_TIMEOUT_S)))
         now = time.monotonic()
         for key, text in zip(jobs, texts, strict=True):
             if text is None:
@@ -179,6 +187,10 @@ class Collector:
             hist: dict[float, float] = {}
             dts: list[float] = []
             for r in replicas:
+                if launch is not None and not launch.ingress_stat_prefixes and launch.egress_clusters:
+                    old, new, dt = self._span(f"{r}/sidecar")  # an egress-only sidecar: its edges, no pod row
+                    if dt is not None:
+                        edges.extend(self._edges(name, r, launch, old, new, dt))
                 if launch is not None and launch.ingress_stat_prefixes:
                     old, new, dt = self._span(f"{r}/sidecar")
                     if dt is None:
@@ -233,6 +245,18 @@ class Collector:
                     row.upstream_5xx_per_s = up5xx / dt
             pods.append(row)
         merged = self._merge_edges(edges)
+        for f in self.faults:
+            short = {k: f[k] for k in ("abort_percent", "status", "delay_ms", "delay_percent", "replicas")}
+            if f["direction"] == "egress":
+                edge = next((e for e in merged if e.source == f["pod"] and e.cluster == f["cluster"]), None)
+                if edge is None:  # not scraped yet: the fault is shown all the same
+                    edge = EdgeRow(f["pod"], f["cluster"], None, None, None, None, None, None)
+                    merged.append(edge)
+                edge.faults.append(short)
+            else:
+                for p in pods:
+                    if p.pod == f["pod"]:
+                        p.faults.append({"cluster": f["cluster"], **short})
         return Snapshot(self.status.get("mesh", self.state.mesh), self.window_s,
                         max(spans) if spans else None, pods, merged)
 

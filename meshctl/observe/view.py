@@ -21,6 +21,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from meshctl.fault import describe
 from meshctl.observe.collector import Collector, Snapshot
 
 
@@ -39,27 +40,37 @@ def _mem(b: int | None) -> str:
     return "-" if b is None else f"{b / 1024 / 1024:.1f}Mi"
 
 
+def _faults(faults: list[dict]) -> Text:
+    """Live faults (meshctl fault) in one cell: ``abort 10% (503), delay 100ms@5%``; ``-`` without."""
+    if not faults:
+        return Text("-")
+    return Text("; ".join((f"{f['cluster']}: " if "cluster" in f else "") + describe(f) for f in faults),
+                style="bold magenta")
+
+
 def render(snap: Snapshot) -> Group:
     pods = Table(title=f"mesh {snap.mesh} — pods (inbound, last {snap.window_s:g}s)", box=None,
                  header_style="bold", title_justify="left")
+    pod_faults = any(p.faults for p in snap.pods)  # the column only while an ingress fault is on
     for col in ("POD", "STATUS", "READY", "RESTARTS", "CPU %", "MEM", "SUCCESS", "RPS", "P50", "P95", "P99",
-                "RETRIES/s", "5XX/s"):
-        pods.add_column(col, justify="left" if col in ("POD", "STATUS") else "right")
+                "RETRIES/s", "5XX/s", *(("FAULTS",) if pod_faults else ())):
+        pods.add_column(col, justify="left" if col in ("POD", "STATUS", "FAULTS") else "right")
     for p in snap.pods:
         bad = p.status.startswith(("crashloop", "down"))
         status = Text(p.status, style="bold red" if bad else ("yellow" if p.status != "running" else "green"))
         pods.add_row(Text(p.pod, style="bold red" if bad else ""), status, p.ready, str(p.restarts),
                      _num(p.cpu_percent), _mem(p.rss_bytes), _pct(p.success), _num(p.rps),
                      _num(p.p50_ms, "{:.2f}"), _num(p.p95_ms, "{:.2f}"), _num(p.p99_ms, "{:.2f}"),
-                     _num(p.retries_per_s), _num(p.upstream_5xx_per_s))
+                     _num(p.retries_per_s), _num(p.upstream_5xx_per_s),
+                     *((_faults(p.faults),) if pod_faults else ()))
     edges = Table(title="edges (outbound through sidecars)", box=None, header_style="bold", title_justify="left")
-    for col in ("FROM", "TO", "RPS", "SUCCESS", "ACTUAL", "RETRIES/s", "TIMEOUTS/s", "P99"):
-        edges.add_column(col, justify="left" if col in ("FROM", "TO") else "right")
+    for col in ("FROM", "TO", "RPS", "SUCCESS", "ACTUAL", "RETRIES/s", "TIMEOUTS/s", "P99", "FAULTS"):
+        edges.add_column(col, justify="left" if col in ("FROM", "TO", "FAULTS") else "right")
     for e in snap.edges:
         edges.add_row(e.source, e.cluster, _num(e.rps), _pct(e.success), _pct(e.actual_success),
-                      _num(e.retries_per_s), _num(e.timeouts_per_s), _num(e.p99_ms, "{:.2f}"))
+                      _num(e.retries_per_s), _num(e.timeouts_per_s), _num(e.p99_ms, "{:.2f}"), _faults(e.faults))
     if not snap.edges:
-        edges.add_row("-", "-", "-", "-", "-", "-", "-", "-")
+        edges.add_row("-", "-", "-", "-", "-", "-", "-", "-", "-")
     footer = Text("SUCCESS: after retries (what callers saw); ACTUAL: per upstream attempt. q quits.",
                   style="dim")
     return Group(pods, Text(""), edges, Text(""), footer)
