@@ -20,12 +20,18 @@ from sidecar.config import (
     Bootstrap,
     Cluster,
     Endpoint,
+    FaultAbort,
+    FaultDelay,
+    FaultFilter,
     HttpConnectionManager,
+    HttpFilter,
     Listener,
+    LocalRateLimit,
     MirrorPolicy,
     Route,
     RouteConfig,
     RouteMatch,
+    RuntimePercent,
     VirtualHost,
     WeightedCluster,
 )
@@ -50,6 +56,7 @@ from sidecar.config_fields import (
     self_routed,
     sub,
 )
+from sidecar.http_filters import FAULT, LOCAL_RATELIMIT, live_fault_prefix
 
 DEFAULT_ADMIN_PORT = 9901
 DEFAULT_ACCESS_LOG = "/dev/stdout"
@@ -140,14 +147,116 @@ def _route_kw(ctx: Ctx, obj: dict[str, Any], path: str) -> dict[str, Any]:
         kw["timeout_s"] = duration(ctx, obj["timeout"], sub(path, "timeout"))
     if obj.get("retry_policy") is not None:
         kw["retry_policy"] = retry_policy(ctx, obj["retry_policy"], sub(path, "retry_policy"))
+    if obj.get("fault") is not None:
+        kw["fault"] = _fault(ctx, obj["fault"], sub(path, "fault"))
     return kw
+
+
+def _percent(ctx: Ctx, value: Any, path: str) -> int:
+    """A percentage (0-100, decimals allowed) in ten-thousandths: the live faults' denominator."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        value = value.strip()[:-1]
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ctx.error(path, f"expected a percentage from 0 to 100, got {value!r}")
+    if not 0 <= value <= 100:
+        raise ctx.error(path, f"a percentage must be from 0 to 100, got {value:g}")
+    return int(round(value * 100))
+
+
+def _fault(ctx: Ctx, value: Any, path: str) -> FaultFilter:
+    """``fault: {abort: {percent, status}, delay: {fixed, percent}}``: Envoy's per-route fault config.
+
+    Percentages default to 100. Its runtime keys are the live faults' (``fault.http.<egress|ingress>.
+    <cluster>.*``, filled in by ``_with_fault_keys``), so ``meshctl fault`` overrides it and ``--clear``
+    restores it.
+    """
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("abort", "delay"))
+    kw: dict[str, Any] = {}
+    if obj.get("abort") is not None:
+        ap = sub(path, "abort")
+        a = as_dict(ctx, obj["abort"], ap, allow_none=False)
+        check_keys(ctx, a, ap, ("percent", "status"))
+        status = as_int(ctx, a.get("status", 503), sub(ap, "status"), 200, 599)
+        kw["abort"] = FaultAbort(http_status=status, percentage=(_percent(ctx, a.get("percent", 100),
+                                                                           sub(ap, "percent")), 10000))
+    if obj.get("delay") is not None:
+        dp = sub(path, "delay")
+        d = as_dict(ctx, obj["delay"], dp, allow_none=False)
+        check_keys(ctx, d, dp, ("fixed", "percent"))
+        if d.get("fixed") is None:
+            raise ctx.error(sub(dp, "fixed"), "required (a duration like 100ms)")
+        if isinstance(d["fixed"], str) and d["fixed"].strip().startswith("-"):
+            raise ctx.error(sub(dp, "fixed"), f"a delay cannot be negative, got {d['fixed']!r}")
+        fixed = duration(ctx, d["fixed"], sub(dp, "fixed"))
+        if fixed <= 0:
+            raise ctx.error(sub(dp, "fixed"), f"a delay must be greater than 0, got {d['fixed']!r}")
+        kw["delay"] = FaultDelay(fixed_delay_s=fixed, percentage=(_percent(ctx, d.get("percent", 100),
+                                                                            sub(dp, "percent")), 10000))
+    if not kw:
+        raise ctx.error(path, "abort or delay is required")
+    return FaultFilter(**kw)
+
+
+def _local_ratelimit(ctx: Ctx, value: Any, path: str, stat_prefix: str) -> LocalRateLimit:
+    """``local_ratelimit: {max_tokens, tokens_per_fill, fill_interval, status}``: one token bucket for the
+    listener, enabled and enforced (runtime keys ``<stat_prefix>.local_ratelimit.enabled|enforced``)."""
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("max_tokens", "tokens_per_fill", "fill_interval", "status"))
+    for key in ("max_tokens", "fill_interval"):
+        if obj.get(key) is None:
+            raise ctx.error(sub(path, key), "required")
+    fill = duration(ctx, obj["fill_interval"], sub(path, "fill_interval"))
+    if fill <= 0:
+        raise ctx.error(sub(path, "fill_interval"), "must be greater than 0")
+    key = f"{stat_prefix}.local_ratelimit."
+    return LocalRateLimit(stat_prefix=stat_prefix,
+                          max_tokens=as_int(ctx, obj["max_tokens"], sub(path, "max_tokens"), 1),
+                          tokens_per_fill=as_int(ctx, obj.get("tokens_per_fill", 1), sub(path, "tokens_per_fill"), 1),
+                          fill_interval_s=fill,
+                          filter_enabled=RuntimePercent(key + "enabled", (100, 100)),
+                          filter_enforced=RuntimePercent(key + "enforced", (100, 100)),
+                          status=as_int(ctx, obj.get("status", 429), sub(path, "status"), 200, 599))
+
+
+def _with_filters(ctx: Ctx, listener: Listener, obj: dict[str, Any], path: str) -> Listener:
+    """The HTTP filters the short form implies: a fault filter when a route has ``fault`` (its runtime keys
+    the live faults'), a local rate limit for ``local_ratelimit``."""
+    hcm = listener.hcm
+    filters: list[HttpFilter] = []
+    vhosts = []
+    for vh in hcm.route_config.virtual_hosts:
+        routes = []
+        for r in vh.routes:
+            if r.fault is not None:
+                cluster = r.cluster or (r.weighted_clusters[0].name if r.weighted_clusters else "")
+                prefix = live_fault_prefix(listener, cluster)
+                r = replace(r, fault=replace(r.fault, abort_percent_runtime=prefix + "abort.abort_percent",
+                                             abort_http_status_runtime=prefix + "abort.http_status",
+                                             delay_percent_runtime=prefix + "delay.fixed_delay_percent",
+                                             delay_duration_runtime=prefix + "delay.fixed_duration_ms"))
+            routes.append(r)
+        vhosts.append(replace(vh, routes=tuple(routes)))
+    if any(r.fault is not None for vh in vhosts for r in vh.routes):
+        filters.append(HttpFilter(FAULT, FaultFilter()))
+    if obj.get("local_ratelimit") is not None:
+        filters.append(HttpFilter(LOCAL_RATELIMIT, _local_ratelimit(ctx, obj["local_ratelimit"],
+                                                                   sub(path, "local_ratelimit"), hcm.stat_prefix)))
+    if not filters:
+        return listener
+    rc = replace(hcm.route_config, virtual_hosts=tuple(vhosts))
+    return replace(listener, hcm=replace(hcm, route_config=rc, http_filters=tuple(filters)))
 
 
 def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str,
              logs: tuple[AccessLog, ...]) -> tuple[Listener, list[Cluster], dict[str, str]]:
     obj = as_dict(ctx, value, path, allow_none=False)
     check_keys(ctx, obj, path, ("port", "to", "timeout", "retry_policy", "connect_timeout", "circuit_breakers",
-                                "outlier_detection", "health_check"))
+                                "outlier_detection", "health_check", "fault", "local_ratelimit"))
     for key in ("port", "to"):
         if key not in obj:
             raise ctx.error(sub(path, key), "required")
@@ -160,6 +269,7 @@ def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str,
     hcm = HttpConnectionManager(stat_prefix="ingress_http", access_logs=logs,
                                 route_config=RouteConfig(name="ingress_route", virtual_hosts=(vhost,)))
     listener = Listener(name="ingress", address=pod_ip, port=port, hcm=hcm, original_address="0.0.0.0")
+    listener = _with_filters(ctx, listener, obj, path)
     return listener, [cluster], {cluster.name: sub(path, "to")}
 
 
@@ -181,7 +291,7 @@ def _cluster_kw(ctx: Ctx, obj: dict[str, Any], path: str) -> dict[str, Any]:
 def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
             logs: tuple[AccessLog, ...]) -> tuple[Listener, list[Cluster], dict[str, str]]:
     obj = as_dict(ctx, value, path, allow_none=False)
-    check_keys(ctx, obj, path, ("port", "routes"))
+    check_keys(ctx, obj, path, ("port", "routes", "local_ratelimit"))
     if "port" not in obj:
         raise ctx.error(sub(path, "port"), "required")
     port = as_port(ctx, obj["port"], sub(path, "port"))
@@ -195,7 +305,7 @@ def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
         r = as_dict(ctx, r, p, allow_none=False)
         check_keys(ctx, r, p, ("host", "hosts", "to", "timeout", "retry_policy", "connect_timeout", "lb_policy",
                                "circuit_breakers", "outlier_detection", "health_check", "request_mirror_policies",
-                               *HEADER_MUTATION_KEYS))
+                               "fault", *HEADER_MUTATION_KEYS))
         route_kw = _route_kw(ctx, r, p)
         route_kw["headers"] = header_mutations(ctx, r, p)
         parsed.append((p, _hosts(ctx, r, p), _targets(ctx, r, p, pod_ip), route_kw, _cluster_kw(ctx, r, p),
@@ -247,6 +357,7 @@ def _egress(ctx: Ctx, value: Any, path: str, pod_ip: str,
     hcm = HttpConnectionManager(stat_prefix="egress_http", access_logs=logs,
                                 route_config=RouteConfig(name="egress_route", virtual_hosts=tuple(vhosts)))
     listener = Listener(name="egress", address=pod_ip, port=port, hcm=hcm, original_address="127.0.0.1")
+    listener = _with_filters(ctx, listener, obj, path)
     return listener, list(clusters.values()), {c.name: sub(cluster_paths[t], "to") for t, c in clusters.items()}
 
 

@@ -320,3 +320,48 @@ def test_every_examples_export_passes_envoy_validate(meshctl, tmp_path, example)
                                text=True, timeout=60)
         assert check.returncode == 0 and "OK" in check.stdout, (path, check.stdout, check.stderr)
         assert "Deprecated" not in check.stderr, check.stderr  # nothing Envoy is about to drop
+
+
+def test_the_short_forms_fault_and_local_ratelimit_export_what_they_compile_to():
+    from sidecar.http_filters import FAULT, LOCAL_RATELIMIT, add_live_faults
+
+    boot = compile_short({"ingress": {"port": 8080, "to": 3000, "fault": {"abort": {"percent": 12.5, "status": 500}},
+                                      "local_ratelimit": {"max_tokens": 100, "tokens_per_fill": 10,
+                                                          "fill_interval": "1s"}},
+                          "egress": {"port": 9001, "local_ratelimit": {"max_tokens": 5, "fill_interval": "100ms"},
+                                     "routes": [{"host": "b.service", "to": "b:80",
+                                                 "fault": {"delay": {"fixed": "100ms", "percent": 5}}}]}}, IP)
+    ing, eg = boot.listeners
+    assert [f.name for f in ing.hcm.http_filters] == [FAULT, LOCAL_RATELIMIT]
+    fault = ing.hcm.route_config.virtual_hosts[0].routes[0].fault
+    assert fault.abort.http_status == 500 and fault.abort.percentage == (1250, 10000) and fault.delay is None
+    assert fault.abort_percent_runtime == "fault.http.ingress.local_service.abort.abort_percent"  # meshctl fault's
+    rl = ing.hcm.http_filters[1].config
+    assert (rl.max_tokens, rl.tokens_per_fill, rl.fill_interval_s, rl.status) == (100, 10, 1.0, 429)
+    assert rl.filter_enabled.percentage == (100, 100) and rl.filter_enforced.percentage == (100, 100)
+    d = eg.hcm.route_config.virtual_hosts[0].routes[0].fault.delay
+    assert d.fixed_delay_s == 0.1 and d.percentage == (500, 10000)
+    assert [f.name for f in eg.hcm.http_filters] == [FAULT, LOCAL_RATELIMIT]
+    assert comparable(roundtrip(boot)) == comparable(boot)
+    live = add_live_faults(boot)  # the static fault stays (meshctl fault overrides it through the same keys)
+    assert live.listeners[0].hcm.route_config.virtual_hosts[0].routes[0].fault == fault
+    assert comparable(roundtrip(live)) == comparable(live)
+
+
+@pytest.mark.parametrize("section, where, msg", [
+    ({"fault": {"abort": {"percent": 150}}}, "ingress.fault.abort.percent", "from 0 to 100"),
+    ({"fault": {"abort": {"percent": -1}}}, "ingress.fault.abort.percent", "from 0 to 100"),
+    ({"fault": {"delay": {"fixed": "-5ms"}}}, "ingress.fault.delay.fixed", "negative"),
+    ({"fault": {"delay": {"fixed": 0}}}, "ingress.fault.delay.fixed", "greater than 0"),
+    ({"fault": {"delay": {"percent": 5}}}, "ingress.fault.delay.fixed", "required"),
+    ({"fault": {}}, "ingress.fault", "abort or delay"),
+    ({"fault": {"abort": {"status": 700}}}, "ingress.fault.abort.status", ""),
+    ({"local_ratelimit": {"max_tokens": 5}}, "ingress.local_ratelimit.fill_interval", "required"),
+    ({"local_ratelimit": {"max_tokens": 0, "fill_interval": "1s"}}, "ingress.local_ratelimit.max_tokens", ""),
+])
+def test_the_short_forms_fault_and_local_ratelimit_are_checked(section, where, msg):
+    from sidecar.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        compile_short({"ingress": {"port": 8080, "to": 3000, **section}}, IP)
+    assert where in str(exc.value) and msg in str(exc.value), str(exc.value)
