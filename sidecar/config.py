@@ -92,6 +92,7 @@ class HeaderMutations:
 class WeightedCluster:
     name: str
     weight: int
+    fault: FaultFilter | None = None  # its typed_per_filter_config (fault filter): wins over the route's
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -461,8 +461,10 @@ def _header_value_option(ctx: Ctx, value: Any, path: str) -> HeaderValueOption:
     return HeaderValueOption(name=name, value=text.replace("%%", "%"), append_action=action, keep_empty_value=keep)
 
 
-def weighted_clusters(ctx: Ctx, value: Any, path: str) -> tuple[WeightedCluster, ...]:
-    """Envoy's route.weighted_clusters: {clusters: [{name, weight}], total_weight (deprecated: the sum)}."""
+def weighted_clusters(ctx: Ctx, value: Any, path: str,
+                      per_filter: Callable[[Ctx, Any, str], Any] | None = None) -> tuple[WeightedCluster, ...]:
+    """Envoy's route.weighted_clusters: {clusters: [{name, weight, typed_per_filter_config}], total_weight
+    (deprecated: the sum)}; ``per_filter`` parses a cluster's typed_per_filter_config (the fault filter's)."""
     obj = as_dict(ctx, value, path, allow_none=False)
     check_keys(ctx, obj, path, ("clusters", "total_weight"),
                errors={"runtime_key_prefix": "runtime weights are not supported",
@@ -474,7 +476,7 @@ def weighted_clusters(ctx: Ctx, value: Any, path: str) -> tuple[WeightedCluster,
     for i, c in enumerate(as_list(ctx, obj.get("clusters"), cpath)):
         p = sub(cpath, i)
         c = as_dict(ctx, c, p, allow_none=False)
-        check_keys(ctx, c, p, ("name", "weight"),
+        check_keys(ctx, c, p, ("name", "weight", *(("typed_per_filter_config",) if per_filter else ())),
                    errors={k: "per-cluster header mutations are not supported; set them on the route"
                            for k in HEADER_MUTATION_KEYS})
         if "name" not in c:
@@ -482,7 +484,11 @@ def weighted_clusters(ctx: Ctx, value: Any, path: str) -> tuple[WeightedCluster,
         name = as_str(ctx, c["name"], sub(p, "name"))
         if ctx.clusters is not None and name not in ctx.clusters:
             raise ctx.error(sub(p, "name"), f"unknown cluster {name!r} (not in static_resources.clusters)")
-        out.append(WeightedCluster(name=name, weight=as_int(ctx, _pb_value(c.get("weight", 0)), sub(p, "weight"))))
+        fault = None
+        if per_filter is not None and c.get("typed_per_filter_config") is not None:
+            fault = per_filter(ctx, c["typed_per_filter_config"], sub(p, "typed_per_filter_config"))
+        out.append(WeightedCluster(name=name, weight=as_int(ctx, _pb_value(c.get("weight", 0)), sub(p, "weight")),
+                                   fault=fault))
     if not out:
         raise ctx.error(cpath, "at least one cluster is required")
     total = sum(c.weight for c in out)

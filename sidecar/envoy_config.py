@@ -376,7 +376,8 @@ def _route(ctx: Ctx, value: Any, path: str) -> Route:
         raise ctx.error(apath, "exactly one of cluster or weighted_clusters is required")
     cluster = None
     if "weighted_clusters" in act:
-        kw["weighted_clusters"] = weighted_clusters(ctx, act["weighted_clusters"], sub(apath, "weighted_clusters"))
+        kw["weighted_clusters"] = weighted_clusters(ctx, act["weighted_clusters"], sub(apath, "weighted_clusters"),
+                                                    lambda c, v, p: parse_per_filter(c, v, p, _header))
     else:
         cluster = as_str(ctx, act["cluster"], sub(apath, "cluster"))
         if ctx.clusters is not None and cluster not in ctx.clusters:

@@ -204,8 +204,10 @@ def _route(route: Route) -> dict[str, Any]:
         return out
     action: dict[str, Any] = {"timeout": seconds(route.timeout_s)}
     if route.weighted_clusters:
-        action["weighted_clusters"] = {"clusters": [{"name": w.name, "weight": w.weight}
-                                                    for w in route.weighted_clusters]}
+        action["weighted_clusters"] = {"clusters": [
+            {"name": w.name, "weight": w.weight,
+             **({"typed_per_filter_config": {FAULT: export_fault(w.fault, _header)}} if w.fault else {})}
+            for w in route.weighted_clusters]}
     else:
         action["cluster"] = route.cluster
     if route.retry_policy is not None:

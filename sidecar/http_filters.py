@@ -217,9 +217,16 @@ def add_live_faults(boot: Bootstrap) -> Bootstrap:
         hcm = lst.hcm
         vhosts = []
         for vh in hcm.route_config.virtual_hosts:
-            routes = tuple(replace(r, fault=live_fault(live_fault_prefix(lst, r.cluster)))
-                           if r.cluster and r.fault is None else r for r in vh.routes)
-            vhosts.append(replace(vh, routes=routes))
+            routes = []
+            for r in vh.routes:
+                if r.cluster and r.fault is None:
+                    r = replace(r, fault=live_fault(live_fault_prefix(lst, r.cluster)))
+                elif r.weighted_clusters and r.fault is None:  # each cluster of a split its own (Envoy: the
+                    r = replace(r, weighted_clusters=tuple(  # weighted cluster's per-filter config wins)
+                        w if w.fault is not None else replace(w, fault=live_fault(live_fault_prefix(lst, w.name)))
+                        for w in r.weighted_clusters))
+                routes.append(r)
+            vhosts.append(replace(vh, routes=tuple(routes)))
         filters = hcm.http_filters
         if not any(f.name == FAULT for f in filters):
             filters = (HttpFilter(FAULT, FaultFilter()), *filters)
@@ -318,10 +325,11 @@ class FaultRuntime:
     def decode(self, chain: HttpFilterChain, req: Request) -> bool:
         """True: go on to the next filter now; False: this filter finishes or resumes the request."""
         route = req.route
-        cfg = route.fault if route is not None and route.fault is not None else self.cfg
+        cfg = _effective(route, req.stream.info.upstream_cluster, self.cfg)
         if cfg.abort is None and cfg.delay is None:
             return True
-        if cfg.upstream_cluster is not None and (route is None or route.cluster != cfg.upstream_cluster):
+        if cfg.upstream_cluster is not None and (route is None or
+                                                 req.stream.info.upstream_cluster != cfg.upstream_cluster):
             return True
         if cfg.headers and not chain.headers_match(cfg.headers, req.headers):
             return True
@@ -489,6 +497,16 @@ def _inert(cfg: FaultFilter) -> bool:
                for x in (cfg.abort, cfg.delay))
 
 
+def _effective(route: Route | None, cluster: str | None, default: FaultFilter) -> FaultFilter:
+    """The most specific fault config: the picked weighted cluster's, the route's, the filter's."""
+    if route is None:
+        return default
+    for w in route.weighted_clusters:
+        if w.name == cluster and w.fault is not None:
+            return w.fault
+    return route.fault if route.fault is not None else default
+
+
 def _quiet(cfg: FaultFilter, values: dict[str, str]) -> bool:
     """This fault config can do nothing at all now: inert, none of its runtime keys set, no overflow to count."""
     return (_inert(cfg) and cfg.max_active_faults is None
@@ -532,8 +550,9 @@ class HttpFilterChain:
             self.passive = frozenset()
             return
         quiet = {id(route) for route in (*self.routes, None)
-                 if all(_quiet(route.fault if route is not None and route.fault is not None else f.config, values)
-                        for f in self.configs)}
+                 if all(_quiet(_effective(route, c, f.config), values) for f in self.configs
+                        for c in ([w.name for w in route.weighted_clusters] if route is not None else [None])
+                        or [None])}
         self.passive = frozenset(quiet)
 
     def decode(self, stream: Stream, vh: VirtualHost | None, route: Route | None, headers: Headers,
@@ -541,8 +560,13 @@ class HttpFilterChain:
         if id(route) in self.passive:  # live faults, off on this route: straight to the router
             self.hcm.dispatch(stream, vh, route, headers, path)
             return
-        if route is not None and route.cluster:
-            stream.info.upstream_cluster = route.cluster  # Envoy logs the route's cluster for a filter's reply too
+        if route is not None:  # Envoy picks the cluster (a weighted one too) before the filters, and logs it
+            if route.cluster:
+                stream.info.upstream_cluster = route.cluster
+            elif route.weighted_clusters:
+                plan = self.hcm.plans.get(id(route))
+                if plan is not None and plan.total:
+                    stream.info.upstream_cluster = plan.pick_cluster()
         self.resume(Request(stream, vh, route, headers, path))
 
     def resume(self, req: Request) -> None:

@@ -785,7 +785,11 @@ class HcmRuntime:
                 path: bytes) -> None:
         """dispatch() for a route with traffic shaping: Envoy's finalizeRequestHeaders, then mirrors."""
         info = stream.info
-        cluster = self.clusters[plan.pick_cluster() if plan.total else route.cluster or ""]
+        if plan.total:  # the HTTP filters may have picked already (a weighted cluster's own fault config)
+            picked = info.upstream_cluster
+            cluster = self.clusters[picked if picked is not None and picked in plan.names else plan.pick_cluster()]
+        else:
+            cluster = self.clusters[route.cluster or ""]
         info.upstream_cluster = cluster.name
         if plan.request_levels:
             headers = apply_levels(headers, plan.request_levels)

@@ -365,3 +365,19 @@ def test_the_short_forms_fault_and_local_ratelimit_are_checked(section, where, m
     with pytest.raises(ConfigError) as exc:
         compile_short({"ingress": {"port": 8080, "to": 3000, **section}}, IP)
     assert where in str(exc.value) and msg in str(exc.value), str(exc.value)
+
+
+def test_live_faults_on_a_weighted_split_export_per_cluster():
+    from sidecar.http_filters import FAULT, add_live_faults
+
+    boot = add_live_faults(compile_short({"egress": {"port": 9001, "routes": [
+        {"host": "b.service", "to": [{"target": "b:80", "weight": 90}, {"target": "b2:80", "weight": 10}]}]}}, IP))
+    route = boot.listeners[0].hcm.route_config.virtual_hosts[0].routes[0]
+    assert route.fault is None
+    assert [w.fault.abort_percent_runtime for w in route.weighted_clusters] == [
+        "fault.http.egress.b.abort.abort_percent", "fault.http.egress.b2.abort.abort_percent"]
+    doc = export_envoy(boot)
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    split = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["weighted_clusters"]["clusters"]
+    assert all(FAULT in c["typed_per_filter_config"] for c in split)
+    assert comparable(roundtrip(boot)) == comparable(boot)

@@ -234,3 +234,42 @@ def test_live_faults_inactive_routes_skip_the_chain_until_their_keys_are_set():
     assert id(b) in chain.passive
     assert rt.modify({"fault.http.abort.abort_percent": "100"}) is None  # the filter's own key: no route, and
     assert id(None) not in chain.passive and id(a) in chain.passive  # routes with their own config stay passive
+
+
+def test_live_faults_on_a_weighted_split_hit_only_the_faulted_cluster(tmp_path, upstream):
+    """A canary split 50/50: a live abort on one cluster answers about half the requests (Binomial(400, .5),
+    sigma 10, 4-sigma bound), the other cluster's share is untouched; the cluster is picked before the filters."""
+    from sidecar.config import FaultFilter, Route, RouteMatch, WeightedCluster
+    from sidecar.http_filters import _effective
+
+    a, b = WeightedCluster("a", 1, FaultFilter(max_active_faults=1)), WeightedCluster("b", 1)
+    route = Route(RouteMatch(prefix="/"), weighted_clusters=(a, b), fault=FaultFilter(max_active_faults=2))
+    assert _effective(route, "a", FaultFilter()) is a.fault and _effective(route, "b", FaultFilter()) is route.fault
+
+    other = "127.0.246.3"
+    gen = serve_upstream(other)
+    _, other_port = next(gen)
+    admin, port = free_port(POD), free_port(POD)
+    cfg = {"admin": {"port": admin}, "access_log": False,
+           "egress": {"port": port, "routes": [{"host": "svc", "to": [
+               {"target": f"{UPSTREAM}:{upstream[1]}", "weight": 50},
+               {"target": f"{other}:{other_port}", "weight": 50}]}]}}
+    proc = SidecarProc(tmp_path / "w", POD, admin, config=cfg, admin_socket=True)
+    proc.args.append("--live-faults")
+    proc.port = port  # type: ignore[attr-defined]
+    proc.start()
+    try:
+        conn = http.client.HTTPConnection(POD, port, timeout=10)
+        assert {get(proc, "/", {"Host": "svc"}, conn)[0] for _ in range(20)} == {200}
+        assert runtime(proc, f"fault.http.egress.{other}.abort.abort_percent=10000")[0] == 200
+        codes = [get(proc, "/", {"Host": "svc"}, conn)[0] for _ in range(400)]
+        assert 160 <= codes.count(503) <= 240 and codes.count(503) + codes.count(200) == 400, codes.count(503)
+        assert runtime(proc, f"fault.http.egress.{UPSTREAM}.abort.abort_percent=10000")[0] == 200
+        assert {get(proc, "/", {"Host": "svc"}, conn)[0] for _ in range(20)} == {503}
+        assert runtime(proc, f"fault.http.egress.{UPSTREAM}.abort.abort_percent=&"
+                             f"fault.http.egress.{other}.abort.abort_percent=")[0] == 200
+        assert {get(proc, "/", {"Host": "svc"}, conn)[0] for _ in range(20)} == {200}
+        conn.close()
+    finally:
+        proc.stop()
+        gen.close()
