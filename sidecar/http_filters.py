@@ -3,8 +3,9 @@
 Configuration (both front ends) is parsed here into ``sidecar.config`` objects; at run time an
 ``HttpFilterChain`` per connection manager runs the filters between route selection and the router, as
 Envoy's filter chain does (a fault abort answers even a request no route matches). With no filters
-configured the chain does not exist and the request path pays nothing; a fault filter whose faults are
-at 0 % costs one runtime lookup per fault kind.
+configured the chain does not exist and the request path pays nothing; with only fault filters, the routes
+no fault can touch (0 %, no header control, none of their runtime keys set: the live faults while off) are
+computed at load and on every runtime change, and their requests go to the router after one set lookup.
 
 A delay is one ``loop.call_later`` per delayed request (no task); the rate limit's token bucket is
 refilled lazily on each request from the elapsed time (no timer), continuously like Envoy 1.40's.
