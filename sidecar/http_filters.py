@@ -45,6 +45,7 @@ LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
 FAULT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 LOCAL_RATELIMIT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 FILTER_NAMES = (FAULT, LOCAL_RATELIMIT)
+_monotonic = time.monotonic
 DENOMINATORS = {"HUNDRED": 100, "TEN_THOUSAND": 10000, "MILLION": 1000000}
 DENOMINATOR_NAMES = {v: k for k, v in DENOMINATORS.items()}
 FLAG_FAULT_ABORT = "FI"
@@ -439,6 +440,7 @@ class RateLimitRuntime:
             runtime.known.add(cfg.filter_enabled.runtime_key)
         if cfg.filter_enforced is not None:
             runtime.known.add(cfg.filter_enforced.runtime_key)
+        self.max_tokens = float(cfg.max_tokens)
         self.always_enabled = False  # filter_enabled at 100 % with no runtime override: no lookup per request
         self.rearm()
 
@@ -447,27 +449,25 @@ class RateLimitRuntime:
         self.always_enabled = (fe is not None and fe.runtime_key not in self.runtime.values
                                and fe.percentage[0] >= fe.percentage[1])
 
-    def _take(self) -> bool:
-        now = time.monotonic()
-        tokens = min(float(self.cfg.max_tokens), self.tokens + (now - self.last) * self.rate)
+    def decode(self, chain: HttpFilterChain, req: Request) -> bool:
+        cfg = self.cfg
+        if not self.always_enabled and (cfg.filter_enabled is None or not self.runtime.enabled(
+                cfg.filter_enabled.runtime_key, cfg.filter_enabled.percentage)):
+            return True
+        self.enabled.value += 1
+        # the token bucket, refilled from the elapsed time (inline: this runs on every request)
+        now = _monotonic()
+        tokens = self.tokens + (now - self.last) * self.rate
+        if tokens > self.max_tokens:
+            tokens = self.max_tokens
         self.last = now
         if tokens >= 1.0:
             self.tokens = tokens - 1.0
-            return True
-        self.tokens = tokens
-        return False
-
-    def decode(self, chain: HttpFilterChain, req: Request) -> bool:
-        cfg = self.cfg
-        rt = self.runtime
-        if not self.always_enabled and (cfg.filter_enabled is None or
-                                        not rt.enabled(cfg.filter_enabled.runtime_key, cfg.filter_enabled.percentage)):
-            return True
-        self.enabled.value += 1
-        if self._take():
             self.ok.value += 1
             return True
+        self.tokens = tokens
         self.rate_limited.value += 1
+        rt = self.runtime
         if cfg.filter_enforced is None or not rt.enabled(cfg.filter_enforced.runtime_key,
                                                          cfg.filter_enforced.percentage):
             return True
