@@ -63,7 +63,8 @@ def run(quick: bool) -> tuple[list[Row], dict[str, Any]]:
         rows.append(_row("sidecar vs real Envoy: RSS", s["rss_mb"], "MB", e["rss_mb"], "envoy", "<= 0.5x envoy",
                          s["rss_mb"] <= 0.5 * e["rss_mb"]))
 
-    for variant, figure in (("sidecar+live-faults", "inactive fault filter (--live-faults): rps vs plain"),
+    for variant, figure in (("sidecar-again", "the plain sidecar again (A/A control: the bench's bias)"),
+                            ("sidecar+live-faults", "inactive fault filter (--live-faults): rps vs plain"),
                             ("sidecar+ratelimit", "local rate limit that never limits: rps vs plain"),
                             ("sidecar+headers", "route header mutations: rps vs plain")):
         v = hop.get(variant)

@@ -27,6 +27,7 @@ SIDECAR_ADMIN = 9901
 #: Our sidecar again, each with one more filter that never acts: (pod alias, extra sidecar argv, bootstrap extras).
 #: Measured interleaved with the plain sidecar; issue 13: each costs <= 5 % of its rps.
 VARIANTS = {
+    "sidecar-again": ("127.0.233.5", [], {}),  # the plain config again: the A/A control, the bench's own bias
     "sidecar+live-faults": ("127.0.233.2", ["--live-faults"], {}),  # what every mesh sidecar carries
     "sidecar+ratelimit": ("127.0.233.3", [], {"ratelimit": True}),  # a bucket that never runs dry
     "sidecar+headers": ("127.0.233.4", [], {"headers": True}),  # route request/response header mutations
@@ -158,11 +159,10 @@ def measure(duration_s: float, reps: int, only_sidecars: bool = False) -> dict[s
             run_wrk(f"http://{ip}:{port}/", 1)
         order = list(targets)
         for rep in range(reps):
-            # the variants' order rotates so that none always runs right after the plain sidecar
-            variants = [n for n in order if n in VARIANTS]
-            k = rep % max(len(variants), 1)
-            variants = variants[k:] + variants[:k]
-            names = [n for n in order if n not in VARIANTS] + variants
+            # the sidecars' order (the plain one included) rotates: none always runs first or after another
+            group = [n for n in order if n == "sidecar" or n in VARIANTS]
+            k = rep % len(group)
+            names = [n for n in order if n not in group] + group[k:] + group[:k]
             for name in names:
                 (ip, port), peer = targets[name]
                 procs = _tree(peer.pid)
