@@ -183,3 +183,24 @@ def test_live_view_in_a_real_terminal(meshctl):
             load.kill()
             load.wait()
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_upstream_5xx_counts_one_failure_once():
+    """A's service fails because B failed: A's sidecar sees a 5xx on its ingress (A) and on its egress (B).
+    The pod's upstream 5XX is the egress side only (it was counted twice, 811/s at ~405 failures/s)."""
+    from meshctl.observe.collector import _upstream_5xx
+    from pods.replica import SidecarLaunch
+
+    def idx(ingress: float, egress: float, retried: float) -> dict:
+        def key(name: str, cluster: str) -> tuple:
+            return (name, (("envoy_cluster_name", cluster), ("envoy_response_code_class", "5")))
+        return {key("envoy_cluster_upstream_rq_xx", "local_service"): ingress,
+                key("envoy_cluster_upstream_rq_xx", "remote_b"): egress,
+                key("envoy_cluster_retry_upstream_rq_xx", "remote_b"): retried}
+
+    egress = SidecarLaunch(args=(), admin_port=9901, listener_ports=(80, 9001), egress_port=9001,
+                           ingress_stat_prefixes=("ingress",), egress_clusters=("remote_b",))
+    assert _upstream_5xx(idx(0, 0, 0), idx(10, 10, 4), egress) == 14
+    ingress_only = SidecarLaunch(args=(), admin_port=9901, listener_ports=(80,), egress_port=None,
+                                 ingress_stat_prefixes=("ingress",), egress_clusters=())
+    assert _upstream_5xx(idx(0, 0, 0), idx(10, 0, 0), ingress_only) == 10

@@ -214,9 +214,7 @@ class Collector:
                     if rt is not None:
                         have_retries = True
                         retries += rt
-                    up5xx += (delta(old, new, "envoy_cluster_upstream_rq_xx", envoy_response_code_class="5") or 0.0)
-                    up5xx += (delta(old, new, "envoy_cluster_retry_upstream_rq_xx",
-                                    envoy_response_code_class="5") or 0.0)
+                    up5xx += _upstream_5xx(old, new, launch)
                     edges.extend(self._edges(name, r, launch, old, new, dt))
                 elif pod["metrics"] is not None:
                     old, new, dt = self._span(f"{r}/service")
@@ -317,12 +315,26 @@ class Collector:
             traffic = requests > 0
             rows.append(EdgeRow(
                 source=pod, cluster=c, rps=requests / dt if dt and traffic else None,
-                success=m["ok"] / requests if traffic else None,
+                # a request counted in one window and answered in the next can push a short window over 1
+                success=min(1.0, m["ok"] / requests) if traffic else None,
                 actual_success=m["ok"] / m["attempts"] if m["attempts"] > 0 else None,
                 retries_per_s=m["retries"] / dt if dt and traffic else None,
                 timeouts_per_s=m["timeouts"] / dt if dt and traffic else None,
                 p99_ms=histogram_quantile(0.99, m["hist"]) if traffic else None))
         return rows
+
+
+def _upstream_5xx(old: Index | None, new: Index | None, launch: SidecarLaunch) -> float:
+    """5xx answers from the pod's upstreams, retried ones included: its egress clusters (the mesh's hops), or,
+    for an ingress-only sidecar, its own service. Not both: a service that fails because its upstream failed
+    would count one failure twice."""
+    names = launch.egress_clusters or (None,)
+    total = 0.0
+    for name in names:
+        want = {} if name is None else {"envoy_cluster_name": name}
+        for metric in ("envoy_cluster_upstream_rq_xx", "envoy_cluster_retry_upstream_rq_xx"):
+            total += delta(old, new, metric, envoy_response_code_class="5", **want) or 0.0
+    return total
 
 
 def _launch(sidecar: dict[str, Any]) -> SidecarLaunch:
