@@ -36,6 +36,7 @@ from sidecar.request_info import (
     FLAG_UPSTREAM_PROTOCOL_ERROR,
     FLAG_UPSTREAM_REQUEST_TIMEOUT,
     FLAG_UPSTREAM_RETRY_LIMIT_EXCEEDED,
+    RequestInfo,
 )
 from sidecar.retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET, RetryState
 from sidecar.routing import RouteTable, _headers_match
@@ -188,7 +189,8 @@ class Forwarder:
 
     __slots__ = ("hcm", "stream", "cluster", "cstats", "headers", "path", "retry", "timeout_s", "deadline",
                  "attempts", "state", "attempt", "retry_slot", "global_timer", "retry_timer", "connecting",
-                 "loop", "flags", "quiet_retry_used", "body_conn", "attempt_count", "waiting", "plan", "tried")
+                 "loop", "flags", "quiet_retry_used", "uncounted", "body_conn", "attempt_count", "waiting", "plan",
+                 "tried")
 
     def __init__(self, hcm: HcmRuntime, stream: Stream, route: Route, vh: VirtualHost, cluster: ClusterRuntime,
                  headers: Headers, path: bytes) -> None:
@@ -199,7 +201,8 @@ class Forwarder:
         self.cstats: ClusterStats = cluster.stats
         self.headers = headers
         self.path = path
-        self.retry = RetryState(route.retry_policy or vh.retry_policy, stream.headers if stream.envoy_headers else ())
+        policy = route.retry_policy or vh.retry_policy
+        self.retry = RetryState(policy, stream.headers if stream.envoy_headers else ())
         timeout_s = route.timeout_s
         override = stream.seen.get(b"x-envoy-upstream-rq-timeout-ms") if stream.envoy_headers else None
         if override is not None and override.strip().isdigit():
@@ -215,11 +218,13 @@ class Forwarder:
         self.connecting: asyncio.Task[None] | None = None
         self.flags: list[str] = []
         self.quiet_retry_used = False
+        #: The current attempt is not in upstream_rq_total yet: it is counted once, when it gets a connection
+        #: (or fails to connect: our deliberate difference from Envoy); a quiet resend is the same attempt.
+        self.uncounted = False
         self.body_conn: UpstreamConnection | None = None  # where a streamed request body goes
         self.attempt_count = vh.include_request_attempt_count  # Envoy sends x-envoy-attempt-count only then
         self.waiting: Pool | None = None  # waiting for a connection to this endpoint (max_connections)
         self.plan: RoutePlan | None = None  # traffic shaping of the route (sidecar.shaping), if any
-        policy = route.retry_policy or vh.retry_policy
         self.tried: list[Pool] | None = [] if policy is not None and policy.previous_hosts else None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -346,7 +351,7 @@ class Forwarder:
             return
         if not quiet:
             self.attempts += 1
-            self.cstats.upstream_rq_total.value += 1
+            self.uncounted = True
         info = self.stream.info
         info.attempts = self.attempts
         info.upstream_host = pool.address
@@ -396,6 +401,7 @@ class Forwarder:
                 self.cluster.outlier.local_failure(pool)
             if self.state is _CONNECTING:
                 self.cluster.pending_requests -= 1
+                self._count_attempt()
                 self.on_failure(None, CONNECT_TIMEOUT if isinstance(exc, TimeoutError) else CONNECT_FAILURE)
             return
         self.connecting = None
@@ -411,11 +417,10 @@ class Forwarder:
             # Envoy checks max_requests when the stream attaches to a connection (which stays pooled): 503 UO,
             # upstream_rq_active_overflow, counted as the cluster's 503; the stream never existed upstream.
             pool.release(conn)
-            if not self.quiet_retry_used:
-                self.cstats.upstream_rq_total.value -= 1
             self.cstats.upstream_rq_active_overflow.value += 1
             self._upstream_reply(503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
             return
+        self._count_attempt()
         attempt = Attempt(self, pool, conn, reused)
         self.attempt = attempt
         self.state = _WAITING
@@ -430,6 +435,11 @@ class Forwarder:
         per_try = self.retry.per_try_timeout_s
         if per_try and not attempt.completed:
             attempt.timer = self.loop.call_later(per_try, attempt.on_per_try_timeout)
+
+    def _count_attempt(self) -> None:
+        if self.uncounted:
+            self.uncounted = False
+            self.cstats.upstream_rq_total.value += 1
 
     def request_bytes(self) -> bytes:
         s = self.stream
@@ -623,6 +633,13 @@ class Forwarder:
         self._finish(_BROKEN, flag=flag)
 
 
+def _rewrite(info: RequestInfo, headers: Headers, path: bytes, new: bytes) -> bytes:
+    """A rewritten path: Envoy keeps the original in x-envoy-original-path (and its access log's)."""
+    info.original_path = info.path
+    headers.append((b"x-envoy-original-path", path))
+    return new
+
+
 _INTERNAL: dict[bytes, bool] = {}
 
 
@@ -763,22 +780,19 @@ class HcmRuntime:
             self.local_reply(stream, 404, b"", FLAG_NO_ROUTE)
             return
         info.route_name = route.name
+        plan = self.plans.get(id(route)) if self.plans else None
         if route.direct_response is not None:
             stats.rq_direct_response.value += 1
-            plan = self.plans.get(id(route)) if self.plans else None
             stream.reply(route.direct_response.status, route.direct_response.body,
                          apply_levels([], plan.response_levels) if plan is not None else None)
             return
-        plan = self.plans.get(id(route)) if self.plans else None
         if plan is not None:
             self._shaped(stream, vh, route, plan, headers, path)
             return
         cluster = self.clusters[route.cluster or ""]
         info.upstream_cluster = cluster.name
         if route.prefix_rewrite is not None and route.match.prefix is not None:
-            info.original_path = info.path
-            headers.append((b"x-envoy-original-path", path))
-            path = route.prefix_rewrite.encode() + path[len(route.match.prefix):]
+            path = _rewrite(info, headers, path, route.prefix_rewrite.encode() + path[len(route.match.prefix):])
         Forwarder(self, stream, route, vh, cluster, headers, path).start()
 
     def _shaped(self, stream: Stream, vh: VirtualHost, route: Route, plan: RoutePlan, headers: Headers,
@@ -799,16 +813,12 @@ class HcmRuntime:
             headers.append((b"x-envoy-original-host", original))
         rx = plan.regex_rewrite
         if route.prefix_rewrite is not None and route.match.prefix is not None:
-            info.original_path = info.path
-            headers.append((b"x-envoy-original-path", path))
-            path = route.prefix_rewrite.encode() + path[len(route.match.prefix):]
+            path = _rewrite(info, headers, path, route.prefix_rewrite.encode() + path[len(route.match.prefix):])
         elif rx is not None:
             bare, q, query = path.partition(b"?")
             new = rx.pattern.sub(rx.substitution, bare.decode("latin-1")).encode("latin-1")
             if new != bare:
-                info.original_path = info.path
-                headers.append((b"x-envoy-original-path", path))
-                path = new + q + query
+                path = _rewrite(info, headers, path, new + q + query)
         fwd = Forwarder(self, stream, route, vh, cluster, headers, path)
         fwd.plan = plan
         fwd.start()
