@@ -61,6 +61,16 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+def framed_body(body: bytes, chunked: bool, content_length: int | None) -> list[bytes]:
+    """The end of a head and its buffered body, framed as the request came: chunked (one chunk, as Envoy
+    forwards a buffered chunked body), with a length, or no body at all."""
+    if chunked:
+        return [b"transfer-encoding: chunked\r\n\r\n", *((chunk(body),) if body else ()), LAST_CHUNK]
+    if body or content_length is not None:
+        return [b"content-length: %d\r\n\r\n" % len(body), body]
+    return [b"\r\n"]
+
+
 class HeadResponseParsing:
     """The one workaround for HEAD replies, for every protocol that parses responses with httptools.
 

@@ -25,7 +25,7 @@ from sidecar.cluster import ClusterRuntime
 from sidecar.config import HttpConnectionManager, Route, VirtualHost
 from sidecar.filters import DEFAULT_REQUEST_FILTERS, RequestFilter, new_request_id
 from sidecar.flow_control import PEER_SLOW
-from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, Headers, chunk, connection_tokens
+from sidecar.http1 import HOP_BY_HOP, LAST_CHUNK, Headers, chunk, connection_tokens, framed_body
 from sidecar.http_filters import HttpFilterChain, Runtime
 from sidecar.request_info import (
     FLAG_NO_HEALTHY_UPSTREAM,
@@ -457,16 +457,7 @@ class Forwarder:
             out.append(b"transfer-encoding: chunked\r\n\r\n" if s.chunked_request
                        else b"content-length: %d\r\n\r\n" % (s.content_length or 0))
             return b"".join(out)
-        if s.chunked_request:  # forwarded chunked, as Envoy does (buffered: one chunk)
-            out.append(b"transfer-encoding: chunked\r\n\r\n")
-            if s.body:
-                out.append(chunk(bytes(s.body)))
-            out.append(LAST_CHUNK)
-        elif s.body or s.content_length is not None:
-            out.append(b"content-length: %d\r\n\r\n" % len(s.body))
-            out.append(bytes(s.body))
-        else:
-            out.append(b"\r\n")
+        out.extend(framed_body(bytes(s.body), s.chunked_request, s.content_length))
         return b"".join(out)
 
     def _stream_body(self, conn: UpstreamConnection, attempt: Attempt) -> None:

@@ -14,7 +14,7 @@ import asyncio
 import time
 
 from sidecar.cluster import ClusterRuntime
-from sidecar.http1 import LAST_CHUNK, Headers, chunk
+from sidecar.http1 import Headers, framed_body
 from sidecar.shaping import shadow_host
 from sidecar.upstream import Pool, UpstreamConnection
 
@@ -26,16 +26,7 @@ def shadow_request_bytes(method: bytes, path: bytes, headers: Headers, body: byt
         out.append(b"%s: %s\r\n" % (n, shadow_host(v) if n == b"host" else v))
     if timeout_s > 0:
         out.append(b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(timeout_s * 1000))
-    if chunked:
-        out.append(b"transfer-encoding: chunked\r\n\r\n")
-        if body:
-            out.append(chunk(body))
-        out.append(LAST_CHUNK)
-    elif body or content_length is not None:
-        out.append(b"content-length: %d\r\n\r\n" % len(body))
-        out.append(body)
-    else:
-        out.append(b"\r\n")
+    out.extend(framed_body(body, chunked, content_length))
     return b"".join(out)
 
 
