@@ -113,6 +113,15 @@ def free_port(ip: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, ip: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports (the kernel may hand the same one out twice in a row)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        if (port := free_port(ip)) not in ports:
+            ports.append(port)
+    return ports
+
+
 def bind_problem(ip: str, port: int) -> str | None:
     """Why a server could not bind ``ip:port`` here, or None when it can."""
     with socket.socket() as s:

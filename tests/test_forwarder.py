@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 
 #: Greets, reads the request until the client half-closes, answers, closes.
 ONE_SHOT_SERVER = """
@@ -27,12 +27,6 @@ socketserver.ThreadingTCPServer.allow_reuse_address = True
 socketserver.ThreadingTCPServer.daemon_threads = True
 socketserver.ThreadingTCPServer((sys.argv[1], 8000), Handler).serve_forever()
 """
-
-
-def _free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 def _read_all(s: socket.socket) -> bytes:
@@ -67,7 +61,7 @@ def test_half_closed_connections_are_answered_and_leave_no_descriptors(
         meshctl, client: Callable[[tuple[str, int], bytes], bytes], pod_ip: str, host_ip: str) -> None:
     server = Path(meshctl.workdir) / "oneshot.py"
     server.write_text(ONE_SHOT_SERVER)
-    port = _free_port(host_ip)
+    port = free_port(host_ip)
     project = f"fwd-{client.__name__.replace('_', '-')}"
     topo = meshctl.write("fwd.yaml", f"""
         pods:

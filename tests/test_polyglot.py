@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from meshctl.supervisor.pod_namespace import pod_hosts_problem
-from tests.conftest import POD_ALIAS_PROBE, ROOT, free_port, wait_for
+from tests.conftest import POD_ALIAS_PROBE, ROOT, free_port, free_ports, wait_for
 
 TOPOLOGY = ROOT / "examples/polyglot/polyglot.yaml"
 HOST_HOSTS = Path("/etc/hosts")
@@ -32,15 +32,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("curl") is None,
                        reason="examples/polyglot's job needs curl, which is not on PATH (Debian package curl)"),
 ]
-
-
-def free_ports(n: int, ip: str) -> list[int]:
-    """``n`` distinct free ports (the kernel may hand the same one out twice in a row)."""
-    ports: list[int] = []
-    while len(ports) < n:
-        if (port := free_port(ip)) not in ports:
-            ports.append(port)
-    return ports
 
 
 def polyglot_env() -> dict[str, str]:

@@ -15,24 +15,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import POD_ALIAS_PROBE, ROOT, free_port
+from tests.conftest import POD_ALIAS_PROBE, ROOT, free_ports
 
 LAB = ROOT / "examples/resilience"
-
-
-def free_ports(n: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < n:
-        if (port := free_port(POD_ALIAS_PROBE)) not in ports:
-            ports.append(port)
-    return ports
 
 
 def lab_env() -> dict[str, str]:
     """Free ports for the client (A) and server (B) variables every lab topology uses."""
     names = ("B_PORT", "B_SERVICE_PORT", "B_METRICS_PORT", "B_ADMIN_PORT",
              "A_PORT", "A_SERVICE_PORT", "A_METRICS_PORT", "A_EGRESS_PORT", "A_ADMIN_PORT")
-    return dict(zip(names, map(str, free_ports(len(names))), strict=True))
+    return dict(zip(names, map(str, free_ports(len(names), POD_ALIAS_PROBE)), strict=True))
 
 
 def ip_of(meshctl, project: str, replica: str) -> str:
@@ -168,7 +160,7 @@ def test_canary_split_is_within_three_points(meshctl):
 
 
 def test_local_rate_limit_answers_429_beyond_50_rps(meshctl):
-    port, service, metrics, admin = free_ports(4)
+    port, service, metrics, admin = free_ports(4, POD_ALIAS_PROBE)
     text = (LAB / "ratelimit.envoy.yaml").read_text()
     for old, new in ((8080, port), (8001, service), (9901, admin)):
         text, count = re.subn(rf"port_value: {old}\b", f"port_value: {new}", text)

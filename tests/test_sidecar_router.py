@@ -21,6 +21,7 @@ import pytest
 
 from sidecar.app import Sidecar
 from sidecar.short_config import compile_short
+from tests.conftest import free_port
 from tests.test_sidecar_proxy import SidecarProc, raw_exchange, request, wait_count
 from tests.upstreams import UpstreamServer
 
@@ -31,13 +32,6 @@ UP_FULL = "127.0.186.5"  # the same, for a cluster with max_requests 0
 REFUSED = "127.0.186.2"  # nothing listens: connection refused
 BLACKHOLE = "127.0.186.3"  # a listener whose accept queue is full: connects time out
 BLACKHOLE_SLOW = "127.0.186.6"  # the same, for a cluster with a long connect timeout
-
-
-def free_port(ip: str) -> int:
-    """A TCP port nobody listens on at ``ip`` right now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 def _wait(cond: Any, what: str, timeout: float = 5.0) -> None:

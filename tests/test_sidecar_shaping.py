@@ -23,6 +23,7 @@ from sidecar.config import ConfigError
 from sidecar.envoy_config import compile_envoy
 from sidecar.envoy_export import export_envoy
 from sidecar.short_config import compile_short
+from tests.conftest import free_port
 from tests.test_sidecar_proxy import SidecarProc, request
 from tests.upstreams import UpstreamServer
 
@@ -31,12 +32,6 @@ MAIN, CANARY, SHADOW = "127.0.252.1", "127.0.252.2", "127.0.252.3"
 LB = ["127.0.252.11", "127.0.252.12", "127.0.252.13"]
 DEAD = "127.0.253.1"  # nothing listens: connection refused
 SILENT = "127.0.253.2"  # accepts, reads, never answers
-
-
-def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 def _cluster(name: str, ips: list[str], port: int, **extra: Any) -> dict[str, Any]:
