@@ -201,9 +201,10 @@ class LocalRateLimit:
 
 @dataclass(frozen=True)
 class HttpFilter:
-    """One HTTP filter before the router: ``name`` is Envoy's (envoy.filters.http.fault / local_ratelimit)."""
+    """One HTTP filter before the router: ``name`` is Envoy's (envoy.filters.http.fault / local_ratelimit /
+    rbac / jwt_authn); ``config`` is that filter's own model (the RBAC and JWT models live in their modules)."""
     name: str
-    config: FaultFilter | LocalRateLimit
+    config: Any
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,42 @@ class HttpConnectionManager:
     http_filters: tuple[HttpFilter, ...] = ()  # before the router, in order
 
 
+# --- TLS: Envoy's envoy.transport_sockets.tls, the subset a mesh uses ----------------------------------------------
+
+@dataclass(frozen=True)
+class SanMatcher:
+    """One of CertificateValidationContext.match_typed_subject_alt_names: a SAN of ``san_type`` whose value
+    matches (``exact`` or ``prefix``). A mesh peer is matched by its SPIFFE id: URI, exact."""
+    san_type: str = "URI"  # URI | DNS | IP_ADDRESS | EMAIL
+    exact: str | None = None
+    prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class CommonTls:
+    """CommonTlsContext: our certificate (file paths, read at start and re-read when the files change),
+    the CA that validates the peer, which peer SANs are accepted, ALPN."""
+    cert_chain: str | None = None  # tls_certificates[0].certificate_chain.filename
+    private_key: str | None = None  # tls_certificates[0].private_key.filename
+    trusted_ca: str | None = None  # validation_context.trusted_ca.filename (None: the peer is not verified)
+    match_sans: tuple[SanMatcher, ...] = ()  # empty: any certificate the CA signed
+    alpn: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DownstreamTls:
+    """DownstreamTlsContext of a listener's filter chain."""
+    common: CommonTls
+    require_client_certificate: bool = False
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """UpstreamTlsContext of a cluster's transport_socket."""
+    common: CommonTls
+    sni: str | None = None
+
+
 @dataclass(frozen=True)
 class Listener:
     name: str
@@ -225,6 +262,11 @@ class Listener:
     port: int
     hcm: HttpConnectionManager
     original_address: str = ""
+    tls: DownstreamTls | None = None
+    #: With ``tls``: a second, plaintext filter chain is chosen when the first bytes are not a TLS
+    #: ClientHello (Envoy: listener_filters tls_inspector + filter_chain_match.transport_protocol), i.e. the
+    #: mesh's ``mtls: permissive``. Without: a plaintext client is refused (``strict``).
+    plaintext_allowed: bool = False
 
     @property
     def is_egress(self) -> bool:
@@ -295,6 +337,7 @@ class Cluster:
     health_checks: tuple[HealthCheck, ...] = ()
     dns_refresh_rate_s: float = 5.0
     per_connection_buffer_limit_bytes: int = 1024 * 1024
+    tls: UpstreamTls | None = None  # transport_socket envoy.transport_sockets.tls
 
 
 @dataclass(frozen=True)
