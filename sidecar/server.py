@@ -252,6 +252,12 @@ _UNCOUNTED = Counter("uncounted")
 
 
 class DownstreamProtocol(WriteFlowControl, asyncio.Protocol):
+    #: The verified client certificate's first URI SAN (a SPIFFE id) on a TLS connection; None for plaintext
+    #: or no client certificate. A class attribute: plaintext connections never pay for setting it.
+    peer_identity: str | None = None
+    #: The TLS connection's details for the access log (sidecar.tls.TlsInfo); None on plaintext.
+    tls_info: object | None = None
+
     def __init__(self, manager: ConnectionManager, max_header_bytes: int = 60 * 1024,
                  idle_timeout_s: float = 0.0) -> None:
         self.manager = manager
