@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, seed, sidecar_hop, startup, stats_overhead
+from bench import loadgen, mtls_hop, seed, sidecar_hop, startup, stats_overhead
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,6 +72,21 @@ def run(quick: bool) -> tuple[list[Row], dict[str, Any]]:
             rows.append(_row(figure, v["rps"], "rps", s["rps"], "plain sidecar", ">= 0.95x",
                              v["rps_vs_plain"] >= 0.95, ratio=v["rps_vs_plain"],
                              spread=f"{v['rps_min']:.0f}-{v['rps_max']:.0f}"))
+
+    mt = part("mtls_hop", lambda: mtls_hop.measure(2 if quick else 5, 1 if quick else 3, 2 if quick else 3))
+    ms, me = mt["sidecar"], mt.get("envoy")
+    if me is not None:  # issue 14: the mTLS hop, a pair of our sidecars vs a pair of real Envoys
+        rows.append(_row("mTLS hop (client sidecar -> TLS -> server sidecar): throughput", ms["rps"], "rps",
+                         me["rps"], "envoy pair"))
+        rows.append(_row("mTLS hop: CPU per request (both proxies)", ms["cpu_us_per_rq"], "us",
+                         me["cpu_us_per_rq"], "envoy pair"))
+        rows.append(_row("mTLS hop: p99", ms["p99_ms"], "ms", me["p99_ms"], "envoy pair"))
+        rows.append(_row("mTLS handshakes/s, full (TLS 1.3, openssl s_time -new)", ms["handshakes_new_per_s"],
+                         "/s", me["handshakes_new_per_s"], "envoy"))
+        rows.append(_row("mTLS handshakes/s, full (TLS 1.2)", ms["handshakes_new_tls12_per_s"], "/s",
+                         me["handshakes_new_tls12_per_s"], "envoy"))
+        rows.append(_row("mTLS handshakes/s, resumed (TLS 1.2, s_time -reuse)", ms["handshakes_reuse_tls12_per_s"],
+                         "/s", me["handshakes_reuse_tls12_per_s"], "envoy"))
 
     lg = part("loadgen", lambda: loadgen.measure(20_000 if quick else 50_000, 1 if quick else 3))
     rows.append(_row("meshctl traffic -c10 -> nginx", lg["traffic"]["rps"], "rps", lg["hey"]["rps"], "hey",
