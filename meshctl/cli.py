@@ -117,11 +117,12 @@ def _with_prometheus_options(fn: Any) -> Any:
 def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_prometheus: bool,
        prometheus_bin: str | None, sidecar_engine: str | None) -> None:
     """Start the mesh described by FILE (foreground unless -d; Ctrl-C stops it, twice forces)."""
-    from meshctl.lifecycle import claim, run_supervisor, start_detached
+    from meshctl.lifecycle import claim, ensure_mesh_ca, run_supervisor, start_detached
 
     plan = _plan(file, project, with_prometheus, prometheus_bin, starting=True, sidecar_engine=sidecar_engine)
     try:
         state, lock = claim(plan)
+        ensure_mesh_ca(plan)
         if not detach:
             sys.exit(run_supervisor(plan, state, foreground=True))
         status, elapsed = start_detached(plan, state, lock, wait_timeout)
@@ -227,6 +228,55 @@ def ps(project: str | None, output: str) -> None:
     console.print(table)
     for warning in (w for p in status["processes"] for w in p["warnings"]):  # one line each, however wide
         console.print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
+
+
+def _expires_in(iso: str | None) -> str:
+    import datetime as dt
+
+    if not iso:
+        return "-"
+    left = (dt.datetime.fromisoformat(iso) - dt.datetime.now(dt.UTC)).total_seconds()
+    return "expired" if left <= 0 else _fmt_uptime(left)
+
+
+@main.command(short_help="List the mesh's workload certificates (or rotate some).")
+@project_option
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@click.option("--rotate", "rotate", metavar="NAME", default=None,
+              help="Issue new certificates now to a pod's replicas or one replica (sidecars reload them; "
+                   "connections are not dropped).")
+def certs(project: str | None, output: str, rotate: str | None) -> None:
+    """List each replica's SPIFFE identity, certificate serial and expiry; --rotate NAME rotates now."""
+    state = _pick_mesh(project)
+    if rotate is not None:
+        rotated = _ask(state, "POST", f"/v1/certs/rotate/{quote(rotate, safe='')}")["rotated"]
+        if output == "json":
+            click.echo(json.dumps({"rotated": rotated}, indent=2))
+            return
+        for c in rotated:
+            click.echo(f"{c['replica']}: {c['identity']} serial {c['serial']} (rotation {c['rotations']}), "
+                       f"valid until {c['not_after']}")
+        return
+    answer = _ask(state, "GET", "/v1/certs")
+    if output == "json":
+        click.echo(json.dumps(answer, indent=2))
+        return
+    if not answer["certs"]:
+        click.echo(f"mesh {answer['mesh']}: no workload certificates (no pod uses mtls or tls: mesh)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mesh {answer['mesh']}: trust domain {answer['trust_domain']}, CA {answer['ca']}",
+                  box=None, header_style="bold")
+    for col in ("REPLICA", "IDENTITY", "MTLS", "SERIAL", "NOT AFTER", "EXPIRES IN", "ROTATIONS", "PEERS"):
+        table.add_column(col, justify="right" if col == "ROTATIONS" else "left")
+    for c in answer["certs"]:
+        peers = ", ".join(p.rsplit("/", 1)[-1] for p in c["peers"]) or "-"
+        table.add_row(c["replica"], c["identity"], c["mtls"], c.get("serial", "-"),
+                      (c.get("not_after") or "-")[:19].replace("T", " "), _expires_in(c.get("not_after")),
+                      str(c.get("rotations", "-")), peers)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 @main.command(short_help="Restart a pod or a replica.")

