@@ -271,7 +271,7 @@ def _probe_boots(layout: ReplicaLayout) -> dict[str, Bootstrap]:
     boots = {}
     for name, launch in layout.sidecars.items():
         try:
-            boots[name] = compile_source(launch.source, PROBE_IP, launch.public_admin)
+            boots[name] = compile_source(launch.source, PROBE_IP, launch.public_admin, layout.mesh)
         except ConfigError:
             continue
     return boots

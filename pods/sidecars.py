@@ -14,6 +14,7 @@ the real Envoy (``engine: envoy``), which runs the Envoy v3 bootstrap that
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -79,13 +80,20 @@ def _source(pod: PodSpec, topo: Topology) -> tuple[str, str]:
     return "short", json.dumps({k: v for k, v in section.items() if k not in _META_KEYS}, indent=1)
 
 
-def compile_source(source: tuple[str, str], pod_ip: str, public_admin: bool) -> Bootstrap:
-    """A sidecar configuration compiled for one alias (raises ConfigError)."""
+#: Whether the short form names RBAC principals by pod (``allow: [{from: [a]}]``), which needs the trust domain.
+_SHORT_TAKES_TRUST_DOMAIN = "trust_domain" in inspect.signature(compile_short).parameters
+
+
+def compile_source(source: tuple[str, str], pod_ip: str, public_admin: bool,
+                   trust_domain: str | None = None) -> Bootstrap:
+    """A sidecar configuration compiled for one alias (raises ConfigError); ``trust_domain`` is the mesh's name,
+    what a short-form ``from: [a]`` means as a SPIFFE id (the sidecar gets it from its identity file)."""
     kind, text = source
     if kind == "envoy":
         boot = load_envoy(text, pod_ip, public_admin=public_admin)
     else:
-        boot = compile_short(json.loads(text), pod_ip, public_admin=public_admin, source="sidecar")
+        extra = {"trust_domain": trust_domain} if trust_domain and _SHORT_TAKES_TRUST_DOMAIN else {}
+        boot = compile_short(json.loads(text), pod_ip, public_admin=public_admin, source="sidecar", **extra)
     return add_live_faults(boot)  # what `meshctl fault` switches on; the sidecar gets --live-faults
 
 
@@ -93,7 +101,7 @@ def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_so
                     identity: MeshIdentity | None = None) -> str:
     """The real Envoy's v3 bootstrap (YAML) for one replica of a pod: its alias, its admin socket, and its
     mesh identity's transport sockets (the same ones our sidecar adds when it reads ``--mesh-identity``)."""
-    boot = compile_source(launch.source, replica.ip, launch.public_admin)
+    boot = compile_source(launch.source, replica.ip, launch.public_admin, mesh)
     if identity is not None:
         boot = apply_identity(boot, identity)
     origin = launch.source[1] if launch.source[0] == "envoy" else f"pod {replica.pod}'s short-form sidecar"
@@ -134,7 +142,7 @@ def compile_sidecars(topo: Topology, config_dir: Path, engine: str | None = None
             pod_engine, concurrency = _engine(pod, engine)
             source = _source(pod, topo)
             public = bool(pod.sidecar.get("public_admin", False))
-            boot = compile_source(source, _PROBE_IP, public)
+            boot = compile_source(source, _PROBE_IP, public, topo.name)
         except ConfigError as exc:
             out.problems.append(Problem(path, line, f"{where}: {exc}"))
             continue
