@@ -34,6 +34,8 @@ from sidecar.config import (
     VirtualHost,
 )
 from sidecar.config_fields import Ctx, as_dict, as_int, as_list, as_str, check_keys, duration, sub
+from sidecar.jwt_authn import JWT_AUTHN, JwtAuthnFilter, JwtAuthnRuntime, export_jwt_authn, parse_jwt_authn
+from sidecar.rbac import RBAC, RbacFilter, RbacRuntime, export_rbac, parse_rbac
 
 if TYPE_CHECKING:
     from sidecar.http1 import Headers
@@ -44,7 +46,7 @@ FAULT = "envoy.filters.http.fault"
 LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
 FAULT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 LOCAL_RATELIMIT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
-FILTER_NAMES = (FAULT, LOCAL_RATELIMIT)
+FILTER_NAMES = (FAULT, LOCAL_RATELIMIT, RBAC, JWT_AUTHN)
 _monotonic = time.monotonic
 DENOMINATORS = {"HUNDRED": 100, "TEN_THOUSAND": 10000, "MILLION": 1000000}
 DENOMINATOR_NAMES = {v: k for k, v in DENOMINATORS.items()}
@@ -178,6 +180,10 @@ def parse_http_filter(ctx: Ctx, f: dict[str, Any], path: str,
     cfg, cpath = _typed(ctx, f, path)
     if name == FAULT:
         return HttpFilter(FAULT, parse_fault(ctx, cfg, cpath, header))
+    if name == RBAC:
+        return HttpFilter(RBAC, parse_rbac(ctx, cfg, cpath, header))
+    if name == JWT_AUTHN:
+        return HttpFilter(JWT_AUTHN, parse_jwt_authn(ctx, cfg, cpath, header))
     return HttpFilter(LOCAL_RATELIMIT, parse_local_ratelimit(ctx, cfg, cpath))
 
 
@@ -537,6 +543,10 @@ class HttpFilterChain:
                 if fstats is None:
                     fstats = FaultStats(store, f"http.{stat_prefix}.fault.")
                 self.filters.append(FaultRuntime(f.config, runtime, fstats))
+            elif isinstance(f.config, RbacFilter):
+                self.filters.append(RbacRuntime(f.config, store, stat_prefix, headers_match))
+            elif isinstance(f.config, JwtAuthnFilter):
+                self.filters.append(JwtAuthnRuntime(f.config, store, stat_prefix, headers_match))
             else:
                 self.filters.append(RateLimitRuntime(f.config, runtime, store))
         runtime.watchers.append(self.rearm)
@@ -616,6 +626,12 @@ def export_http_filter(f: HttpFilter, header: Callable[[HeaderMatch], dict[str, 
     cfg = f.config
     if isinstance(cfg, FaultFilter):
         return {"name": FAULT, "typed_config": export_fault(cfg, header)}
+    if isinstance(cfg, (RbacFilter, JwtAuthnFilter)):
+        from sidecar.envoy_export import _regex  # (the export imports this module)
+
+        if isinstance(cfg, RbacFilter):
+            return export_rbac(cfg, header, _regex)
+        return export_jwt_authn(cfg, header, _regex)
     out: dict[str, Any] = {"@type": LOCAL_RATELIMIT_TYPE, "stat_prefix": cfg.stat_prefix,
                            "token_bucket": {"max_tokens": cfg.max_tokens, "tokens_per_fill": cfg.tokens_per_fill,
                                             "fill_interval": f"{cfg.fill_interval_s:.3f}s"}}
