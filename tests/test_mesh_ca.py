@@ -157,3 +157,25 @@ def test_up_cli_exits_1_on_a_corrupt_ca_key(meshctl, tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"meshctl: mesh 'cabad': {bad} is not an unencrypted PEM"), out
     assert not (meshctl.home / "cabad" / "control.sock").exists()
+
+
+def test_rotation_timers_are_due_at_two_thirds_of_the_lifetime(tmp_path):
+    import asyncio
+
+    from meshctl.identity.rotation import Rotation
+
+    plan = make_plan(tmp_path, "identity: {cert_ttl: 90s}").identity
+    events: list[tuple[str, bool]] = []
+
+    async def scenario() -> tuple[float, int, int]:
+        loop = asyncio.get_running_loop()
+        rotation = Rotation(Issuer(plan, ensure_ca(plan.dir, "ca")), lambda text, error: events.append((text, error)))
+        rotation.start()
+        due = rotation._timers["b-0"].when() - loop.time()
+        forced = rotation.rotate("b-0")
+        rotation.stop()
+        return due, forced.rotations, len(rotation._timers)
+
+    due, rotations, timers = asyncio.run(scenario())
+    assert 59 <= due <= 60.1 and rotations == 1 and timers == 0
+    assert events and events[0][0].startswith("b-0 certificate rotated: serial ") and not events[0][1]
