@@ -10,7 +10,9 @@ misspelt ``retry_policy`` silently dropped is a retry that never happens.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from pods.addressing import is_ip
@@ -23,6 +25,7 @@ from sidecar.config import (
     FaultAbort,
     FaultDelay,
     FaultFilter,
+    HeaderMatch,
     HttpConnectionManager,
     HttpFilter,
     Listener,
@@ -38,6 +41,7 @@ from sidecar.config import (
 from sidecar.config_fields import (
     HEADER_MUTATION_KEYS,
     Ctx,
+    as_bool,
     as_dict,
     as_int,
     as_list,
@@ -57,13 +61,20 @@ from sidecar.config_fields import (
     sub,
 )
 from sidecar.http_filters import FAULT, LOCAL_RATELIMIT, live_fault_prefix
+from sidecar.jwt_authn import JWT_AUTHN, HeaderLocation, JwtAuthnFilter, JwtProvider, JwtRule, Requirement, parse_jwks
+from sidecar.rbac import RBAC, Policy, RbacFilter, RbacRules, Rule, StringMatch
 
 DEFAULT_ADMIN_PORT = 9901
 DEFAULT_ACCESS_LOG = "/dev/stdout"
 
 
-def compile_short(section: dict, pod_ip: str, public_admin: bool = False, source: str = "sidecar") -> Bootstrap:
-    """Compile a pod's ``sidecar:`` mapping; raises ConfigError naming the dotted path of the problem."""
+def compile_short(section: dict, pod_ip: str, public_admin: bool = False, source: str = "sidecar", *,
+                  trust_domain: str | None = None) -> Bootstrap:
+    """Compile a pod's ``sidecar:`` mapping; raises ConfigError naming the dotted path of the problem.
+
+    ``trust_domain``: the mesh's SPIFFE trust domain (its name), which turns a bare pod name in an ingress
+    ``allow``/``deny`` ``from`` into ``spiffe://<trust_domain>/pod/<name>``; None when the mesh has no mTLS.
+    """
     ctx = Ctx(source, strict=True, sep=".")
     obj = as_dict(ctx, section, "")
     if "envoy" in obj:
@@ -77,7 +88,7 @@ def compile_short(section: dict, pod_ip: str, public_admin: bool = False, source
     clusters: list[Cluster] = []
     ports: dict[int, str] = {admin.port: "admin.port"}
     targets: dict[str, str] = {}  # cluster name -> the key that names its target, for error messages
-    for key, build in (("ingress", _ingress), ("egress", _egress)):
+    for key, build in (("ingress", partial(_ingress, trust_domain=trust_domain)), ("egress", _egress)):
         if obj.get(key) is None:
             continue
         listener, cl, to_paths = build(ctx, obj[key], key, pod_ip, logs)
@@ -223,9 +234,11 @@ def _local_ratelimit(ctx: Ctx, value: Any, path: str, stat_prefix: str) -> Local
                           status=as_int(ctx, obj.get("status", 429), sub(path, "status"), 200, 599))
 
 
-def _with_filters(ctx: Ctx, listener: Listener, obj: dict[str, Any], path: str) -> Listener:
+def _with_filters(ctx: Ctx, listener: Listener, obj: dict[str, Any], path: str,
+                  auth: tuple[HttpFilter, ...] = ()) -> Listener:
     """The HTTP filters the short form implies: a fault filter when a route has ``fault`` (its runtime keys
-    the live faults'), a local rate limit for ``local_ratelimit``."""
+    the live faults'), then ``auth`` (jwt_authn, RBAC deny, RBAC allow: authentication before authorization,
+    as Istio), a local rate limit for ``local_ratelimit``."""
     hcm = listener.hcm
     filters: list[HttpFilter] = []
     vhosts = []
@@ -243,6 +256,7 @@ def _with_filters(ctx: Ctx, listener: Listener, obj: dict[str, Any], path: str) 
         vhosts.append(replace(vh, routes=tuple(routes)))
     if any(r.fault is not None for vh in vhosts for r in vh.routes):
         filters.append(HttpFilter(FAULT, FaultFilter()))
+    filters.extend(auth)
     if obj.get("local_ratelimit") is not None:
         filters.append(HttpFilter(LOCAL_RATELIMIT, _local_ratelimit(ctx, obj["local_ratelimit"],
                                                                    sub(path, "local_ratelimit"), hcm.stat_prefix)))
@@ -252,11 +266,11 @@ def _with_filters(ctx: Ctx, listener: Listener, obj: dict[str, Any], path: str) 
     return replace(listener, hcm=replace(hcm, route_config=rc, http_filters=tuple(filters)))
 
 
-def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str,
-             logs: tuple[AccessLog, ...]) -> tuple[Listener, list[Cluster], dict[str, str]]:
+def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str, logs: tuple[AccessLog, ...],
+             trust_domain: str | None = None) -> tuple[Listener, list[Cluster], dict[str, str]]:
     obj = as_dict(ctx, value, path, allow_none=False)
     check_keys(ctx, obj, path, ("port", "to", "timeout", "retry_policy", "connect_timeout", "circuit_breakers",
-                                "outlier_detection", "health_check", "fault", "local_ratelimit"))
+                                "outlier_detection", "health_check", "fault", "local_ratelimit", *AUTH_KEYS))
     for key in ("port", "to"):
         if key not in obj:
             raise ctx.error(sub(path, key), "required")
@@ -269,7 +283,7 @@ def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str,
     hcm = HttpConnectionManager(stat_prefix="ingress_http", access_logs=logs,
                                 route_config=RouteConfig(name="ingress_route", virtual_hosts=(vhost,)))
     listener = Listener(name="ingress", address=pod_ip, port=port, hcm=hcm, original_address="0.0.0.0")
-    listener = _with_filters(ctx, listener, obj, path)
+    listener = _with_filters(ctx, listener, obj, path, _auth_filters(ctx, obj, path, trust_domain))
     return listener, [cluster], {cluster.name: sub(path, "to")}
 
 
@@ -416,3 +430,147 @@ def _mirrors(ctx: Ctx, r: dict[str, Any], path: str, pod_ip: str) -> list[tuple[
     policies = mirror_policies(ctx, [{**m, "cluster": "-"} for m in items], mpath)
     return list(zip(targets, policies, strict=True))
 
+
+
+# --- ingress authentication and authorization: jwt, deny, allow ----------------------------------------------------
+
+AUTH_KEYS = ("allow", "deny", "jwt")
+#: The methods an ``allow``/``deny`` entry may name (a typo would otherwise never match).
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+_POD_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+
+
+def _auth_filters(ctx: Ctx, obj: dict[str, Any], path: str, trust_domain: str | None) -> tuple[HttpFilter, ...]:
+    out = []
+    if obj.get("jwt") is not None:
+        out.append(HttpFilter(JWT_AUTHN, _jwt(ctx, obj["jwt"], sub(path, "jwt"))))
+    for key, action, stat_prefix in (("deny", "DENY", "deny."), ("allow", "ALLOW", "")):
+        if obj.get(key) is not None:
+            rules = _rbac_rules(ctx, obj[key], sub(path, key), action, trust_domain)
+            out.append(HttpFilter(RBAC, RbacFilter(rules=rules, rules_stat_prefix=stat_prefix)))
+    return tuple(out)
+
+
+def _path_rule(ctx: Ctx, value: Any, path: str) -> Rule:
+    """``/x/*`` is the prefix ``/x/``; anything else an exact path."""
+    text = as_str(ctx, value, path)
+    if not text.startswith("/"):
+        raise ctx.error(path, f"a path starts with '/', got {text!r}")
+    if text.endswith("/*"):
+        text = text[:-1]
+        kind = "prefix"
+    else:
+        kind = "exact"
+    if "*" in text:
+        raise ctx.error(path, f"'*' is only allowed as a final '/*' (a prefix), got {value!r}")
+    return Rule("url_path", StringMatch(**{kind: text}))
+
+
+def _rbac_rules(ctx: Ctx, value: Any, path: str, action: str, trust_domain: str | None) -> RbacRules:
+    """``allow``/``deny: [{from, methods, paths}]``: one policy per entry; an absent key matches anything."""
+    policies = []
+    entries = as_list(ctx, value, path)
+    if not entries:
+        raise ctx.error(path, "at least one entry is required (an empty allow list would refuse everything)")
+    width = len(str(len(entries) - 1))
+    for i, entry in enumerate(entries):
+        p = sub(path, i)
+        e = as_dict(ctx, entry, p, allow_none=False)
+        check_keys(ctx, e, p, ("from", "methods", "paths"))
+        perms: list[Rule] = []
+        if e.get("methods") is not None:
+            mp = sub(p, "methods")
+            methods = []
+            for j, m in enumerate(as_list(ctx, e["methods"], mp)):
+                name = as_str(ctx, m, sub(mp, j))
+                if name not in METHODS:
+                    raise ctx.error(sub(mp, j), f"unknown method {name!r} (one of {', '.join(METHODS)})")
+                methods.append(Rule("header", HeaderMatch(name=":method", exact=name)))
+            if not methods:
+                raise ctx.error(mp, "at least one method is required (omit methods for any)")
+            perms.append(Rule("or_rules", tuple(methods)))
+        if e.get("paths") is not None:
+            pp = sub(p, "paths")
+            paths = [_path_rule(ctx, x, sub(pp, j)) for j, x in enumerate(as_list(ctx, e["paths"], pp))]
+            if not paths:
+                raise ctx.error(pp, "at least one path is required (omit paths for any)")
+            perms.append(Rule("or_rules", tuple(paths)))
+        permission = Rule("and_rules", tuple(perms)) if perms else Rule("any")
+        principals: tuple[Rule, ...] = (Rule("any"),)
+        if e.get("from") is not None:
+            fp = sub(p, "from")
+            froms = as_list(ctx, e["from"], fp)
+            if not froms:
+                raise ctx.error(fp, "at least one peer is required (omit from for any)")
+            principals = tuple(Rule("authenticated", StringMatch(exact=_peer_id(ctx, x, sub(fp, j), trust_domain)))
+                               for j, x in enumerate(froms))
+        policies.append(Policy(name=f"{action.lower()}-{i:0{width}d}", permissions=(permission,),
+                               principals=principals))
+    return RbacRules(action=action, policies=tuple(policies))
+
+
+def _peer_id(ctx: Ctx, value: Any, path: str, trust_domain: str | None) -> str:
+    """A peer's SPIFFE id: written out, or a pod name of this mesh."""
+    text = as_str(ctx, value, path)
+    if text.startswith("spiffe://"):
+        if len(text) <= len("spiffe://") or "/" not in text[len("spiffe://"):]:
+            raise ctx.error(path, f"{text!r} is not a SPIFFE id (spiffe://TRUST_DOMAIN/PATH)")
+        return text
+    if not _POD_NAME.fullmatch(text):
+        raise ctx.error(path, f"expected a pod name or a spiffe:// id, got {text!r}")
+    if trust_domain is None:
+        raise ctx.error(path, f"the pod name {text!r} needs the mesh's mtls (a peer is known by its certificate); "
+                              "enable mtls or write a spiffe:// id")
+    return f"spiffe://{trust_domain}/pod/{text}"
+
+
+def _jwt(ctx: Ctx, value: Any, path: str) -> JwtAuthnFilter:
+    """``jwt: {issuer, audiences, jwks: FILE, from_header, forward_payload_header, paths}``: one provider
+    (``jwt``), required on ``paths`` (default: every path); the token is not forwarded (Envoy's default)."""
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("issuer", "audiences", "jwks", "from_header", "forward_payload_header", "paths",
+                                "forward"))
+    for key in ("issuer", "jwks"):
+        if obj.get(key) is None:
+            raise ctx.error(sub(path, key), "required")
+    issuer = as_str(ctx, obj["issuer"], sub(path, "issuer"))
+    jwks_file = as_str(ctx, obj["jwks"], sub(path, "jwks"))
+    try:
+        with open(jwks_file) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ctx.error(sub(path, "jwks"), f"cannot read {jwks_file}: "
+                                           f"{getattr(exc, 'strerror', None) or exc}") from None
+    keys = parse_jwks(ctx, text, sub(path, "jwks"))
+    ap = sub(path, "audiences")
+    audiences = obj.get("audiences")
+    if isinstance(audiences, str):
+        audiences = [audiences]
+    auds = tuple(as_str(ctx, a, sub(ap, i)) for i, a in enumerate(as_list(ctx, audiences, ap)))
+    kw: dict[str, Any] = {}
+    if obj.get("from_header") is not None:
+        name = as_str(ctx, obj["from_header"], sub(path, "from_header")).lower()
+        kw["from_headers"] = (HeaderLocation(name, "Bearer " if name == "authorization" else ""),)
+    if obj.get("forward_payload_header") is not None:
+        fh = as_str(ctx, obj["forward_payload_header"], sub(path, "forward_payload_header")).lower()
+        if not re.fullmatch(r"[a-z0-9-]+", fh) or fh == "host":
+            raise ctx.error(sub(path, "forward_payload_header"), f"{fh!r} is not a header name that can be set")
+        kw["forward_payload_header"] = fh
+    if "forward" in obj:
+        kw["forward"] = as_bool(ctx, obj["forward"], sub(path, "forward"))
+    provider = JwtProvider(name="jwt", jwks=text, keys=keys, issuer=issuer, audiences=auds, jwks_file=jwks_file,
+                           **kw)
+    requires = Requirement("provider", provider="jwt")
+    if obj.get("paths") is None:
+        rules: tuple[JwtRule, ...] = (JwtRule(prefix="/", requires=requires),)
+    else:
+        pp = sub(path, "paths")
+        items = as_list(ctx, obj["paths"], pp)
+        if not items:
+            raise ctx.error(pp, "at least one path is required (omit paths for every path)")
+        out = []
+        for i, x in enumerate(items):
+            sm = _path_rule(ctx, x, sub(pp, i)).arg
+            out.append(JwtRule(prefix=sm.prefix, path=sm.exact, requires=requires))
+        rules = tuple(out)
+    return JwtAuthnFilter(providers=(provider,), rules=rules)
