@@ -7,25 +7,35 @@ line each; a configuration we cannot honour exits 2 with one line.
 
 from __future__ import annotations
 
+import sys
+
 from sidecar import no_tls
 
-no_tls.install()  # before asyncio is imported anywhere: see sidecar/no_tls.py
+no_tls.install(sys.argv[1:])  # before asyncio is imported anywhere: see sidecar/no_tls.py
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import sys  # noqa: E402
 
 from pods.runloop import run as run_loop  # noqa: E402
 from sidecar.config import Bootstrap, ConfigError  # noqa: E402
 from sidecar.envoy_config import load_envoy  # noqa: E402
+from sidecar.mesh_identity import MeshIdentity, apply_identity, load_identity  # noqa: E402
 from sidecar.short_config import compile_short  # noqa: E402
 
 
 def load(args: argparse.Namespace, pod_ip: str) -> Bootstrap:
+    """The compiled model, with the mesh identity's transport sockets when ``--mesh-identity`` is given."""
+    identity = load_identity(args.mesh_identity) if args.mesh_identity else None
+    boot = _compile(args, pod_ip, identity)
+    return apply_identity(boot, identity) if identity is not None else boot
+
+
+def _compile(args: argparse.Namespace, pod_ip: str, identity: MeshIdentity | None) -> Bootstrap:
     if args.envoy:
         return load_envoy(args.envoy, pod_ip, public_admin=args.public_admin)
     try:
@@ -42,7 +52,10 @@ def load(args: argparse.Namespace, pod_ip: str) -> Bootstrap:
                 raise ValueError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{args.config}: cannot read: {exc}") from None
-    return compile_short(section or {}, pod_ip, public_admin=args.public_admin, source=args.config)
+    extra = {}
+    if identity is not None and "trust_domain" in inspect.signature(compile_short).parameters:
+        extra["trust_domain"] = identity.trust_domain  # RBAC principals by pod name need the mesh's trust domain
+    return compile_short(section or {}, pod_ip, public_admin=args.public_admin, source=args.config, **extra)
 
 
 log = logging.getLogger("sidecar")
@@ -59,6 +72,10 @@ async def serve(config: Bootstrap, pod_ip: str, hosts: str | None, source: str,
         log.error("cannot listen: %s", exc.strerror or exc)
         await sidecar.shutdown()
         return 1
+    except ConfigError as exc:  # certificate files that do not load (sidecar.tls)
+        log.error("%s", exc)
+        await sidecar.shutdown()
+        return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sidecar.request_stop)
@@ -83,7 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--admin-socket", metavar="PATH",
                         help="serve the whole admin (POST /quitquitquit, /healthcheck/*, /config_dump) on this "
                              "Unix socket, mode 0600; the TCP admin port only serves read-only pages")
-    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--mesh-identity", metavar="FILE",
+                        help="the replica's mesh identity (JSON, written by meshctl): mTLS on the ingress and to "
+                             "meshed clusters (sidecar/mesh_identity.py)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the configuration (and the mesh identity and certificate files) and exit")
     parser.add_argument("--live-faults", action="store_true",
                         help="an inactive fault filter on every route, for runtime keys (meshctl fault)")
     args = parser.parse_args(argv)
@@ -100,6 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     for warning in config.warnings:
         log.warning("%s", warning)
     if args.check:
+        if any(lst.tls for lst in config.listeners) or any(c.tls for c in config.clusters):
+            from sidecar.tls import validate_tls
+
+            try:
+                validate_tls(config)
+            except ConfigError as exc:
+                log.error("%s", exc)
+                sys.exit(2)
         return
     code = run_loop(serve(config, args.pod_ip, args.hosts, args.envoy or args.config, args.admin_socket))
     sys.exit(code)

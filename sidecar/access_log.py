@@ -72,11 +72,21 @@ _SIMPLE: dict[str, str] = {
     "ROUTE_NAME": "(info.route_name or '-')",
     "UPSTREAM_REQUEST_ATTEMPT_COUNT": "info.attempts",
     "HOSTNAME": "_hostname",
+    # TLS (sidecar.tls): "-" on plaintext, as Envoy.
+    "DOWNSTREAM_PEER_URI_SAN": "((info.downstream_tls.peer_uri_san or '-') if info.downstream_tls else '-')",
+    "DOWNSTREAM_LOCAL_URI_SAN": "((info.downstream_tls.local_uri_san or '-') if info.downstream_tls else '-')",
+    "DOWNSTREAM_TLS_VERSION": "((info.downstream_tls.version or '-') if info.downstream_tls else '-')",
+    "DOWNSTREAM_PEER_SUBJECT": "((info.downstream_tls.peer_subject or '-') if info.downstream_tls else '-')",
+    "UPSTREAM_PEER_URI_SAN": "(info.upstream_peer_uri_san or '-')",
+    # Envoy writes the reason with its spaces as underscores.
+    "UPSTREAM_TRANSPORT_FAILURE_REASON": "(info.upstream_transport_failure_reason or '-').replace(' ', '_')",
 }
 #: Envoy operators we accept but have no data for: always "-".
 _ALWAYS_MISSING = frozenset({
     "REQUEST_DURATION", "RESPONSE_DURATION", "RESPONSE_TX_DURATION", "REQUEST_TX_DURATION", "RESPONSE_CODE_DETAILS",
-    "CONNECTION_TERMINATION_DETAILS", "UPSTREAM_TRANSPORT_FAILURE_REASON", "UPSTREAM_LOCAL_ADDRESS",
+    "CONNECTION_TERMINATION_DETAILS", "UPSTREAM_LOCAL_ADDRESS",
+    # A request exists only once the handshake succeeded: there is never a downstream failure to print.
+    "DOWNSTREAM_TRANSPORT_FAILURE_REASON",
     "REQUESTED_SERVER_NAME", "CONNECTION_ID", "UPSTREAM_WIRE_BYTES_SENT", "UPSTREAM_WIRE_BYTES_RECEIVED",
 })
 

@@ -15,12 +15,13 @@ import socket
 import stat
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pods.resolver import HostsResolver
 from sidecar.access_log import AccessLogger
 from sidecar.admin import Admin, AdminConnections
 from sidecar.cluster import ClusterRuntime
-from sidecar.config import Bootstrap
+from sidecar.config import Bootstrap, Listener
 from sidecar.http_filters import Runtime
 from sidecar.router import HcmRuntime
 from sidecar.server import DownstreamProtocol, Handler
@@ -50,6 +51,8 @@ class Sidecar:
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[DownstreamProtocol] = set()  # the admin's; each HcmRuntime keeps its own
         self.hcms: list[HcmRuntime] = []
+        self.tls_listeners: list[Any] = []  # sidecar.tls.TlsListener (own accept path; plain listeners: servers)
+        self.tls_contexts: list[Any] = []  # sidecar.tls.TlsContext of listeners and clusters, reloaded by the sweeper
         self.state = "PRE_INITIALIZING"
         self.started = time.monotonic()
         self._stop = asyncio.Event()
@@ -66,6 +69,8 @@ class Sidecar:
             runtime = ClusterRuntime(c, ClusterStats(self.store, c.name), self.resolver, self.pod_ip)
             await runtime.start()
             self.clusters[c.name] = runtime
+            if runtime.tls is not None:
+                self.tls_contexts.append(runtime.tls.ctx)
         for lst in self.config.listeners:
             hcm_cfg = lst.hcm
             loggers = [self._logger(a.path, a.format) for a in hcm_cfg.access_logs]
@@ -74,6 +79,9 @@ class Sidecar:
             hcm = HcmRuntime(hcm_cfg, self.clusters, hstats, lstats, loggers, runtime=self.runtime)
             self.hcms.append(hcm)
             max_header = hcm_cfg.max_request_headers_kb * 1024
+            if lst.tls is not None:
+                self._start_tls_listener(lst, hcm, hstats, lstats, max_header)
+                continue
             server = await loop.create_server(
                 lambda hcm=hcm, max_header=max_header: DownstreamProtocol(hcm, max_header,
                                                                           hcm.cfg.stream_idle_timeout_s),
@@ -94,11 +102,47 @@ class Sidecar:
         self._sweeper = loop.create_task(self._sweep_idle())
         self.state = "LIVE"
 
+    def _start_tls_listener(self, lst: Listener, hcm: HcmRuntime, hstats: HcmStats, lstats: ListenerStats,
+                            max_header: int) -> None:
+        """A listener with a DownstreamTlsContext: its own accept path (sidecar.tls), strict or permissive."""
+        from sidecar import tls  # only a TLS configuration loads OpenSSL (sidecar.no_tls)
+
+        assert lst.tls is not None
+        ctx = tls.TlsContext(lst.tls, f"listener {lst.name}")  # ReloadError (a ConfigError): unusable files
+        self.tls_contexts.append(ctx)
+        tstats = tls.TlsStats(self.store, lstats.prefix)
+        ssl_total = self.store.counter(hstats.prefix + "downstream_cx_ssl_total")
+        ssl_active = self.store.gauge(hstats.prefix + "downstream_cx_ssl_active")
+        refusals = tls.RefusalLog(f"listener {lst.name} ({lst.address}:{lst.port})")
+
+        def refused(peer: str, stat: str, reason: str) -> None:
+            # Envoy counts a connection whose handshake failed as one its listener and connection manager
+            # accepted and destroyed (checked with Envoy 1.40), plus the ssl.* reason.
+            tstats.counters[stat].value += 1
+            ssl_total.value += 1
+            lstats.downstream_cx_total.value += 1
+            lstats.downstream_cx_destroy.value += 1
+            hstats.downstream_cx_total.value += 1
+            hstats.downstream_cx_destroy.value += 1
+            refusals.refused(peer, reason)
+
+        shared = tls.TlsDownstream(ctx, tstats, ssl_total, ssl_active, refused)
+        idle = hcm.cfg.stream_idle_timeout_s
+        listener = tls.TlsListener(
+            lst.address, lst.port, ctx, lst.plaintext_allowed,
+            lambda: tls.TlsDownstreamProtocol(shared, hcm, max_header, idle),
+            lambda: DownstreamProtocol(hcm, max_header, idle), refused)
+        listener.start()
+        self.tls_listeners.append(listener)
+
     async def _sweep_idle(self) -> None:
         """Close connections silent for longer than their stream idle timeout (Envoy: 5 min default),
-        so a client that sends half a request and stops cannot hold a connection forever."""
+        so a client that sends half a request and stops cannot hold a connection forever. Also picks up
+        rotated TLS certificates (one stat per file per second)."""
         while True:
             await asyncio.sleep(IDLE_SWEEP_S)
+            for ctx in self.tls_contexts:
+                ctx.maybe_reload()
             now = asyncio.get_running_loop().time()
             for conn in self.all_connections():
                 if conn.idle_timeout_s and now - conn.last_activity > conn.idle_timeout_s:
@@ -160,6 +204,8 @@ class Sidecar:
             self._sweeper.cancel()
         for s in self.servers:
             s.close()
+        for tl in self.tls_listeners:
+            tl.close()
         if self.admin is not None:
             self.admin.close()
         self._unlink_admin_socket()

@@ -64,6 +64,12 @@ class ClusterRuntime:
             self.outlier = OutlierDetector(self, cfg.outlier_detection)
         if cfg.health_checks:
             self.health = HealthChecker(self, cfg.health_checks[0])
+        self.tls: Any = None  # sidecar.tls.TlsUpstream: the pools connect through it (cluster transport_socket)
+        if cfg.tls is not None:
+            from sidecar import tls  # only a TLS configuration loads OpenSSL (sidecar.no_tls)
+
+            ctx = tls.TlsContext(cfg.tls, f"cluster {cfg.name}")
+            self.tls = tls.TlsUpstream(ctx, tls.TlsStats(store, stats.prefix), cfg.tls.sni)
 
     def max_retries(self) -> int:
         """Retries allowed in flight: max_retries, or the retry budget's share of the requests (Envoy)."""
@@ -433,8 +439,11 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         probe = _Probe(self, pool)
         pool.hc_probe = probe
+        tls = self.cluster.tls  # Envoy health-checks through the cluster's transport socket
+        kw: dict[str, Any] = {} if tls is None else {"ssl": tls.ctx.context, "server_hostname": tls.sni or pool.host}
         fut = asyncio.ensure_future(loop.create_connection(lambda: probe, pool.host, pool.port,
-                                                           local_addr=(pool.source_ip, 0) if pool.source_ip else None))
+                                                           local_addr=(pool.source_ip, 0) if pool.source_ip else None,
+                                                           **kw))
         probe.connecting = fut
         fut.add_done_callback(lambda f: probe.finish(None) if f.cancelled() or f.exception() else None)
         pool.hc_deadline = loop.call_later(self.cfg.timeout_s, self._timeout, probe)

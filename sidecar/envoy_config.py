@@ -24,8 +24,10 @@ from sidecar.config import (
     Bootstrap,
     CircuitBreakers,
     Cluster,
+    CommonTls,
     ConfigError,
     DirectResponse,
+    DownstreamTls,
     Endpoint,
     HeaderMatch,
     HttpConnectionManager,
@@ -35,6 +37,8 @@ from sidecar.config import (
     Route,
     RouteConfig,
     RouteMatch,
+    SanMatcher,
+    UpstreamTls,
     VirtualHost,
 )
 from sidecar.config_fields import (
@@ -76,7 +80,13 @@ CLUSTER_TYPES = ("STATIC", "STRICT_DNS", "LOGICAL_DNS")
 DNS_CLUSTER_NAMES = ("envoy.cluster.dns", "envoy.cluster.strict_dns", "envoy.cluster.logical_dns")
 DNS_CLUSTER_TYPE = "type.googleapis.com/envoy.extensions.clusters.dns.v3.DnsCluster"
 
-_TLS = "TLS is not supported: serving or calling without it would change behaviour"
+_V2_TLS = "the v2 tls_context is not supported; use transport_socket (envoy.transport_sockets.tls)"
+TLS_SOCKET_NAMES = ("envoy.transport_sockets.tls", "tls")
+DOWNSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+UPSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+TLS_INSPECTOR_NAMES = ("envoy.filters.listener.tls_inspector", "envoy.listener.tls_inspector")
+_SDS = "SDS is not supported; give the certificate files (tls_certificates, validation_context)"
+_SAN_TYPES = ("URI", "DNS", "IP_ADDRESS", "EMAIL")
 _DYNAMIC = "dynamic configuration (xDS) is not supported; use static_resources"
 
 
@@ -161,11 +171,7 @@ def _listener(ctx: Ctx, value: Any, path: str, index: int, pod_ip: str) -> Liste
                        "default_filter_chain": "filter chain matching is not supported",
                        "udp_listener_config": "UDP listeners are not supported",
                        "api_listener": "API listeners are not supported"})
-    if obj.get("listener_filters"):
-        names = [str(f.get("name", "?")) if isinstance(f, dict) else "?" for f in obj["listener_filters"]]
-        raise ctx.error(sub(path, "listener_filters"),
-                        f"listener filters ({', '.join(names)}) are not supported; without them "
-                        "connections would be handled differently")
+    inspector = _listener_filters(ctx, obj.get("listener_filters"), sub(path, "listener_filters"))
     if "address" not in obj:
         raise ctx.error(sub(path, "address"), "required")
     written, port = _socket_address(ctx, obj["address"], sub(path, "address"))
@@ -173,18 +179,77 @@ def _listener(ctx: Ctx, value: Any, path: str, index: int, pod_ip: str) -> Liste
 
     fpath = sub(path, "filter_chains")
     chains = as_list(ctx, obj.get("filter_chains"), fpath)
-    if len(chains) != 1:
-        raise ctx.error(fpath, f"exactly one filter chain is supported, got {len(chains)}")
-    hcm = _filter_chain(ctx, chains[0], sub(fpath, 0))
-    return Listener(name=name, address=local_host(written, pod_ip), port=port, hcm=hcm, original_address=written)
+    if len(chains) == 1:
+        hcm, tls, match = _filter_chain(ctx, chains[0], sub(fpath, 0))
+        if match is not None:
+            raise ctx.error(sub(sub(fpath, 0), "filter_chain_match"),
+                            "filter chain matching is only supported as the permissive pair: one chain with "
+                            "transport_protocol: tls (and a transport_socket), one without filter_chain_match")
+        return Listener(name=name, address=local_host(written, pod_ip), port=port, hcm=hcm,
+                        original_address=written, tls=tls)
+    if len(chains) != 2:
+        raise ctx.error(fpath, f"one filter chain (or a TLS and a plaintext one) is supported, got {len(chains)}")
+    # The permissive pair (Istio's PERMISSIVE mTLS): tls_inspector sends a ClientHello to the TLS chain and
+    # anything else to the plaintext one; both must serve the same HTTP connection manager.
+    parsed = [_filter_chain(ctx, c, sub(fpath, i)) for i, c in enumerate(chains)]
+    tls_i = [i for i, (_, _, m) in enumerate(parsed) if m == "tls"]
+    plain_i = [i for i, (_, t, m) in enumerate(parsed) if m is None and t is None]
+    if len(tls_i) != 1 or len(plain_i) != 1 or parsed[tls_i[0]][1] is None:
+        raise ctx.error(fpath, "two filter chains are supported only as the permissive pair: one with "
+                               "filter_chain_match.transport_protocol: tls and a TLS transport_socket, one "
+                               "without filter_chain_match nor transport_socket")
+    if not inspector:
+        raise ctx.error(sub(path, "listener_filters"), "matching transport_protocol: tls needs the "
+                                                       "envoy.filters.listener.tls_inspector listener filter")
+    hcm, tls, _ = parsed[tls_i[0]]
+    if parsed[plain_i[0]][0] != hcm:
+        raise ctx.error(sub(fpath, plain_i[0]), "the plaintext filter chain must have the same "
+                                                "http_connection_manager as the TLS one")
+    return Listener(name=name, address=local_host(written, pod_ip), port=port, hcm=hcm, original_address=written,
+                    tls=tls, plaintext_allowed=True)
 
 
-def _filter_chain(ctx: Ctx, value: Any, path: str) -> HttpConnectionManager:
+def _listener_filters(ctx: Ctx, value: Any, path: str) -> bool:
+    """Only tls_inspector (True when present): any other listener filter changes how connections are handled."""
+    found = False
+    for i, f in enumerate(as_list(ctx, value, path)):
+        fp = sub(path, i)
+        f = as_dict(ctx, f, fp, allow_none=False)
+        if f.get("name") not in TLS_INSPECTOR_NAMES:
+            raise ctx.error(sub(fp, "name"), f"listener filter {f.get('name')!r} is not supported (only "
+                                             f"{TLS_INSPECTOR_NAMES[0]}); without it connections would be "
+                                             "handled differently")
+        check_keys(ctx, f, fp, ("typed_config",), silent=("name",))
+        cfg = as_dict(ctx, f.get("typed_config"), sub(fp, "typed_config"))
+        check_keys(ctx, cfg, sub(fp, "typed_config"), ())
+        found = True
+    return found
+
+
+def _filter_chain(ctx: Ctx, value: Any, path: str) -> tuple[HttpConnectionManager, DownstreamTls | None,
+                                                              str | None]:
+    """(the connection manager, the chain's TLS context, its filter_chain_match transport_protocol)."""
     obj = as_dict(ctx, value, path, allow_none=False)
-    check_keys(ctx, obj, path, ("filters",), silent=("name",),
-               errors={"transport_socket": _TLS, "tls_context": _TLS,
-                       "filter_chain_match": "filter chain matching is not supported",
+    check_keys(ctx, obj, path, ("filters", "transport_socket", "filter_chain_match"), silent=("name",),
+               errors={"tls_context": _V2_TLS,
                        "use_proxy_proto": "the PROXY protocol is not supported"})
+    match = None
+    if obj.get("filter_chain_match") is not None:
+        mpath = sub(path, "filter_chain_match")
+        m = as_dict(ctx, obj["filter_chain_match"], mpath)
+        check_keys(ctx, m, mpath, ("transport_protocol",),
+                   errors={k: "filter chain matching is not supported (only transport_protocol: tls)"
+                           for k in m if k != "transport_protocol"})
+        if m.get("transport_protocol", "tls") != "tls":
+            raise ctx.error(sub(mpath, "transport_protocol"), "only 'tls' is supported")
+        match = "tls"
+    tls = None
+    if obj.get("transport_socket") is not None:
+        tls = _transport_socket(ctx, obj["transport_socket"], sub(path, "transport_socket"), downstream=True)
+    return _chain_hcm(ctx, obj, path), tls, match  # type: ignore[return-value]
+
+
+def _chain_hcm(ctx: Ctx, obj: dict[str, Any], path: str) -> HttpConnectionManager:
     fpath = sub(path, "filters")
     filters = as_list(ctx, obj.get("filters"), fpath)
     if len(filters) != 1:
@@ -325,7 +390,7 @@ def _virtual_host(ctx: Ctx, value: Any, path: str) -> VirtualHost:
     check_keys(ctx, obj, path, ("name", "domains", "routes", "retry_policy", "require_tls",
                                 "include_request_attempt_count", *HEADER_MUTATION_KEYS))
     if str(obj.get("require_tls", "NONE")).upper() != "NONE":
-        raise ctx.error(sub(path, "require_tls"), _TLS)
+        raise ctx.error(sub(path, "require_tls"), "require_tls (a redirect to https) is not supported")
     if "name" not in obj:
         raise ctx.error(sub(path, "name"), "required")
     dpath = sub(path, "domains")
@@ -522,6 +587,112 @@ def _direct(ctx: Ctx, value: Any, path: str) -> DirectResponse:
     return DirectResponse(status=status, body=body)
 
 
+# --- TLS (envoy.transport_sockets.tls) ----------------------------------------------------------------
+
+def _transport_socket(ctx: Ctx, value: Any, path: str, downstream: bool) -> DownstreamTls | UpstreamTls:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("name", "typed_config"))
+    if obj.get("name") not in TLS_SOCKET_NAMES:
+        raise ctx.error(sub(path, "name"), f"transport socket {obj.get('name')!r} is not supported (only "
+                                           f"{TLS_SOCKET_NAMES[0]})")
+    cpath = sub(path, "typed_config")
+    cfg = as_dict(ctx, obj.get("typed_config"), cpath, allow_none=False)
+    want = DOWNSTREAM_TLS_TYPE if downstream else UPSTREAM_TLS_TYPE
+    if cfg.get("@type") != want:
+        raise ctx.error(sub(cpath, "@type"), f"expected {want}, got {cfg.get('@type')!r}")
+    known = ("common_tls_context", "require_client_certificate") if downstream else ("common_tls_context", "sni")
+    check_keys(ctx, cfg, cpath, known,
+               errors={k: "not supported" for k in cfg if k not in known and k != "@type"})
+    common = _common_tls(ctx, cfg.get("common_tls_context"), sub(cpath, "common_tls_context"))
+    if downstream:
+        if not common.cert_chain:
+            raise ctx.error(sub(cpath, "common_tls_context.tls_certificates"), "a listener needs its certificate")
+        require = False
+        if "require_client_certificate" in cfg:
+            require = as_bool(ctx, cfg["require_client_certificate"], sub(cpath, "require_client_certificate"))
+        if require and not common.trusted_ca:
+            raise ctx.error(sub(cpath, "require_client_certificate"),
+                            "needs common_tls_context.validation_context.trusted_ca")
+        return DownstreamTls(common, require_client_certificate=require)
+    sni = as_str(ctx, cfg["sni"], sub(cpath, "sni")) if "sni" in cfg else None
+    return UpstreamTls(common, sni=sni)
+
+
+def _common_tls(ctx: Ctx, value: Any, path: str) -> CommonTls:
+    obj = as_dict(ctx, value, path)
+    known = ("tls_certificates", "validation_context", "alpn_protocols")
+    sds = ("tls_certificate_sds_secret_configs", "validation_context_sds_secret_config",
+           "combined_validation_context")
+    check_keys(ctx, obj, path, known,
+               errors={k: _SDS if k in sds else "not supported" for k in obj if k not in known and k != "@type"})
+    cert = key = None
+    tpath = sub(path, "tls_certificates")
+    certs = as_list(ctx, obj.get("tls_certificates"), tpath)
+    if len(certs) > 1:
+        raise ctx.error(tpath, f"one certificate is supported, got {len(certs)}")
+    if certs:
+        cp = sub(tpath, 0)
+        c = as_dict(ctx, certs[0], cp, allow_none=False)
+        # watched_directory: our sidecar re-reads the files when they change in any case.
+        check_keys(ctx, c, cp, ("certificate_chain", "private_key"), silent=("watched_directory",),
+                   errors={k: "not supported" for k in c
+                           if k not in ("certificate_chain", "private_key", "watched_directory")})
+        for k in ("certificate_chain", "private_key"):
+            if k not in c:
+                raise ctx.error(sub(cp, k), "required")
+        cert = _data_source_file(ctx, c["certificate_chain"], sub(cp, "certificate_chain"))
+        key = _data_source_file(ctx, c["private_key"], sub(cp, "private_key"))
+    ca = None
+    sans: list[SanMatcher] = []
+    if obj.get("validation_context") is not None:
+        vpath = sub(path, "validation_context")
+        v = as_dict(ctx, obj["validation_context"], vpath)
+        vknown = ("trusted_ca", "match_typed_subject_alt_names")
+        check_keys(ctx, v, vpath, vknown, silent=("watched_directory",),
+                   errors={k: ("use match_typed_subject_alt_names" if k == "match_subject_alt_names"
+                               else "not supported") for k in v if k not in vknown and k != "watched_directory"})
+        if "trusted_ca" in v:
+            ca = _data_source_file(ctx, v["trusted_ca"], sub(vpath, "trusted_ca"))
+        mpath = sub(vpath, "match_typed_subject_alt_names")
+        for i, m in enumerate(as_list(ctx, v.get("match_typed_subject_alt_names"), mpath)):
+            sans.append(_san_matcher(ctx, m, sub(mpath, i)))
+        if sans and ca is None:
+            raise ctx.error(mpath, "needs trusted_ca (SANs are matched on a verified certificate)")
+    alpn = tuple(as_str(ctx, a, sub(sub(path, "alpn_protocols"), i))
+                 for i, a in enumerate(as_list(ctx, obj.get("alpn_protocols"), sub(path, "alpn_protocols"))))
+    for i, a in enumerate(alpn):
+        if a != "http/1.1":
+            raise ctx.error(sub(sub(path, "alpn_protocols"), i), f"{a!r} is not supported; we speak http/1.1")
+    return CommonTls(cert_chain=cert, private_key=key, trusted_ca=ca, match_sans=tuple(sans), alpn=alpn)
+
+
+def _data_source_file(ctx: Ctx, value: Any, path: str) -> str:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("filename",),
+               errors={k: "only files are supported (filename): the sidecar re-reads them when they change"
+                       for k in obj if k != "filename"})
+    if "filename" not in obj:
+        raise ctx.error(sub(path, "filename"), "required")
+    return as_str(ctx, obj["filename"], sub(path, "filename"))
+
+
+def _san_matcher(ctx: Ctx, value: Any, path: str) -> SanMatcher:
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("san_type", "matcher"), errors={"oid": "not supported"})
+    san_type = str(obj.get("san_type", ""))
+    if san_type not in _SAN_TYPES:
+        raise ctx.error(sub(path, "san_type"), f"expected one of {', '.join(_SAN_TYPES)}, got {san_type!r}")
+    mpath = sub(path, "matcher")
+    m = as_dict(ctx, obj.get("matcher"), mpath, allow_none=False)
+    check_keys(ctx, m, mpath, ("exact", "prefix"),
+               errors={k: "not supported (exact or prefix)" for k in m if k not in ("exact", "prefix")})
+    if len([k for k in ("exact", "prefix") if k in m]) != 1:
+        raise ctx.error(mpath, "exactly one of exact, prefix")
+    if "exact" in m:
+        return SanMatcher(san_type, exact=as_str(ctx, m["exact"], sub(mpath, "exact")))
+    return SanMatcher(san_type, prefix=as_str(ctx, m["prefix"], sub(mpath, "prefix")))
+
+
 # --- clusters ---------------------------------------------------------------------------------
 
 def _cluster(ctx: Ctx, value: Any, path: str, pod_ip: str) -> Cluster:
@@ -529,10 +700,11 @@ def _cluster(ctx: Ctx, value: Any, path: str, pod_ip: str) -> Cluster:
     check_keys(ctx, obj, path, ("name", "type", "connect_timeout", "lb_policy", "load_assignment", "hosts",
                                 "circuit_breakers", "dns_refresh_rate", "per_connection_buffer_limit_bytes",
                                 "http2_protocol_options", "dns_lookup_family", "cluster_type",
-                                "outlier_detection", "health_checks"),
+                                "outlier_detection", "health_checks", "transport_socket"),
                silent=("typed_dns_resolver_config",),  # any resolver: names resolve in the pod's hosts file
-               errors={"transport_socket": _TLS, "tls_context": _TLS,
-                       "eds_cluster_config": _DYNAMIC, "transport_socket_matches": _TLS})
+               errors={"tls_context": _V2_TLS, "eds_cluster_config": _DYNAMIC,
+                       "transport_socket_matches": "transport_socket_matches is not supported; use one "
+                                                   "transport_socket"})
     if "name" not in obj:
         raise ctx.error(sub(path, "name"), "required")
     name = as_str(ctx, obj["name"], sub(path, "name"))
@@ -577,6 +749,8 @@ def _cluster(ctx: Ctx, value: Any, path: str, pod_ip: str) -> Cluster:
         if len(checks) > 1:
             raise ctx.error(hpath, "one health check per cluster is supported")
         kw["health_checks"] = tuple(health_check(ctx, h, sub(hpath, i)) for i, h in enumerate(checks))
+    if obj.get("transport_socket") is not None:
+        kw["tls"] = _transport_socket(ctx, obj["transport_socket"], sub(path, "transport_socket"), downstream=False)
     return Cluster(name=name, type=ctype, endpoints=tuple(ep for ep, _ in endpoints), **kw)
 
 

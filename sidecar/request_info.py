@@ -64,7 +64,8 @@ class RequestInfo:
         "raw_request_headers", "raw_response_headers", "_request_headers", "_response_headers",
         "response_code", "response_flags", "bytes_received", "bytes_sent", "duration_ms",
         "upstream_service_time_ms", "upstream_host", "upstream_cluster", "downstream_remote",
-        "downstream_local", "route_name", "attempts",
+        "downstream_local", "route_name", "attempts", "downstream_tls", "upstream_peer_uri_san",
+        "upstream_transport_failure_reason",
     )
 
     def __init__(self, start_time: float, start_monotonic: float, downstream_remote: str = "",
@@ -92,6 +93,9 @@ class RequestInfo:
         self.downstream_local = downstream_local
         self.route_name = ""
         self.attempts = 0
+        self.downstream_tls: Any = None  # sidecar.tls.TlsInfo of a TLS connection (set by its protocol)
+        self.upstream_peer_uri_san: str | None = None  # the TLS upstream's verified URI SAN (last attempt)
+        self.upstream_transport_failure_reason: str | None = None  # why the last TLS connect failed
         for name, value in fields.items():
             setattr(self, name, value)
 

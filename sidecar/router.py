@@ -397,6 +397,9 @@ class Forwarder:
             conn = await pool.connect(timeout)
         except OSError as exc:  # refused, unreachable, or timed out (the pool counts which)
             self.connecting = None
+            reason = getattr(exc, "transport_failure_reason", None)  # a TLS failure (sidecar.tls.TlsError)
+            if reason is not None:
+                self.stream.info.upstream_transport_failure_reason = reason
             if self.cluster.outlier is not None:
                 self.cluster.outlier.local_failure(pool)
             if self.state is _CONNECTING:
@@ -421,6 +424,8 @@ class Forwarder:
             self._upstream_reply(503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
             return
         self._count_attempt()
+        if conn.peer_uri_san is not None:  # a TLS upstream (%UPSTREAM_PEER_URI_SAN%)
+            self.stream.info.upstream_peer_uri_san = conn.peer_uri_san
         attempt = Attempt(self, pool, conn, reused)
         self.attempt = attempt
         self.state = _WAITING

@@ -31,7 +31,7 @@ class ResponseSink(Protocol):
 class UpstreamConnection(HeadResponseParsing, WriteFlowControl, asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "sink", "headers", "closed", "keep_alive", "head_only",
                  "write_paused", "drain_waiters", "status", "close_delimited", "stale_parser", "head_bytes",
-                 "reading", "opened_at", "active_rq")
+                 "reading", "opened_at", "active_rq", "peer_uri_san", "tls_refused")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -51,6 +51,8 @@ class UpstreamConnection(HeadResponseParsing, WriteFlowControl, asyncio.Protocol
         self.reading = ReadFlowControl(None)
         self.opened_at = 0.0
         self.active_rq = False  # closed by us in the middle of a request (Envoy: ..._with_active_rq)
+        self.peer_uri_san: str | None = None  # a TLS upstream's verified identity (sidecar.tls)
+        self.tls_refused = False  # the TLS peer failed our checks: a connect failure, never an open connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -58,6 +60,8 @@ class UpstreamConnection(HeadResponseParsing, WriteFlowControl, asyncio.Protocol
         self.opened_at = time.monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.tls_refused:
+            return  # counted as a connect failure by Pool.connect
         closed_here = self.closed  # close() and reset() mark the connection before asyncio reports it lost
         self.closed = True
         self.pool.discard(self)
@@ -227,10 +231,15 @@ class Pool:
         if owner is not None:
             owner.cx_count += 1
         conn_failed = True
+        tls = owner.tls if owner is not None else None
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, local_addr=local),
-                timeout)
+            if tls is None:
+                _, conn = await asyncio.wait_for(
+                    loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
+                                           local_addr=local),
+                    timeout)
+            else:
+                conn = await asyncio.wait_for(tls.connect(self, local, timeout), timeout)
             conn_failed = False
         except TimeoutError:
             # Envoy counts a timed-out connect as a failure too, and the connection as destroyed by us.

@@ -116,14 +116,15 @@ def _err(doc: dict, match: str) -> str:
     return str(exc.value)
 
 
-def test_tls_on_cluster_and_chain_is_error(seed_doc):
+def test_incomplete_tls_and_v2_tls_context_are_errors(seed_doc):
+    # TLS itself is supported (tests/test_sidecar_tls.py); a transport socket without its context is not.
     doc = copy.deepcopy(seed_doc)
     doc["static_resources"]["clusters"][1]["transport_socket"] = {"name": "envoy.transport_sockets.tls"}
-    msg = _err(doc, "TLS is not supported")
-    assert msg.startswith("envoy.yaml: static_resources.clusters[1].transport_socket:")
+    msg = _err(doc, "expected a mapping")
+    assert msg.startswith("envoy.yaml: static_resources.clusters[1].transport_socket.typed_config:")
     doc = copy.deepcopy(seed_doc)
     doc["static_resources"]["listeners"][0]["filter_chains"][0]["tls_context"] = {}
-    assert "static_resources.listeners[0].filter_chains[0].tls_context" in _err(doc, "TLS")
+    assert "static_resources.listeners[0].filter_chains[0].tls_context" in _err(doc, "use transport_socket")
 
 
 def test_unknown_http_filter_is_error(seed_doc):
@@ -173,8 +174,9 @@ def test_bad_duration_and_codec_are_errors(seed_doc):
 
 def test_listener_filters_are_error(seed_doc):
     lst = seed_doc["static_resources"]["listeners"][0]
-    lst["listener_filters"] = [{"name": "envoy.filters.listener.tls_inspector"}]
-    _err(seed_doc, "tls_inspector")
+    # tls_inspector is accepted (the permissive TLS pair, tests/test_sidecar_tls.py); any other is not
+    lst["listener_filters"] = [{"name": "envoy.filters.listener.proxy_protocol"}]
+    _err(seed_doc, "proxy_protocol")
 
 
 # --- warnings ------------------------------------------------------------------------------------
