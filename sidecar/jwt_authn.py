@@ -512,6 +512,7 @@ class _Token:
     value: str
     issuers: frozenset[str]  # the issuers of the providers reading this location ("" = any)
     header: str | None  # the header it came from (removed when the provider does not forward it)
+    param: str = ""  # or the query parameter (removed likewise)
 
 
 class _Request:
@@ -531,6 +532,17 @@ class _Request:
         if any(n == b for n, _ in self.headers):
             self.headers = [h for h in self.headers if h[0] != b]
             self.changed = True
+
+    def remove_param(self, name: str) -> None:
+        """Drop every ``name=`` of the query (the others stay as they were written)."""
+        path, sep, query = self.path.partition(b"?")
+        if not sep:
+            return
+        query, hsep, fragment = query.partition(b"#")
+        key = name.encode("latin-1")
+        kept = [kv for kv in query.split(b"&") if kv.split(b"=", 1)[0] != key]
+        self.path = path + (b"?" + b"&".join(kept) if kept else b"") + (hsep + fragment if hsep else b"")
+        self.changed = True
 
     def add(self, name: str, value: str) -> None:
         self.headers.append((name.encode("latin-1"), value.encode("latin-1", "replace")))
@@ -579,6 +591,7 @@ class JwtAuthnRuntime:
             self.allowed.value += 1
             if r.changed:
                 req.headers = r.headers
+                req.path = r.path
             return True
         self.denied.value += 1
         stream = req.stream
@@ -679,7 +692,7 @@ class JwtAuthnRuntime:
                     found.setdefault(k, v)  # Envoy: the first value of a repeated parameter
                 for q in sorted(params):
                     if q in found:
-                        out.append(_Token(found[q], frozenset(params[q]), None))
+                        out.append(_Token(found[q], frozenset(params[q]), None, q))
         return out
 
     def _verify(self, tok: _Token, r: _Request, provider: JwtProvider | None, audiences: tuple[str, ...] | None,
@@ -718,8 +731,11 @@ class JwtAuthnRuntime:
             value = _claim_text(jwt.payload.get(claim))
             if value:
                 r.add(header, value)
-        if not p.forward and tok.header is not None:
-            r.remove(tok.header)
+        if not p.forward:
+            if tok.header is not None:
+                r.remove(tok.header)
+            else:
+                r.remove_param(tok.param)
         return OK
 
 
