@@ -17,11 +17,23 @@ Envoy behaves like our sidecar in a pod:
   0600) and the admin TCP port is an ordinary listener (``admin_readonly``)
   that forwards GETs of the read-only pages to it and refuses the rest with
   403, as our sidecar's TCP admin does.
+
+TLS: a listener's ``tls`` is its filter chain's DownstreamTlsContext (permissive: a
+second, plaintext chain chosen by tls_inspector); a cluster's is its
+UpstreamTlsContext. Certificate rotation with the real Envoy needs SDS from
+files (``sds_dir``): the control plane writes ``sds_files(boot, sds_dir)``
+(one small JSON file per certificate pair, ``<sds_dir>/cert-<hash>.yaml``)
+before Envoy starts and never needs to touch them again; each names the
+certificate's files and the directory Envoy watches for the rotation's rename
+(``watched_directory``: the parent of a symlinked ``<replica>/current``).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
+import os
 from typing import Any
 
 from sidecar.config import (
@@ -30,6 +42,7 @@ from sidecar.config import (
     Bootstrap,
     CircuitBreakers,
     Cluster,
+    CommonTls,
     ConfigError,
     DirectResponse,
     HeaderMatch,
@@ -42,6 +55,7 @@ from sidecar.config import (
     RetryPolicy,
     Route,
     RouteMatch,
+    UpstreamTls,
     VirtualHost,
 )
 from sidecar.config_fields import PREVIOUS_HOSTS
@@ -60,6 +74,14 @@ GETADDRINFO = {
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.getaddrinfo.v3."
                               "GetAddrInfoDnsResolverConfig"},
 }
+TLS_SOCKET = "envoy.transport_sockets.tls"
+DOWNSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+UPSTREAM_TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
+TLS_INSPECTOR_TYPE = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+#: The node Envoy needs for SDS from files (it names nothing here).
+SDS_NODE = "meshctl"
 #: The listener on the admin TCP port and the cluster that reaches the admin socket.
 ADMIN_LISTENER = "admin_readonly"
 ADMIN_CLUSTER = "admin_socket"
@@ -76,17 +98,22 @@ def seconds(value: float) -> str:
     return f"{text}s"
 
 
-def export_envoy(boot: Bootstrap, admin_socket: str | None = None) -> dict[str, Any]:
+def export_envoy(boot: Bootstrap, admin_socket: str | None = None, sds_dir: str | None = None) -> dict[str, Any]:
     """The Envoy v3 bootstrap (a plain dict) that runs ``boot``.
 
     ``admin_socket``: serve the whole admin on this Unix socket (0600) and only the read-only pages on the
     model's admin TCP address (see the module's doc); None: Envoy's admin on the model's TCP address, as is.
+    ``sds_dir``: deliver every TLS certificate through SDS files in this directory, so the real Envoy reloads
+    it when it is rotated (write ``sds_files(boot, sds_dir)`` there before Envoy starts); None: the files are
+    named directly in the bootstrap, which Envoy reads once.
     Raises ConfigError when the model cannot be expressed (a name the admin plumbing needs is taken).
     """
-    listeners = [_listener(lst) for lst in boot.listeners]
-    clusters = [_cluster(c) for c in boot.clusters]
+    listeners = [_listener(lst, sds_dir) for lst in boot.listeners]
+    clusters = [_cluster(c, sds_dir) for c in boot.clusters]
     doc: dict[str, Any] = {"static_resources": {"listeners": listeners, "clusters": clusters},
                            "layered_runtime": LAYERED_RUNTIME}  # /runtime_modify needs the admin layer
+    if sds_dir is not None and sds_files(boot, sds_dir):
+        doc["node"] = {"id": SDS_NODE, "cluster": SDS_NODE}  # Envoy refuses file-based SDS without a node
     if admin_socket is not None:
         taken = [name for name, used in ((ADMIN_LISTENER, [lst.name for lst in boot.listeners]),
                                          (ADMIN_CLUSTER, [c.name for c in boot.clusters])) if name in used]
@@ -102,12 +129,13 @@ def export_envoy(boot: Bootstrap, admin_socket: str | None = None) -> dict[str, 
     return doc
 
 
-def export_envoy_yaml(boot: Bootstrap, admin_socket: str | None = None, header: str = "") -> str:
+def export_envoy_yaml(boot: Bootstrap, admin_socket: str | None = None, header: str = "",
+                      sds_dir: str | None = None) -> str:
     """``export_envoy`` as YAML, with ``header`` as leading comment lines."""
     import yaml
 
     comment = "".join(f"# {line}\n".replace("# \n", "#\n") for line in header.splitlines())
-    return comment + yaml.dump(export_envoy(boot, admin_socket), Dumper=_dumper(), sort_keys=False,
+    return comment + yaml.dump(export_envoy(boot, admin_socket, sds_dir), Dumper=_dumper(), sort_keys=False,
                                default_flow_style=False, width=120)
 
 
@@ -129,9 +157,100 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _listener(lst: Listener) -> dict[str, Any]:
-    return {"name": lst.name, "address": _address(lst.address, lst.port),
-            "filter_chains": [{"filters": [_hcm(lst.hcm)]}]}
+def _listener(lst: Listener, sds_dir: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": lst.name, "address": _address(lst.address, lst.port)}
+    if lst.tls is None:
+        out["filter_chains"] = [{"filters": [_hcm(lst.hcm)]}]
+        return out
+    chain: dict[str, Any] = {"filters": [_hcm(lst.hcm)], "transport_socket": _downstream_tls(lst, sds_dir)}
+    if not lst.plaintext_allowed:
+        out["filter_chains"] = [chain]
+        return out
+    # Permissive: tls_inspector picks the TLS chain for a ClientHello, the plaintext one for anything else.
+    out["listener_filters"] = [{"name": TLS_INSPECTOR, "typed_config": {"@type": TLS_INSPECTOR_TYPE}}]
+    out["filter_chains"] = [{"filter_chain_match": {"transport_protocol": "tls"}, **chain},
+                            {"filters": [_hcm(lst.hcm)]}]
+    return out
+
+
+# --- TLS ---------------------------------------------------------------------------------------------
+
+def _downstream_tls(lst: Listener, sds_dir: str | None) -> dict[str, Any]:
+    tls = lst.tls
+    assert tls is not None
+    if not tls.common.cert_chain:
+        raise ConfigError(f"listener {lst.name}: TLS without a certificate (tls: mesh needs the mesh identity)")
+    return {"name": TLS_SOCKET, "typed_config": {
+        "@type": DOWNSTREAM_TLS_TYPE, "common_tls_context": _common_tls(tls.common, sds_dir),
+        "require_client_certificate": tls.require_client_certificate}}
+
+
+def _upstream_tls(tls: UpstreamTls, sds_dir: str | None) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"@type": UPSTREAM_TLS_TYPE, "common_tls_context": _common_tls(tls.common, sds_dir)}
+    if tls.sni:
+        cfg["sni"] = tls.sni
+    return {"name": TLS_SOCKET, "typed_config": cfg}
+
+
+def _common_tls(c: CommonTls, sds_dir: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if c.cert_chain and c.private_key:
+        if sds_dir is None:
+            out["tls_certificates"] = [{"certificate_chain": {"filename": c.cert_chain},
+                                        "private_key": {"filename": c.private_key}}]
+        else:
+            name = sds_secret_name(c.cert_chain, c.private_key)
+            out["tls_certificate_sds_secret_configs"] = [{"name": name, "sds_config": {
+                "path_config_source": {"path": _sds_path(sds_dir, name)}, "resource_api_version": "V3"}}]
+    if c.trusted_ca:
+        vc: dict[str, Any] = {"trusted_ca": {"filename": c.trusted_ca}}
+        if c.match_sans:
+            vc["match_typed_subject_alt_names"] = [
+                {"san_type": m.san_type, "matcher": {"exact": m.exact} if m.exact is not None
+                 else {"prefix": m.prefix}} for m in c.match_sans]
+        out["validation_context"] = vc
+    if c.alpn:
+        out["alpn_protocols"] = list(c.alpn)
+    return out
+
+
+def sds_secret_name(cert: str, key: str) -> str:
+    """The SDS secret (and file) name of one certificate pair: stable, so re-exports name the same file."""
+    return "cert-" + hashlib.sha256(f"{cert}\0{key}".encode()).hexdigest()[:12]
+
+
+def _sds_path(sds_dir: str, name: str) -> str:
+    return os.path.join(sds_dir, f"{name}.yaml")
+
+
+def watched_directory(cert: str) -> str:
+    """Where Envoy must watch for the rename that rotates ``cert``.
+
+    Envoy reloads a file-based certificate delivered by SDS on a *move* event in its watched_directory
+    (checked with Envoy 1.40: a plain static bootstrap and a static secret are never reloaded, and without
+    watched_directory Envoy watches the files' own directory, which a directory swap replaces instead of
+    writing into). meshctl rotates by renaming a symlink ``<replica>/current`` -> ``gen-N`` in ``<replica>``:
+    when the certificate's directory is a symlink, its parent is watched; otherwise the directory itself
+    (files renamed into place there).
+    """
+    d = os.path.dirname(os.path.abspath(cert))
+    return os.path.dirname(d) if os.path.islink(d) else d
+
+
+def sds_files(boot: Bootstrap, sds_dir: str) -> dict[str, str]:
+    """The SDS files ``export_envoy(boot, ..., sds_dir)`` refers to: {path: YAML text}. Each names the
+    certificate files (Envoy re-reads them, cert and key together, on a move in ``watched_directory``)."""
+    pairs = {(t.common.cert_chain, t.common.private_key)
+             for t in [*(lst.tls for lst in boot.listeners), *(c.tls for c in boot.clusters)]
+             if t is not None and t.common.cert_chain and t.common.private_key}
+    out = {}
+    for cert, key in sorted(pairs):  # type: ignore[arg-type]
+        name = sds_secret_name(cert, key)  # type: ignore[arg-type]
+        secret = {"@type": SECRET_TYPE, "name": name, "tls_certificate": {
+            "certificate_chain": {"filename": cert}, "private_key": {"filename": key},
+            "watched_directory": {"path": watched_directory(cert)}}}  # type: ignore[arg-type]
+        out[_sds_path(sds_dir, name)] = json.dumps({"resources": [secret]}, indent=1) + "\n"
+    return out
 
 
 def _hcm(hcm: HttpConnectionManager, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -306,7 +425,7 @@ PREVIOUS_HOSTS_TYPE = "type.googleapis.com/envoy.extensions.retry.host.previous_
 
 # --- clusters ------------------------------------------------------------------------------------
 
-def _cluster(c: Cluster) -> dict[str, Any]:
+def _cluster(c: Cluster, sds_dir: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "connect_timeout": seconds(c.connect_timeout_s),
         "lb_policy": c.lb_policy,
@@ -330,6 +449,8 @@ def _cluster(c: Cluster) -> dict[str, Any]:
         out = {"name": c.name, "cluster_type": {"name": DNS_CLUSTER, "typed_config": dns}, **out}
     out["load_assignment"] = {"cluster_name": c.name, "endpoints": [{"lb_endpoints": [
         {"endpoint": {"address": _address(ep.host, ep.port)}} for ep in c.endpoints]}]}
+    if c.tls is not None:
+        out["transport_socket"] = _upstream_tls(c.tls, sds_dir)
     return out
 
 

@@ -67,7 +67,11 @@ def dump_identity(ident: MeshIdentity) -> str:
 
 def apply_identity(boot: Bootstrap, ident: MeshIdentity) -> Bootstrap:
     """The model with the mesh's transport sockets added (what the user configured for TLS is kept)."""
-    listeners = boot.listeners
+    # ``tls: mesh`` (short form): a TLS-terminating listener without files of its own serves the mesh certificate.
+    listeners = tuple(replace(lst, tls=replace(lst.tls, common=replace(lst.tls.common, cert_chain=ident.cert,
+                                                                      private_key=ident.key)))
+                      if lst.tls is not None and lst.tls.common.cert_chain is None else lst
+                      for lst in boot.listeners)
     if ident.ingress != "off":
         # Any workload of this mesh may connect; which ones may do what is the RBAC filter's business.
         downstream = DownstreamTls(ident.common((SanMatcher(prefix=f"spiffe://{ident.trust_domain}/"),)),

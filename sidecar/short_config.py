@@ -21,6 +21,8 @@ from sidecar.config import (
     Admin,
     Bootstrap,
     Cluster,
+    CommonTls,
+    DownstreamTls,
     Endpoint,
     FaultAbort,
     FaultDelay,
@@ -270,7 +272,7 @@ def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str, logs: tuple[AccessLog
              trust_domain: str | None = None) -> tuple[Listener, list[Cluster], dict[str, str]]:
     obj = as_dict(ctx, value, path, allow_none=False)
     check_keys(ctx, obj, path, ("port", "to", "timeout", "retry_policy", "connect_timeout", "circuit_breakers",
-                                "outlier_detection", "health_check", "fault", "local_ratelimit", *AUTH_KEYS))
+                                "outlier_detection", "health_check", "fault", "local_ratelimit", "tls", *AUTH_KEYS))
     for key in ("port", "to"):
         if key not in obj:
             raise ctx.error(sub(path, key), "required")
@@ -282,9 +284,27 @@ def _ingress(ctx: Ctx, value: Any, path: str, pod_ip: str, logs: tuple[AccessLog
     vhost = VirtualHost(name="local_service", domains=("*",), routes=(route,))
     hcm = HttpConnectionManager(stat_prefix="ingress_http", access_logs=logs,
                                 route_config=RouteConfig(name="ingress_route", virtual_hosts=(vhost,)))
-    listener = Listener(name="ingress", address=pod_ip, port=port, hcm=hcm, original_address="0.0.0.0")
+    listener = Listener(name="ingress", address=pod_ip, port=port, hcm=hcm, original_address="0.0.0.0",
+                        tls=_tls_termination(ctx, obj["tls"], sub(path, "tls")) if obj.get("tls") is not None
+                        else None)
     listener = _with_filters(ctx, listener, obj, path, _auth_filters(ctx, obj, path, trust_domain))
     return listener, [cluster], {cluster.name: sub(path, "to")}
+
+
+def _tls_termination(ctx: Ctx, value: Any, path: str) -> DownstreamTls:
+    """``tls: {cert: FILE, key: FILE}`` (or ``tls: mesh``: the replica's mesh certificate, filled in from
+    ``--mesh-identity``): the ingress terminates TLS (ALPN http/1.1, no client certificate asked for). The
+    files are re-read when they change (sidecar.tls)."""
+    alpn = ("http/1.1",)
+    if value == "mesh":
+        return DownstreamTls(CommonTls(alpn=alpn))  # no files: apply_identity gives it the mesh certificate
+    obj = as_dict(ctx, value, path, allow_none=False)
+    check_keys(ctx, obj, path, ("cert", "key"))
+    for key in ("cert", "key"):
+        if key not in obj:
+            raise ctx.error(sub(path, key), "required (or tls: mesh)")
+    return DownstreamTls(CommonTls(cert_chain=as_str(ctx, obj["cert"], sub(path, "cert")),
+                                   private_key=as_str(ctx, obj["key"], sub(path, "key")), alpn=alpn))
 
 
 def _cluster_kw(ctx: Ctx, obj: dict[str, Any], path: str) -> dict[str, Any]:

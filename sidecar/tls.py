@@ -215,6 +215,8 @@ class TlsContext:
 
     def _build(self) -> ssl.SSLContext:
         c = self.common
+        if self.server and not c.cert_chain:
+            raise ReloadError(f"{self.where}: no certificate to serve (tls: mesh needs --mesh-identity)")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if self.server else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if not self.server:
