@@ -143,7 +143,7 @@ class JwtAuthnFilter:
 def parse_jwks(ctx: Ctx, text: str, path: str) -> tuple[JwksKey, ...]:
     """The JWKS's keys, parsed once (a bad document is a configuration error, not a 401 per request)."""
     from jwt import PyJWK
-    from jwt.exceptions import PyJWKError
+    from jwt.exceptions import PyJWKError, PyJWTError
 
     try:
         doc = json.loads(text)
@@ -169,7 +169,7 @@ def parse_jwks(ctx: Ctx, text: str, path: str) -> tuple[JwksKey, ...]:
             default = {"EC": {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}.get(k.get("crv", ""), "ES256"),
                        "RSA": "RS256", "OKP": "EdDSA", "oct": "HS256"}[kty]
             jwk = PyJWK(k, algorithm=alg or default)
-        except (PyJWKError, ValueError, TypeError, KeyError) as exc:
+        except (PyJWKError, PyJWTError, ValueError, TypeError, KeyError) as exc:
             raise ctx.error(path, f"keys[{i}]: not a valid {kty} key: {exc}") from None
         keys.append(JwksKey(kid=k.get("kid", ""), alg=alg, kty=kty, key=jwk.key))
     if not keys:
