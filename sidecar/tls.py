@@ -109,7 +109,10 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "connection_error", failure_reason(reason)
     if isinstance(exc, TimeoutError):
         return "connection_error", "TLS handshake timeout"
-    return "connection_error", f"TLS_error:|{type(exc).__name__}: {exc}:TLS_error_end"
+    # The peer closed or reset the connection mid-handshake (no TLS alert to name).
+    what = getattr(exc, "strerror", None) or {ConnectionResetError: "Connection reset by peer",
+                                              ConnectionAbortedError: "Connection aborted"}.get(type(exc), str(exc))
+    return "connection_error", f"TLS_error:|{what}:TLS_error_end"
 
 
 # --- peer certificates ------------------------------------------------------------------------------------------
