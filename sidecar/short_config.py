@@ -112,8 +112,16 @@ def compile_short(section: dict, pod_ip: str, public_admin: bool = False, source
 
 
 def _access_logs(ctx: Ctx, value: Any, path: str) -> tuple[AccessLog, ...]:
+    """``access_log: PATH`` (Envoy's default format), or ``{path, format}`` with Envoy's command operators
+    (e.g. ``%DOWNSTREAM_PEER_URI_SAN%``, the caller's SPIFFE id under mTLS)."""
     if value is None or value is False:
         return ()
+    if isinstance(value, dict):
+        check_keys(ctx, value, path, ("path", "format"))
+        if "path" not in value:
+            raise ctx.error(sub(path, "path"), "required")
+        fmt = as_str(ctx, value["format"], sub(path, "format")) if value.get("format") is not None else None
+        return (AccessLog(path=as_str(ctx, value["path"], sub(path, "path")), format=fmt),)
     return (AccessLog(path=as_str(ctx, value, path)),)
 
 
