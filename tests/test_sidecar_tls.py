@@ -593,3 +593,27 @@ def test_filter_chain_match_other_than_the_permissive_pair_is_an_error(certs):
     boot["static_resources"]["listeners"][0].pop("listener_filters")
     with pytest.raises(ConfigError, match="needs the envoy.filters.listener.tls_inspector"):
         compile_envoy(boot, "127.0.0.1", source="e.yaml")
+
+
+def test_mesh_identity_makes_the_short_form_ingress_strict_mtls(tmp_path: Path, certs, upstream, ports):
+    """--mesh-identity: the identity's transport sockets on a short-form sidecar (what meshctl runs)."""
+    ip = "127.0.233.3"
+    port, admin = free_port(ip), free_port(ip)
+    ident = tmp_path / "identity.json"
+    ident.write_text(json.dumps({"spiffe_id": spiffe_id(MESH, "s"), "trust_domain": MESH, "cert": certs.cert,
+                                 "key": certs.key, "ca": certs.ca_pem, "ingress": "strict", "clusters": {}}))
+    sc = SidecarProc(tmp_path / "sc", ip, admin,
+                     config={"admin": {"port": admin}, "ingress": {"port": port, "to": f"{UP}:{ports['up']}"}})
+    sc.args += ["--mesh-identity", str(ident)]
+    sc.start()
+    try:
+        resp, _ = tls_get(ip, port, "/status/200?t=ident", client_context(certs, "b"))
+        assert status(resp) == 200
+        assert tls_get(ip, port, "/status/200?t=ident-foreign", client_context(certs, "foreign"))[0] == b""
+        with pytest.raises(OSError):
+            request(ip, port, "/status/200?t=ident-plain", timeout=5)
+        st = stats(ip, admin)
+        assert st[f"listener.{ip}_{port}.ssl.fail_verify_san"] == 1
+        assert st[f"listener.{ip}_{port}.ssl.connection_error"] == 1
+    finally:
+        sc.stop()
