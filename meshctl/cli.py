@@ -487,7 +487,8 @@ def export() -> None:
 def export_envoy(file: str, pods: tuple[str, ...], output: str, project: str | None) -> None:
     """Print (or write) the Envoy v3 static bootstrap each pod's sidecar configuration means, from the seed's
     v2 file, a v3 file or the short form: replica 0's alias and admin socket filled in. `up --sidecar-engine
-    envoy` runs exactly this (one per replica); `envoy --mode validate -c FILE` accepts it."""
+    envoy` runs exactly this (one per replica, with its certificates through SDS files); `envoy --mode validate
+    -c FILE` accepts it. A meshed pod's certificate is issued (and the mesh CA created) if it has none yet."""
     from sidecar.config import ConfigError
 
     plan = _plan(file, project, to_run=False)
@@ -500,6 +501,12 @@ def export_envoy(file: str, pods: tuple[str, ...], output: str, project: str | N
     chosen = list(dict.fromkeys(pods)) or with_sidecar
     if not chosen:
         fail(f"{file}: no pod has a sidecar", USAGE_ERROR)
+    from meshctl.lifecycle import ensure_certificates
+
+    try:  # the mesh identity's files must exist for Envoy to accept the bootstrap
+        ensure_certificates(plan, [plan.pods[name].replicas[0].name for name in chosen])
+    except MeshError as err:
+        _report(err)
     texts = {}
     for name in chosen:
         try:

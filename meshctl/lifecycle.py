@@ -175,6 +175,29 @@ def ensure_mesh_ca(plan: MeshPlan) -> None:
         raise MeshError(f"mesh '{plan.mesh}': {exc}") from None
 
 
+def ensure_certificates(plan: MeshPlan, replicas: list[str]) -> None:
+    """The CA and a certificate for each of ``replicas`` that has none yet (`meshctl export envoy`: the real Envoy
+    refuses a bootstrap naming files that do not exist). A running mesh's certificates are left alone."""
+    if plan.identity is None:
+        return
+    from meshctl.identity.ca import CAError, ensure_ca
+    from meshctl.identity.issuer import Issuer
+
+    wanted = [r for r in replicas if r in plan.identity.replicas
+              and not Path(plan.identity.replicas[r].identity.cert).exists()]
+    if not wanted:
+        return
+    try:
+        issuer = Issuer(plan.identity, ensure_ca(plan.identity.dir, plan.mesh, plan.identity.supplied_ca))
+        for replica in wanted:
+            issuer.issue(replica)
+    except CAError as exc:
+        raise MeshError(f"mesh '{plan.mesh}': {exc}") from None
+    except OSError as exc:
+        raise MeshError(f"mesh '{plan.mesh}': cannot write a certificate in {plan.identity.dir}: "
+                        f"{exc.strerror or exc}") from None
+
+
 def run_supervisor(plan: MeshPlan, state: StateDir, foreground: bool) -> int:
     """Run the mesh in this process until it is stopped (signals: one stops, a second forces)."""
     import asyncio

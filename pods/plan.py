@@ -23,7 +23,7 @@ from pods.prometheus import CONFIG_FILE as PROMETHEUS_CONFIG
 from pods.prometheus import POD_NAME as PROMETHEUS_POD
 from pods.prometheus import scrape_config, with_prometheus
 from pods.replica import PYTHON_ALIASES, ProcessPlan, Replica, ReplicaLayout, SidecarLaunch, assign_replicas
-from pods.sidecars import PROBE_IP, compile_sidecars, compile_source, envoy_bootstrap
+from pods.sidecars import PROBE_IP, compile_sidecars, compile_source, envoy_bootstrap, envoy_sds_files
 from pods.source import Problem
 from pods.topology import MetricsSpec, PodSpec, PrometheusSpec, PublishSpec, Topology
 from sidecar.config import Bootstrap, ConfigError
@@ -216,7 +216,9 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
                                      for r in identity.replicas.values()}
         compiled.files.update(identity_files(identity))
         dirs.extend(r.dir for r in identity.replicas.values())
-    compiled.files.update(_envoy_files(layout, problems, identity))
+    envoy_files = _envoy_files(layout, problems, identity)
+    compiled.files.update(envoy_files)
+    dirs.extend(sorted({p.parent for p in envoy_files} - {state_root / "sidecar"}))  # the SDS directories
     if compiled.files:
         dirs.append(state_root / "sidecar")
     # Planned for every mesh: users who run their own Prometheus ask for it (`meshctl prometheus-config`).
@@ -271,7 +273,9 @@ def _probe_boots(layout: ReplicaLayout) -> dict[str, Bootstrap]:
     boots = {}
     for name, launch in layout.sidecars.items():
         try:
-            boots[name] = compile_source(launch.source, PROBE_IP, launch.public_admin, layout.mesh)
+            mtls = layout.topology.pod_mtls(name)
+            boots[name] = compile_source(launch.source, PROBE_IP, launch.public_admin,
+                                         layout.mesh if mtls != "off" else None)
         except ConfigError:
             continue
     return boots
@@ -287,10 +291,17 @@ def _envoy_files(layout: ReplicaLayout, problems: list[Problem], identity: Ident
             continue
         for replica in layout.replicas.get(name, []):
             ident = identity.replicas.get(replica.name) if identity is not None else None
+            mesh_ident = ident.identity if ident else None
+            # Certificates through SDS files beside the bootstrap: the real Envoy reloads them on rotation.
+            sds_dir = layout.sidecar_dir / f"{replica.name}.sds" if layout.sidecar_dir is not None else None
             try:
                 files[layout.envoy_config(replica)] = envoy_bootstrap(launch, replica, layout.mesh,
-                                                                      layout.admin_socket(replica),
-                                                                      ident.identity if ident else None)
+                                                                      layout.admin_socket(replica), mesh_ident,
+                                                                      sds_dir)
+                if sds_dir is not None:
+                    rotated = ({os.path.dirname(mesh_ident.cert): str(ident.dir)}
+                               if ident is not None and mesh_ident is not None else {})
+                    files.update(envoy_sds_files(launch, replica, layout.mesh, mesh_ident, sds_dir, rotated))
             except ConfigError as exc:
                 problems.append(Problem(str(topology.path), topology.pods[name].sidecar_line,
                                         f"pod '{name}' sidecar: {exc}"))

@@ -27,7 +27,7 @@ from pods.source import Problem
 from pods.topology import PodSpec, Topology
 from sidecar.config import Bootstrap, ConfigError
 from sidecar.envoy_config import load_envoy
-from sidecar.envoy_export import export_envoy_yaml
+from sidecar.envoy_export import export_envoy_yaml, sds_files
 from sidecar.http_filters import add_live_faults
 from sidecar.mesh_identity import MeshIdentity, apply_identity
 from sidecar.short_config import compile_short
@@ -77,7 +77,25 @@ def _source(pod: PodSpec, topo: Topology) -> tuple[str, str]:
         if not path.is_file():
             raise ConfigError(f"envoy config {section['envoy']!r} not found (looked at {path})")
         return "envoy", str(path)
-    return "short", json.dumps({k: v for k, v in section.items() if k not in _META_KEYS}, indent=1)
+    short = {k: v for k, v in section.items() if k not in _META_KEYS}
+    return "short", json.dumps(_anchor_files(short, topo.path.parent), indent=1)
+
+
+#: Short-form values that name files: (section, key) pairs under the ingress. Relative to the topology file,
+#: as ``envoy:`` is, so ``validate`` from any directory and the sidecar (started in the pod's workdir) agree.
+_FILE_KEYS = (("jwt", "jwks"), ("tls", "cert"), ("tls", "key"))
+
+
+def _anchor_files(short: dict, base: Path) -> dict:
+    ingress = short.get("ingress")
+    if not isinstance(ingress, dict):
+        return short
+    ingress = dict(ingress)
+    for section, key in _FILE_KEYS:
+        inner = ingress.get(section)
+        if isinstance(inner, dict) and isinstance(inner.get(key), str) and inner[key]:
+            ingress[section] = {**inner, key: str(base / os.path.expanduser(inner[key]))}
+    return {**short, "ingress": ingress}
 
 
 #: Whether the short form names RBAC principals by pod (``allow: [{from: [a]}]``), which needs the trust domain.
@@ -98,18 +116,49 @@ def compile_source(source: tuple[str, str], pod_ip: str, public_admin: bool,
 
 
 def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_socket: Path,
-                    identity: MeshIdentity | None = None) -> str:
+                    identity: MeshIdentity | None = None, sds_dir: Path | None = None) -> str:
     """The real Envoy's v3 bootstrap (YAML) for one replica of a pod: its alias, its admin socket, and its
-    mesh identity's transport sockets (the same ones our sidecar adds when it reads ``--mesh-identity``)."""
-    boot = compile_source(launch.source, replica.ip, launch.public_admin, mesh)
-    if identity is not None:
-        boot = apply_identity(boot, identity)
+    mesh identity's transport sockets (the same ones our sidecar adds when it reads ``--mesh-identity``).
+
+    ``sds_dir``: certificates through SDS files there (``envoy_sds_files``), which Envoy reloads on rotation;
+    None: named in the bootstrap (read once: what ``meshctl export envoy`` prints for a standalone Envoy).
+    """
+    boot = _envoy_model(launch, replica, mesh, identity)
     origin = launch.source[1] if launch.source[0] == "envoy" else f"pod {replica.pod}'s short-form sidecar"
     header = (f"Envoy v3 bootstrap of {replica.name} (mesh {mesh}, alias {replica.ip}), written by meshctl "
               f"from {origin}.\nThe whole admin is on the Unix socket {admin_socket} (mode 0600); the admin "
               "TCP port serves only\nGET /ready, /stats, /stats/prometheus, /server_info and /clusters "
               "(listener admin_readonly).")
-    return export_envoy_yaml(boot, str(admin_socket), header=header)
+    return export_envoy_yaml(boot, str(admin_socket), header=header, sds_dir=str(sds_dir) if sds_dir else None)
+
+
+def _envoy_model(launch: SidecarLaunch, replica: Replica, mesh: str, identity: MeshIdentity | None) -> Bootstrap:
+    # The trust domain only with an identity: our sidecar compiles the same way (it learns it from the file).
+    boot = compile_source(launch.source, replica.ip, launch.public_admin,
+                          identity.trust_domain if identity is not None else None)
+    return apply_identity(boot, identity) if identity is not None else boot
+
+
+def envoy_sds_files(launch: SidecarLaunch, replica: Replica, mesh: str, identity: MeshIdentity | None,
+                    sds_dir: Path, rotated: Mapping[str, str]) -> dict[Path, str]:
+    """The SDS files ``envoy_bootstrap(..., sds_dir=sds_dir)`` refers to.
+
+    ``rotated``: {certificate directory: the directory the rotation renames in} for meshctl's own
+    ``<replica>/current`` symlinks. Envoy reloads on a move in ``watched_directory``; the export derives it
+    from the file system, which the plan does not read (the symlink does not exist before the first issue),
+    so the plan says it.
+    """
+    out: dict[Path, str] = {}
+    for path, text in sds_files(_envoy_model(launch, replica, mesh, identity), str(sds_dir)).items():
+        doc = json.loads(text)
+        for res in doc.get("resources", []):
+            cert = res.get("tls_certificate", {})
+            chain = cert.get("certificate_chain", {}).get("filename", "")
+            watched = rotated.get(os.path.dirname(chain))
+            if watched is not None:
+                cert["watched_directory"] = {"path": watched}
+        out[Path(path)] = json.dumps(doc, indent=1) + "\n"
+    return out
 
 
 def _engine(pod: PodSpec, override: str | None) -> tuple[str, int]:
@@ -142,7 +191,8 @@ def compile_sidecars(topo: Topology, config_dir: Path, engine: str | None = None
             pod_engine, concurrency = _engine(pod, engine)
             source = _source(pod, topo)
             public = bool(pod.sidecar.get("public_admin", False))
-            boot = compile_source(source, _PROBE_IP, public, topo.name)
+            # The trust domain when the pod is meshed, as its sidecar will compile it (`from: [a]` needs mTLS).
+            boot = compile_source(source, _PROBE_IP, public, topo.name if topo.pod_mtls(pod.name) != "off" else None)
         except ConfigError as exc:
             out.problems.append(Problem(path, line, f"{where}: {exc}"))
             continue

@@ -248,3 +248,38 @@ def test_policy_peers_must_be_pods(tmp_path):
     assert f"{path}:9: pods.b.sidecar.ingress.allow[1].from: 'ghost' is not a pod of this topology" in found, found
     assert f"{path}:10: pods.b.sidecar.ingress.deny[0].from: 'c' is not a pod of this topology" in found, found
     assert not any("'a' is not a pod" in f or "spiffe://other" in f for f in found), found
+
+
+def test_real_envoy_gets_the_identity_through_sds_files_watching_the_replica_dir(tmp_path):
+    topo = parse_topology(textwrap.dedent(topo_text("mtls: strict")), tmp_path / "t.yaml")
+    p = plan_mesh(topo, tmp_path / "state", HostFacts(environ={"PATH": "/usr/bin:/bin"}, envoy_bin="/bin/true"),
+                  run_id="r", sidecar_engine="envoy")
+    assert not p.errors, p.errors
+    assert "--mesh-identity" not in sidecar_argv(p, "b-0")  # the real Envoy has it in its bootstrap
+    sds = {path: json.loads(text) for path, text in p.files.items() if path.parent.name == "b-0.sds"}
+    assert len(sds) == 1 and next(iter(sds)).parent in p.dirs
+    secret = next(iter(sds.values()))["resources"][0]["tls_certificate"]
+    ident = p.identity.replicas["b-0"]
+    assert secret["certificate_chain"]["filename"] == ident.identity.cert
+    # The rotation renames `current` inside the replica's directory: that is where Envoy must watch, though
+    # nothing exists on disk yet when the plan is made.
+    assert secret["watched_directory"]["path"] == str(ident.dir)
+    boot = p.files[tmp_path / "state" / "sidecar" / "b-0.envoy.yaml"]
+    assert "DownstreamTlsContext" in boot and str(next(iter(sds))) in boot
+
+
+def test_short_form_files_are_relative_to_the_topology(tmp_path):
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    from pods.sidecars import _source
+
+    topo = parse_topology(textwrap.dedent("""
+        name: zt
+        pods:
+          web:
+            sidecar: {ingress: {port: 8443, to: 8001, tls: {cert: c.pem, key: k.pem},
+                                jwt: {issuer: me, jwks: jwks.json}}}
+            service: {command: [python, -m, services.b]}
+    """), tmp_path / "t.yaml")
+    short = json.loads(_source(topo.pods["web"], topo)[1])["ingress"]
+    assert short["jwt"]["jwks"] == str(tmp_path / "jwks.json")
+    assert short["tls"] == {"cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "k.pem")}

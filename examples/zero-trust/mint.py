@@ -3,7 +3,7 @@
     python examples/zero-trust/mint.py                     # a token for sub=alice, valid 1 h
     python examples/zero-trust/mint.py --sub bob --ttl 60  # another subject, 60 s
     python examples/zero-trust/mint.py --issuer someone    # wrong issuer: 401
-    python examples/zero-trust/mint.py --ttl -60           # already expired: 401
+    python examples/zero-trust/mint.py --ttl -300          # expired 5 min ago: 401 (Envoy allows 60 s of skew)
 
 It signs with ``jwt-signing-key.pem``, the private half of ``jwks.json``'s key (ES256, kid zero-trust-demo).
 Both are demo material shipped in the repository: never trust this key for anything real.
