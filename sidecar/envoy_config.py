@@ -302,8 +302,8 @@ def _hcm(ctx: Ctx, cfg: dict[str, Any], path: str) -> HttpConnectionManager:
 
 
 def _http_filters(ctx: Ctx, value: Any, path: str) -> tuple[HttpFilter, ...]:
-    """The fault and local rate limit filters, then the router: any other HTTP filter would transform
-    traffic in ways we would silently skip."""
+    """The fault, local rate limit, RBAC and JWT authentication filters, then the router: any other HTTP
+    filter would transform traffic in ways we would silently skip."""
     out: list[HttpFilter] = []
     for i, f in enumerate(as_list(ctx, value, path)):
         fpath = sub(path, i)
@@ -315,8 +315,8 @@ def _http_filters(ctx: Ctx, value: Any, path: str) -> tuple[HttpFilter, ...]:
             continue
         if name not in ROUTER_NAMES:
             raise ctx.error(sub(fpath, "name"), f"http filter {name!r} is not supported; running without it "
-                                                "would change behaviour (supported: envoy.filters.http.fault, "
-                                                "envoy.filters.http.local_ratelimit, envoy.filters.http.router)")
+                                                "would change behaviour (supported: "
+                                                f"{', '.join(FILTER_NAMES)}, envoy.filters.http.router)")
         check_keys(ctx, f, fpath, ("typed_config", "config"), silent=("name",))
         for key in ("typed_config", "config"):
             cfg = as_dict(ctx, f.get(key), sub(fpath, key))
