@@ -29,7 +29,7 @@ from pods.replica import Replica, ReplicaLayout, SidecarLaunch
 from pods.sidecars import PROBE_IP
 from pods.source import Problem
 from sidecar.config import Bootstrap
-from sidecar.mesh_identity import MeshIdentity
+from sidecar.mesh_identity import MeshIdentity, dump_identity
 
 IDENTITY_DIR = "identity"
 IDENTITY_FILE = "identity.json"
@@ -143,18 +143,7 @@ def plan_identities(layout: ReplicaLayout, state_root: Path, boots: Mapping[str,
 
 def identity_files(plan: IdentityPlan) -> dict[Path, str]:
     """The identity file of every replica (JSON, no secrets: paths and ids), written before anything starts."""
-    from sidecar.mesh_identity import dump_identity
-
     return {r.file: dump_identity(r.identity) for r in plan.replicas.values()}
-
-
-def describe(plan: IdentityPlan) -> dict[str, Any]:
-    """The plan's facts as the control API serves them (the live serials come from the issuer)."""
-    return {"trust_domain": plan.trust_domain, "ca": str(plan.ca_cert), "supplied_ca": plan.supplied_ca is not None,
-            "cert_ttl_s": plan.cert_ttl_s,
-            "replicas": {name: {"pod": r.pod, "identity": r.identity.spiffe_id, "ingress": r.identity.ingress,
-                                "clusters": {k: list(v) for k, v in r.identity.clusters.items()}}
-                         for name, r in plan.replicas.items()}}
 
 
 # --------------------------------------------------------------------------- clusters to peers
