@@ -19,7 +19,8 @@ from pathlib import Path
 from bench.peers import Peer, nginx, require, temp_workdir, wait_port
 from bench.sidecar_hop import _cpu, _rss, _tree, envoy_binary
 from bench.wrk import run_wrk
-from meshctl.identity.ca import ensure_ca, spiffe_id
+from meshctl.identity.ca import ensure_ca
+from pods.identity import spiffe_id
 
 BACKEND = ("127.0.240.1", 8080)
 #: engine -> (client-side alias, server-side alias)

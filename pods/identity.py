@@ -36,7 +36,7 @@ IDENTITY_FILE = "identity.json"
 CURRENT = "current"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
-CA_FILE = "ca.pem"  # the name meshctl.identity.ca.ensure_ca writes the mesh's own CA under
+CA_FILE = "ca.pem"  # the mesh's own CA certificate (meshctl.identity.ca.ensure_ca writes it)
 
 
 def spiffe_id(mesh: str, pod: str) -> str:

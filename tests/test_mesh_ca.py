@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshctl.identity.ca import CAError, MeshCA, describe_cert, ensure_ca
-from meshctl.identity.ca import spiffe_id as ca_spiffe_id
 from meshctl.identity.issuer import Issuer, generations
 from meshctl.lifecycle import MeshError, ensure_mesh_ca
 from pods.identity import spiffe_id
@@ -52,7 +51,7 @@ def make_plan(tmp_path: Path, identity: str = ""):
 
 
 def test_spiffe_form_is_one_across_plan_and_ca():
-    assert spiffe_id("m", "b") == ca_spiffe_id("m", "b") == "spiffe://m/pod/b"
+    assert spiffe_id("m", "b") == "spiffe://m/pod/b"
 
 
 def test_created_ca_key_is_private_and_reloaded(tmp_path):
@@ -99,6 +98,16 @@ def test_wrong_key_and_corrupt_key_are_one_line_errors(tmp_path):
     with pytest.raises(CAError) as err:
         ensure_ca(tmp_path / "x", "m", (cert, corrupt))
     assert "\n" not in str(err.value) and str(err.value).startswith(f"{corrupt} is not an unencrypted PEM")
+
+
+def test_ca_key_that_cannot_be_read_is_one_line(tmp_path):
+    """The read error path as root too (root reads any file, but not a directory where the key should be)."""
+    d = tmp_path / "identity"
+    ensure_ca(d, "m")
+    (d / "ca-key.pem").unlink()
+    (d / "ca-key.pem").mkdir()
+    with pytest.raises(CAError, match=r"^cannot read the CA key .*ca-key.pem: Is a directory$"):
+        ensure_ca(d, "m")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: an unreadable key needs a normal user")

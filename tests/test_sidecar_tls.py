@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from meshctl.identity.ca import MeshCA, spiffe_id
+from meshctl.identity.ca import MeshCA
+from pods.identity import spiffe_id
 from sidecar.config import ConfigError
 from sidecar.envoy_config import compile_envoy
 from sidecar.no_tls import needs_tls

@@ -23,27 +23,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pods.atomic_file import write_atomic
+from pods.identity import CA_FILE
 
 #: The root's lifetime when meshctl creates it; workload certificates are what rotates.
 CA_LIFETIME = dt.timedelta(days=3650)
 #: Certificates start this far in the past: a peer whose clock is a little behind still accepts them.
 BACKDATE = dt.timedelta(minutes=1)
-CA_CERT = "ca.pem"
+CA_CERT = CA_FILE
 CA_KEY = "ca-key.pem"
 
 
 class CAError(Exception):
     """The CA cannot be created or used (one line, for ``up`` to print and exit 1)."""
-
-
-def spiffe_id(mesh: str, pod: str) -> str:
-    return f"spiffe://{mesh}/pod/{pod}"
-
-
-def pod_of(identity: str, mesh: str) -> str | None:
-    """The pod a SPIFFE id of this mesh names (None: another trust domain or form)."""
-    prefix = f"spiffe://{mesh}/pod/"
-    return identity[len(prefix):] if identity.startswith(prefix) and "/" not in identity[len(prefix):] else None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from meshctl.identity.ca import MeshCA, spiffe_id
+from meshctl.identity.ca import MeshCA
+from pods.identity import spiffe_id
 from sidecar.envoy_config import compile_envoy
 from sidecar.envoy_export import export_envoy, sds_files
 from tests.conformance.harness import ROOT, envoy_binary
