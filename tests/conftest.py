@@ -67,6 +67,15 @@ def marked_processes(run_id: str) -> list[psutil.Process]:
     return out
 
 
+def wait_until(cond: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    """Poll ``cond`` until it holds; fail the test naming ``what`` when it does not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def wait_for(pred: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:

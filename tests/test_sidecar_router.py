@@ -21,7 +21,7 @@ import pytest
 
 from sidecar.app import Sidecar
 from sidecar.short_config import compile_short
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.test_sidecar_proxy import SidecarProc, raw_exchange, request, wait_count
 from tests.upstreams import UpstreamServer
 
@@ -33,13 +33,6 @@ REFUSED = "127.0.186.2"  # nothing listens: connection refused
 BLACKHOLE = "127.0.186.3"  # a listener whose accept queue is full: connects time out
 BLACKHOLE_SLOW = "127.0.186.6"  # the same, for a cluster with a long connect timeout
 
-
-def _wait(cond: Any, what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +192,12 @@ def test_every_exported_stat_is_counted(sidecar, ports, upstream):
     # waiting for a connection, then the client leaves (upstream_rq_cancelled)
     with socket.create_connection((POD, ports["egress"]), timeout=5) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: hole-slow.svc\r\n\r\n")
-        _wait(lambda: _stats(ports)[0].get(f"cluster.{BLACKHOLE_SLOW}.upstream_rq_pending_active") == 1,
+        wait_until(lambda: _stats(ports)[0].get(f"cluster.{BLACKHOLE_SLOW}.upstream_rq_pending_active") == 1,
               "a pending request")
         snapshot()
     th = in_background("ok.svc", "/status/200?t=last")
     th.join(5)
-    _wait(lambda: not any(v for k, v in _stats(ports)[0].items() if k.endswith("_rq_active")), "requests to end")
+    wait_until(lambda: not any(v for k, v in _stats(ports)[0].items() if k.endswith("_rq_active")), "requests to end")
     snapshot()
 
     moved: dict[str, bool] = {}  # each kind of stat, in any scope

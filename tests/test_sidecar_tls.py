@@ -18,7 +18,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from pods.identity import spiffe_id
 from sidecar.config import ConfigError
 from sidecar.envoy_config import compile_envoy
 from sidecar.no_tls import needs_tls
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.test_sidecar_proxy import SidecarProc, request
 from tests.upstreams import UpstreamServer
 
@@ -45,13 +44,6 @@ LOG_FORMAT = ("%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% peer=%DOWNSTREAM_PE
               "up_peer=%UPSTREAM_PEER_URI_SAN% utfr=%UPSTREAM_TRANSPORT_FAILURE_REASON% "
               "dtfr=%DOWNSTREAM_TRANSPORT_FAILURE_REASON%\n")
 
-
-def _wait(cond: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # --- certificates -----------------------------------------------------------------------------------------------
@@ -296,7 +288,7 @@ def _log_lines(sc: SidecarProc, needle: str, timeout: float = 5.0) -> list[str]:
             return False
         return bool(found)
 
-    _wait(seen, f"an access log line with {needle!r}", timeout)
+    wait_until(seen, f"an access log line with {needle!r}", timeout)
     return found
 
 
@@ -326,7 +318,7 @@ def test_strict_listener_refuses_bad_peers_with_envoys_stat(server, certs, ports
     before = stats(S, ports["admin"])
     resp, _ = tls_get(S, ports["strict"], f"/status/200?t=refused-{who}", client_context(certs, who))
     assert resp == b""
-    _wait(lambda: stats(S, ports["admin"]).get(p + "ssl." + stat, 0) == before.get(p + "ssl." + stat, 0) + 1,
+    wait_until(lambda: stats(S, ports["admin"]).get(p + "ssl." + stat, 0) == before.get(p + "ssl." + stat, 0) + 1,
           f"ssl.{stat}")
     after = stats(S, ports["admin"])
     # As Envoy: the refused connection was accepted and destroyed by the listener and its connection manager,
@@ -352,7 +344,7 @@ def test_strict_listener_refuses_plaintext(server, ports):
         except ConnectionError:
             pass
     assert not got.startswith(b"HTTP/")
-    _wait(lambda: stats(S, ports["admin"])[p + "ssl.connection_error"] == before[p + "ssl.connection_error"] + 1,
+    wait_until(lambda: stats(S, ports["admin"])[p + "ssl.connection_error"] == before[p + "ssl.connection_error"] + 1,
           "ssl.connection_error")
     after = stats(S, ports["admin"])
     assert after[p + "downstream_cx_total"] - before[p + "downstream_cx_total"] == 1
@@ -464,11 +456,11 @@ def test_rotation_under_load_loses_no_request(server, certs, ports):
     th = threading.Thread(target=load, daemon=True)
     th.start()
     try:
-        _wait(lambda: len(results) >= 5, "requests before the rotation")
+        wait_until(lambda: len(results) >= 5, "requests before the rotation")
         new = certs.rotate()
-        _wait(lambda: new in serials, "a new connection with the rotated certificate")
+        wait_until(lambda: new in serials, "a new connection with the rotated certificate")
         n = len(results)
-        _wait(lambda: len(results) >= n + 5, "requests after the rotation")
+        wait_until(lambda: len(results) >= n + 5, "requests after the rotation")
     finally:
         stop.set()
         th.join(30)
@@ -485,7 +477,7 @@ def test_a_half_written_pair_keeps_the_old_certificate(server, certs, ports):
     other_key = Path(certs.pairs["b"][1]).read_bytes()  # a key that is not the certificate's
     (cur / "key.pem").write_bytes(other_key)
     try:
-        _wait(lambda: "keeping the previous certificate" in server.stderr(), "the failed reload to be logged")
+        wait_until(lambda: "keeping the previous certificate" in server.stderr(), "the failed reload to be logged")
         resp, der = tls_get(S, ports["strict"], "/status/200?t=half-during", ctx)
         assert status(resp) == 200 and serial_of(der) == serial
     finally:

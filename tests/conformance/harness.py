@@ -562,6 +562,29 @@ def log_fields(engine: Engine, tags: list[str], timeout: float = 3.0) -> dict[st
 Scenario = Callable[[Probe], None]
 
 
+def with_stats(*prefixes: str) -> Callable[[Scenario], Scenario]:
+    """A scenario that also records the deltas of the stats under ``prefixes`` (a filter's own: the harness
+    watches cluster and HCM stats only). Stats are read over the admin a moment after the reply, so they are
+    polled until they move, for a second at most (a scenario that moves none waits that long)."""
+    def own(p: Probe) -> dict[str, int]:
+        return {k: v for k, v in p.engine.stats().items() if k.startswith(prefixes)}
+
+    def wrap(fn: Scenario) -> Scenario:
+        def scenario(p: Probe) -> None:
+            before = own(p)
+            fn(p)
+            deadline = time.monotonic() + 1.0
+            after = own(p)
+            while after == before and time.monotonic() < deadline:
+                time.sleep(0.02)
+                after = own(p)
+            for k, d in sorted(stat_deltas(before, after).items()):
+                p.put(f"filter stat {k}", str(d))
+        scenario.__name__ = fn.__name__
+        return scenario
+    return wrap
+
+
 def observe(engine: Engine, name: str, scenario: Scenario) -> dict[str, str]:
     """Run one scenario on one engine: its observations, access log lines and stat deltas."""
     before = engine.settled_stats()

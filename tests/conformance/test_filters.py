@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conformance.harness import HERE, Pair, Probe, check, start_pair
+from tests.conformance.harness import HERE, Pair, Probe, check, start_pair, with_stats
 
 FILTER_STATS = ("http.ingress.fault.", "rl.http_local_rate_limit.")
 
@@ -19,23 +19,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     yield from start_pair(Path(tmp_path_factory.mktemp("conformance_filters")), HERE / "envoy_filters.yaml")
 
 
-def _filter_stats(p: Probe) -> dict[str, int]:
-    return {k: v for k, v in p.engine.stats().items() if k.startswith(FILTER_STATS)}
-
-
-def with_filter_stats(fn):  # noqa: ANN001, ANN201
-    """Also record the deltas of the filters' own stats (the harness watches cluster stats only)."""
-    def scenario(p: Probe) -> None:
-        before = _filter_stats(p)
-        fn(p)
-        time.sleep(0.05)
-        after = _filter_stats(p)
-        for k in sorted(set(before) | set(after)):
-            d = after.get(k, 0) - before.get(k, 0)
-            if d:
-                p.put(f"filter stat {k}", str(d))
-    scenario.__name__ = fn.__name__
-    return scenario
+with_filter_stats = with_stats(*FILTER_STATS)
 
 
 @with_filter_stats

@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from tests.conformance.harness import HERE, Pair, Probe, check, start_pair
+from tests.conformance.harness import HERE, Pair, Probe, check, start_pair, with_stats
 
 SECURITY_STATS = ("http.ingress.jwt_authn.", "http.ingress.rbac.", "http.edge.rbac.")
 ISSUER = "https://issuer.test"
@@ -76,26 +76,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     yield from start_pair(work, template)
 
 
-def _security_stats(p: Probe) -> dict[str, int]:
-    return {k: v for k, v in p.engine.stats().items() if k.startswith(SECURITY_STATS)}
-
-
-def with_security_stats(fn):  # noqa: ANN001, ANN201
-    """Also record the deltas of the filters' own stats (the harness watches cluster and HCM stats only)."""
-    def scenario(p: Probe) -> None:
-        before = _security_stats(p)
-        fn(p)
-        deadline = time.monotonic() + 1.0
-        after = _security_stats(p)
-        while after == before and time.monotonic() < deadline:  # (stats are read over the admin: poll)
-            time.sleep(0.02)
-            after = _security_stats(p)
-        for k in sorted(set(before) | set(after)):
-            d = after.get(k, 0) - before.get(k, 0)
-            if d:
-                p.put(f"filter stat {k}", str(d))
-    scenario.__name__ = fn.__name__
-    return scenario
+with_security_stats = with_stats(*SECURITY_STATS)
 
 
 def _bearer(tok: str) -> list[tuple[str, str]]:

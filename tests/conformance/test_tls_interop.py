@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from pods.identity import spiffe_id
 from sidecar.envoy_config import compile_envoy
 from sidecar.envoy_export import export_envoy, sds_files
 from tests.conformance.harness import ROOT, envoy_binary
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.test_sidecar_proxy import request
 from tests.test_sidecar_tls import (
     MESH,
@@ -45,13 +44,6 @@ from tests.upstreams import UpstreamServer
 E, O, UP = "127.0.234.1", "127.0.234.2", "127.0.234.3"  # noqa: E741 - E(nvoy), O(urs)
 ENVOY_ID, OURS_ID = spiffe_id(MESH, "e"), spiffe_id(MESH, "o")
 
-
-def _wait(cond: Any, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class Proc:
@@ -80,7 +72,7 @@ class Proc:
                 return r.status == 200 and r.body.strip() == b"LIVE"
             except OSError:
                 return False
-        _wait(live, f"{self.kind} to be ready", 20)
+        wait_until(live, f"{self.kind} to be ready", 20)
         return self
 
     def stop(self) -> None:
@@ -153,7 +145,7 @@ def _log(world: dict[str, Any], kind: str, tag: str) -> str:
         found[:] = [ln for ln in (path.read_text().splitlines() if path.exists() else []) if tag in ln]
         return bool(found)
 
-    _wait(seen, f"{kind}'s access log line for {tag}", 5)
+    wait_until(seen, f"{kind}'s access log line for {tag}", 5)
     return found[0]
 
 
@@ -220,7 +212,7 @@ def test_same_connection_stats_on_both_engines(world):
             now = _connection_stats(world, kind)
             return now["listener.downstream_cx_destroy"] - before["listener.downstream_cx_destroy"] == 5
 
-        _wait(settled, f"{kind}'s five connections to close")
+        wait_until(settled, f"{kind}'s five connections to close", 15)
         after = _connection_stats(world, kind)
         deltas[kind] = {k: after[k] - before[k] for k in after}
     assert deltas["sidecar"] == deltas["envoy"], deltas
@@ -272,7 +264,7 @@ def test_exported_sds_lets_the_real_envoy_reload_a_rotated_certificate(world, tm
     try:
         assert serial_of(tls_get(ip, port, "/status/200?t=rot1", ctx)[1]) == first
         second = generation(2)
-        _wait(lambda: serial_of(tls_get(ip, port, "/status/200?t=rot2", ctx)[1]) == second,
-              "the real Envoy to serve the rotated certificate", 10)
+        wait_until(lambda: serial_of(tls_get(ip, port, "/status/200?t=rot2", ctx)[1]) == second,
+                   "the real Envoy to serve the rotated certificate", 10)
     finally:
         proc.stop()
