@@ -208,6 +208,31 @@ class HttpFilter:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """HttpConnectionManager.tracing with the Zipkin provider (``envoy.tracers.zipkin``, Zipkin v2 JSON).
+
+    Sampling percentages are Envoy's: ``random_sampling`` decides for requests that arrive without a sampling
+    decision, ``client_sampling`` honours a client's ``x-client-trace-id``, ``overall_sampling`` caps both.
+    """
+    collector_cluster: str
+    collector_endpoint: str = "/api/v2/spans"
+    random_sampling: float = 100.0
+    client_sampling: float = 100.0
+    overall_sampling: float = 100.0
+    #: One CLIENT span per upstream attempt (the router's), children of the request's span: retries visible.
+    spawn_upstream_span: bool = False
+    trace_id_128bit: bool = False
+    shared_span_context: bool = True
+    #: Envoy's zipkin trace_context_option: "USE_B3" (default) or "USE_B3_WITH_W3C_PROPAGATION" (also read and
+    #: write W3C traceparent).
+    trace_context_option: str = "USE_B3"
+    #: The HCM's traffic direction for the span kind and name: "INBOUND" (SERVER span, ingress) or
+    #: "OUTBOUND" (CLIENT span, egress); "" = UNSPECIFIED (Envoy: the listener's traffic_direction).
+    traffic_direction: str = ""
+    max_path_tag_length: int = 256
+
+
+@dataclass(frozen=True)
 class HttpConnectionManager:
     stat_prefix: str
     route_config: RouteConfig
@@ -217,6 +242,7 @@ class HttpConnectionManager:
     max_request_headers_kb: int = 60
     stream_idle_timeout_s: float = 300.0
     http_filters: tuple[HttpFilter, ...] = ()  # before the router, in order
+    tracing: Tracing | None = None
 
 
 # --- TLS: Envoy's envoy.transport_sockets.tls, the subset a mesh uses ----------------------------------------------
@@ -354,6 +380,10 @@ class Bootstrap:
     clusters: tuple[Cluster, ...]
     admin: Admin | None = None
     warnings: tuple[str, ...] = ()
+    #: Envoy's node.id / node.cluster (--service-node / --service-cluster): the Zipkin spans' localEndpoint
+    #: serviceName is node.cluster (meshctl sets the pod's name).
+    node_id: str = ""
+    node_cluster: str = ""
 
     def cluster(self, name: str) -> Cluster | None:
         return next((c for c in self.clusters if c.name == name), None)
