@@ -36,9 +36,10 @@ def _report(err: MeshError) -> NoReturn:
 
 def _plan(file: str, project: str | None = None, with_prometheus: bool = False,
           prometheus_bin: str | None = None, to_run: bool = True, starting: bool = False,
-          sidecar_engine: str | None = None) -> Any:
+          sidecar_engine: str | None = None, with_tracing: bool = False) -> Any:
     try:
-        plan = make_plan(file, project, with_prometheus, prometheus_bin, to_run, starting, sidecar_engine)
+        plan = make_plan(file, project, with_prometheus, prometheus_bin, to_run, starting, sidecar_engine,
+                         with_tracing)
     except MeshError as err:
         _report(err)
     for warning in plan.warnings:
@@ -85,12 +86,19 @@ sidecar_engine_option = click.option(
          "Envoy (pip install 'meshctl[envoy]') on the bootstrap `meshctl export envoy` prints.")
 
 
+tracing_option = click.option(
+    "--tracing", "with_tracing", is_flag=True,
+    help="Trace the mesh: a Zipkin-compatible collector pod and every sidecar reporting to it (as a `tracing:` "
+         "section with its defaults would; the file's own section wins).")
+
+
 @main.command(short_help="Check a topology file.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @sidecar_engine_option
-def validate(file: str, sidecar_engine: str | None) -> None:
+@tracing_option
+def validate(file: str, sidecar_engine: str | None, with_tracing: bool) -> None:
     """Check a topology file; print one FILE:LINE line per problem (exit 2 if any)."""
-    plan = _plan(file, sidecar_engine=sidecar_engine)
+    plan = _plan(file, sidecar_engine=sidecar_engine, with_tracing=with_tracing)
     click.echo(f"{file}: ok (mesh '{plan.mesh}', {len(plan.pods)} pods, {len(plan.replicas())} replicas)")
 
 
@@ -114,12 +122,14 @@ def _with_prometheus_options(fn: Any) -> Any:
 @click.option("--wait-timeout", default=60.0, show_default=True, help="Seconds -d waits for readiness.")
 @_with_prometheus_options
 @sidecar_engine_option
+@tracing_option
 def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_prometheus: bool,
-       prometheus_bin: str | None, sidecar_engine: str | None) -> None:
+       prometheus_bin: str | None, sidecar_engine: str | None, with_tracing: bool) -> None:
     """Start the mesh described by FILE (foreground unless -d; Ctrl-C stops it, twice forces)."""
     from meshctl.lifecycle import claim, ensure_mesh_ca, run_supervisor, start_detached
 
-    plan = _plan(file, project, with_prometheus, prometheus_bin, starting=True, sidecar_engine=sidecar_engine)
+    plan = _plan(file, project, with_prometheus, prometheus_bin, starting=True, sidecar_engine=sidecar_engine,
+                 with_tracing=with_tracing)
     try:
         state, lock = claim(plan)
         ensure_mesh_ca(plan)
@@ -135,6 +145,10 @@ def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_p
         click.echo(f"  {p['replica']:<12} {p['ip']:<15} {p['role']:<8} pid {p['pid']}{extra}")
     for warning in (w for p in status["processes"] for w in p["warnings"]):
         click.secho(f"warning: {warning}", fg="yellow", err=True)
+    if status.get("tracing"):
+        t = status["tracing"]
+        click.echo(f"  tracing: collector {t['collector']} (sampling {t['sampling']:g} %); `meshctl trace` "
+                   "lists traces")
     if plan.unstartable:  # like compose: the others run, the command says something did not start
         fail(f"mesh '{plan.mesh}' is up without {', '.join(sorted(plan.unstartable))}: its program was not "
              "found (see above); `meshctl down` stops the rest")

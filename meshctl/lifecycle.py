@@ -29,7 +29,7 @@ from meshctl.state import (
 from meshctl.supervisor.states import BROKEN, State
 from pods.plan import HostFacts, MeshPlan, plan_mesh
 from pods.source import Problem
-from pods.topology import PrometheusSpec
+from pods.topology import PrometheusSpec, TracingSpec
 
 USAGE_ERROR = 2
 CAP_NET_BIND_SERVICE = 10
@@ -83,12 +83,13 @@ def host_facts(to_run: bool = True) -> HostFacts:
 
 def make_plan(file: str, project: str | None = None, with_prometheus: bool = False,
               prometheus_bin: str | None = None, to_run: bool = True, starting: bool = False,
-              sidecar_engine: str | None = None) -> MeshPlan:
+              sidecar_engine: str | None = None, with_tracing: bool = False) -> MeshPlan:
     """Load, check and plan ``file``; raises PlanError with every problem (warnings are in the plan).
 
     ``to_run=False`` plans only to read the result (hosts files, the scrape config): nothing will bind
     a port, so privileged ports are no problem. ``starting`` (`up`): a pod whose program is missing is a
     warning, and the rest of the mesh starts without it. ``sidecar_engine``: every sidecar on this engine.
+    ``with_tracing`` (`up --tracing`): the tracing collector with its defaults unless the file has a section.
     """
     from pods.topology import TopologyError, load_topology
 
@@ -105,7 +106,8 @@ def make_plan(file: str, project: str | None = None, with_prometheus: bool = Fal
         spec = PrometheusSpec()
     if spec is not None and prometheus_bin:
         spec = replace(spec, bin=prometheus_bin)
-    plan = plan_mesh(topo, home / topo.name, facts, prometheus=spec, sidecar_engine=sidecar_engine)
+    tracing = topo.tracing or (TracingSpec() if with_tracing else None)
+    plan = plan_mesh(topo, home / topo.name, facts, prometheus=spec, sidecar_engine=sidecar_engine, tracing=tracing)
     if plan.errors:
         raise PlanError(list(plan.problems))
     return plan

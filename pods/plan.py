@@ -25,8 +25,11 @@ from pods.prometheus import scrape_config, with_prometheus
 from pods.replica import PYTHON_ALIASES, ProcessPlan, Replica, ReplicaLayout, SidecarLaunch, assign_replicas
 from pods.sidecars import PROBE_IP, compile_sidecars, compile_source, envoy_bootstrap, envoy_sds_files
 from pods.source import Problem
-from pods.topology import MetricsSpec, PodSpec, PrometheusSpec, PublishSpec, Topology
+from pods.topology import MetricsSpec, PodSpec, PrometheusSpec, PublishSpec, Topology, TracingSpec
+from pods.tracing import POD_NAME as TRACING_POD
+from pods.tracing import TracingPlan, tracing_plan, with_tracing
 from sidecar.config import Bootstrap, ConfigError
+from sidecar.mesh_tracing import apply_tracing
 
 #: The seed's and HTTP's default: a pod that declares no port is taken to serve on 80.
 DEFAULT_POD_PORT = 80
@@ -120,6 +123,8 @@ class MeshPlan:
     problems: tuple[Problem, ...] = field(default=())
     #: Who is who in the mesh's mTLS (None: nothing uses it, and no CA is created).
     identity: IdentityPlan | None = None
+    #: Where the mesh's trace collector is (None: the mesh is not traced).
+    tracing: TracingPlan | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -169,15 +174,17 @@ class MeshPlan:
         replica = self.pods[pod].replicas[0]
         ident = self.identity.replicas.get(replica.name) if self.identity is not None else None
         return envoy_bootstrap(launch, replica, self.mesh, self.admin_sockets[replica.name],
-                               ident.identity if ident is not None else None)
+                               ident.identity if ident is not None else None,
+                               tracing=self.tracing.mesh_tracing(pod) if self.tracing is not None else None)
 
 
 def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus: PrometheusSpec | None = None,
-              run_id: str | None = None, sidecar_engine: str | None = None) -> MeshPlan:
+              run_id: str | None = None, sidecar_engine: str | None = None,
+              tracing: TracingSpec | None = None) -> MeshPlan:
     """Everything ``topology`` will run, with the problems found; starts nothing, writes nothing.
 
-    ``prometheus`` overrides the topology's own section (``up --prometheus``); ``sidecar_engine`` every
-    pod's sidecar engine (``up --sidecar-engine``).
+    ``prometheus`` overrides the topology's own section (``up --prometheus``), ``tracing`` its tracing section
+    (``up --tracing``); ``sidecar_engine`` every pod's sidecar engine (``up --sidecar-engine``).
     """
     run_id = run_id or uuid.uuid4().hex
     problems: list[Problem] = list(topology.warnings)
@@ -202,6 +209,14 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
             without.discard(PROMETHEUS_POD)
         else:
             dirs.append(state_root / "prometheus" / "data")
+    tracing_spec = tracing or topology.tracing
+    topology = replace(topology, tracing=None)
+    if tracing_spec is not None:
+        try:
+            topology = with_tracing(topology, tracing_spec)
+        except ValueError as exc:
+            problems.append(Problem(path, tracing_spec.line, f"tracing: {exc}"))
+            tracing_spec = None
     compiled = compile_sidecars(topology, state_root / "sidecar", sidecar_engine, facts.envoy_bin)
     problems.extend(compiled.problems)
     layout = ReplicaLayout(topology=topology, replicas=assign_replicas(topology, facts.taken_aliases(topology.name)),
@@ -216,7 +231,10 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
                                      for r in identity.replicas.values()}
         compiled.files.update(identity_files(identity))
         dirs.extend(r.dir for r in identity.replicas.values())
-    envoy_files = _envoy_files(layout, problems, identity)
+    traced = None
+    if tracing_spec is not None:
+        traced = _plan_tracing(layout, tracing_spec, problems)
+    envoy_files = _envoy_files(layout, problems, identity, traced)
     compiled.files.update(envoy_files)
     dirs.extend(sorted({p.parent for p in envoy_files} - {state_root / "sidecar"}))  # the SDS directories
     if compiled.files:
@@ -264,7 +282,7 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
     return MeshPlan(mesh=topology.name, source=topology.path, state_root=state_root, run_id=run_id, pods=pods,
                     processes=tuple(processes), files=files, hosts_files=hosts_files, admin_sockets=admin_sockets,
                     dirs=tuple(dirs), prometheus_config=prometheus_config, hosts_mode=hosts_mode,
-                    unstartable=frozenset(missing), identity=identity,
+                    unstartable=frozenset(missing), identity=identity, tracing=traced,
                     problems=tuple(sorted(problems, key=lambda p: (p.line, p.message))))
 
 
@@ -281,9 +299,34 @@ def _probe_boots(layout: ReplicaLayout) -> dict[str, Bootstrap]:
     return boots
 
 
-def _envoy_files(layout: ReplicaLayout, problems: list[Problem], identity: IdentityPlan | None) -> dict[Path, str]:
-    """The bootstrap of every replica whose sidecar is the real Envoy: its alias, its admin socket, and its
-    mesh identity (certificate files read from ``current``, so a rotation is a symlink swap for it too)."""
+def _plan_tracing(layout: ReplicaLayout, spec: TracingSpec, problems: list[Problem]) -> TracingPlan:
+    """The collector's address, given to every process (env) and every sidecar (argv, or the real Envoy's
+    bootstrap); a sidecar whose configuration cannot take the mesh's tracer is a problem at its line."""
+    traced = tracing_plan(spec, layout.replicas[TRACING_POD][0].ip)
+    layout.mesh_env = traced.mesh_env()
+    layout.direct_hosts = (traced.ip,)
+    topology = layout.topology
+    for name, launch in layout.sidecars.items():
+        try:
+            # Compiled for the stand-in alias: whether apply_tracing takes the model does not depend on it.
+            apply_tracing(compile_source(launch.source, PROBE_IP, launch.public_admin), traced.mesh_tracing(name))
+        except ConfigError as exc:
+            problems.append(Problem(str(topology.path), topology.pods[name].sidecar_line,
+                                    f"pod '{name}' sidecar: tracing: {exc}"))
+            continue
+        if launch.engine != "meshctl":
+            continue  # the real Envoy gets it in its exported bootstrap
+        for replica in layout.replicas.get(name, []):
+            layout.sidecar_extra_args[replica.name] = (*layout.sidecar_extra_args.get(replica.name, ()),
+                                                      *traced.sidecar_args(name))
+    return traced
+
+
+def _envoy_files(layout: ReplicaLayout, problems: list[Problem], identity: IdentityPlan | None,
+                 tracing: TracingPlan | None = None) -> dict[Path, str]:
+    """The bootstrap of every replica whose sidecar is the real Envoy: its alias, its admin socket, its
+    mesh identity (certificate files read from ``current``, so a rotation is a symlink swap for it too) and
+    the mesh's tracer."""
     files: dict[Path, str] = {}
     topology = layout.topology
     for name, launch in layout.sidecars.items():
@@ -294,14 +337,16 @@ def _envoy_files(layout: ReplicaLayout, problems: list[Problem], identity: Ident
             mesh_ident = ident.identity if ident else None
             # Certificates through SDS files beside the bootstrap: the real Envoy reloads them on rotation.
             sds_dir = layout.sidecar_dir / f"{replica.name}.sds" if layout.sidecar_dir is not None else None
+            traced = tracing.mesh_tracing(name) if tracing is not None else None
             try:
                 files[layout.envoy_config(replica)] = envoy_bootstrap(launch, replica, layout.mesh,
                                                                       layout.admin_socket(replica), mesh_ident,
-                                                                      sds_dir)
+                                                                      sds_dir, traced)
                 if sds_dir is not None:
                     rotated = ({os.path.dirname(mesh_ident.cert): str(ident.dir)}
                                if ident is not None and mesh_ident is not None else {})
-                    files.update(envoy_sds_files(launch, replica, layout.mesh, mesh_ident, sds_dir, rotated))
+                    files.update(envoy_sds_files(launch, replica, layout.mesh, mesh_ident, sds_dir, rotated,
+                                                 traced))
             except ConfigError as exc:
                 problems.append(Problem(str(topology.path), topology.pods[name].sidecar_line,
                                         f"pod '{name}' sidecar: {exc}"))

@@ -92,6 +92,10 @@ class ReplicaLayout:
     sidecar_dir: Path | None = None
     #: Extra arguments of each replica's sidecar (ours): ``--mesh-identity FILE`` for a meshed replica.
     sidecar_extra_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Variables the mesh gives every process (the tracing endpoint), under the pod's own ``env``.
+    mesh_env: dict[str, str] = field(default_factory=dict)
+    #: Addresses a service reaches directly, never through its sidecar's egress (the tracing collector).
+    direct_hosts: tuple[str, ...] = ()
 
     @property
     def mesh(self) -> str:
@@ -142,7 +146,7 @@ class ReplicaLayout:
             # Services that honour the standard proxy variables reach the mesh through the egress
             # listener without code changes; pod-local names stay direct.
             proxy = f"http://{replica.ip}:{launch.egress_port}"
-            no_proxy = ",".join(("localhost", "127.0.0.1", replica.ip, replica.name))
+            no_proxy = ",".join(("localhost", "127.0.0.1", replica.ip, replica.name, *self.direct_hosts))
             for name in ("HTTP_PROXY", "http_proxy"):
                 if name not in spec.service.env:
                     extra[name] = proxy
@@ -208,6 +212,7 @@ class ReplicaLayout:
             "MESH_HOSTS": str(self.hosts_path(replica)),
             "PYTHONUNBUFFERED": "1",
         })
+        env.update(self.mesh_env)
         env.pop(MARKER_ENV, None)  # a meshctl run from inside a pod must not mark its mesh as ours
         env.pop(PROCESS_ENV, None)
         if self.run_id:

@@ -30,6 +30,7 @@ from sidecar.envoy_config import load_envoy
 from sidecar.envoy_export import export_envoy_yaml, sds_files
 from sidecar.http_filters import add_live_faults
 from sidecar.mesh_identity import MeshIdentity, apply_identity
+from sidecar.mesh_tracing import MeshTracing, apply_tracing
 from sidecar.short_config import compile_short
 
 #: Compile-time stand-in for a replica's alias; ports and names do not depend on it.
@@ -116,14 +117,16 @@ def compile_source(source: tuple[str, str], pod_ip: str, public_admin: bool,
 
 
 def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_socket: Path,
-                    identity: MeshIdentity | None = None, sds_dir: Path | None = None) -> str:
-    """The real Envoy's v3 bootstrap (YAML) for one replica of a pod: its alias, its admin socket, and its
-    mesh identity's transport sockets (the same ones our sidecar adds when it reads ``--mesh-identity``).
+                    identity: MeshIdentity | None = None, sds_dir: Path | None = None,
+                    tracing: MeshTracing | None = None) -> str:
+    """The real Envoy's v3 bootstrap (YAML) for one replica of a pod: its alias, its admin socket, its
+    mesh identity's transport sockets (the same ones our sidecar adds when it reads ``--mesh-identity``) and
+    the mesh's tracer (what ours adds from ``--tracing-collector``).
 
     ``sds_dir``: certificates through SDS files there (``envoy_sds_files``), which Envoy reloads on rotation;
     None: named in the bootstrap (read once: what ``meshctl export envoy`` prints for a standalone Envoy).
     """
-    boot = _envoy_model(launch, replica, mesh, identity)
+    boot = _envoy_model(launch, replica, mesh, identity, tracing)
     origin = launch.source[1] if launch.source[0] == "envoy" else f"pod {replica.pod}'s short-form sidecar"
     header = (f"Envoy v3 bootstrap of {replica.name} (mesh {mesh}, alias {replica.ip}), written by meshctl "
               f"from {origin}.\nThe whole admin is on the Unix socket {admin_socket} (mode 0600); the admin "
@@ -132,15 +135,20 @@ def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_so
     return export_envoy_yaml(boot, str(admin_socket), header=header, sds_dir=str(sds_dir) if sds_dir else None)
 
 
-def _envoy_model(launch: SidecarLaunch, replica: Replica, mesh: str, identity: MeshIdentity | None) -> Bootstrap:
+def _envoy_model(launch: SidecarLaunch, replica: Replica, mesh: str, identity: MeshIdentity | None,
+                 tracing: MeshTracing | None = None) -> Bootstrap:
     # The trust domain only with an identity: our sidecar compiles the same way (it learns it from the file).
     boot = compile_source(launch.source, replica.ip, launch.public_admin,
                           identity.trust_domain if identity is not None else None)
-    return apply_identity(boot, identity) if identity is not None else boot
+    if identity is not None:
+        boot = apply_identity(boot, identity)
+    # After the identity: the collector's cluster is plaintext, whoever the pod talks mTLS to.
+    return apply_tracing(boot, tracing) if tracing is not None else boot
 
 
 def envoy_sds_files(launch: SidecarLaunch, replica: Replica, mesh: str, identity: MeshIdentity | None,
-                    sds_dir: Path, rotated: Mapping[str, str]) -> dict[Path, str]:
+                    sds_dir: Path, rotated: Mapping[str, str],
+                    tracing: MeshTracing | None = None) -> dict[Path, str]:
     """The SDS files ``envoy_bootstrap(..., sds_dir=sds_dir)`` refers to.
 
     ``rotated``: {certificate directory: the directory the rotation renames in} for meshctl's own
@@ -149,7 +157,7 @@ def envoy_sds_files(launch: SidecarLaunch, replica: Replica, mesh: str, identity
     so the plan says it.
     """
     out: dict[Path, str] = {}
-    for path, text in sds_files(_envoy_model(launch, replica, mesh, identity), str(sds_dir)).items():
+    for path, text in sds_files(_envoy_model(launch, replica, mesh, identity, tracing), str(sds_dir)).items():
         doc = json.loads(text)
         for res in doc.get("resources", []):
             cert = res.get("tls_certificate", {})

@@ -27,7 +27,8 @@ from pods.source import compose as compose_yaml
 
 __all__ = [
     "MTLS_MODES", "RESTART_POLICIES", "IdentitySpec", "MetricsSpec", "PodSpec", "PortClaim", "Problem",
-    "ProcessSpec", "PublishSpec", "ReadyProbe", "Topology", "TopologyError", "load_topology", "parse_topology",
+    "ProcessSpec", "PublishSpec", "ReadyProbe", "Topology", "TopologyError", "TracingSpec", "load_topology",
+    "parse_topology",
 ]
 
 RESTART_POLICIES = ("always", "on-failure", "never")
@@ -35,13 +36,18 @@ MAX_REPLICAS = 200
 DEFAULT_STOP_GRACE_S = 10.0
 DEFAULT_METRICS_PATH = "/metrics"
 
-TOP_KEYS = ("name", "pods", "prometheus", "mtls", "identity")
+TOP_KEYS = ("name", "pods", "prometheus", "mtls", "identity", "tracing")
 POD_KEYS = ("replicas", "ip", "service", "publish", "add_hosts", "sidecar", "metrics", "mtls")
 SERVICE_KEYS = ("command", "env", "ready", "restart", "stop_grace_period", "workdir")
 READY_KEYS = ("tcp", "http", "port", "exec")
 METRICS_KEYS = ("port", "path")
 PROMETHEUS_KEYS = ("port", "publish", "bin", "scrape_interval", "ip")
 IDENTITY_KEYS = ("cert_ttl", "ca")
+TRACING_KEYS = ("sampling", "port", "ip", "max_traces", "max_spans_per_trace", "forward")
+FORWARD_KINDS = ("zipkin", "otlp")
+#: Beyond these a trace store is no longer "the last few traces of a lab" but a database; use forward: for that.
+MAX_TRACES = 100_000
+MAX_SPANS_PER_TRACE = 100_000
 CA_KEYS = ("cert", "key")
 MTLS_MODES = ("strict", "permissive", "off")
 DEFAULT_CERT_TTL_S = 24 * 3600.0
@@ -149,6 +155,21 @@ class PrometheusSpec:
 
 
 @dataclass(frozen=True)
+class TracingSpec:
+    """The optional tracing pod: a Zipkin-compatible collector every sidecar (and any app) reports spans to."""
+
+    #: Percent of requests without a sampling decision that start a sampled trace (a lab samples all).
+    sampling: float = 100.0
+    port: int = 9411  # Zipkin's port, on the collector's own alias
+    ip: str | None = None
+    max_traces: int = 1000
+    max_spans_per_trace: int = 1000
+    #: ("zipkin", URL) or ("otlp", URL): also send every span there, in batches; None: keep them here only.
+    forward: tuple[str, str] | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class IdentitySpec:
     """The mesh's ``identity:`` section: workload certificate lifetime, and the user's own CA if any."""
 
@@ -169,6 +190,7 @@ class Topology:
     mtls: str = "off"
     mtls_line: int = 0
     identity: IdentitySpec = field(default_factory=IdentitySpec)
+    tracing: TracingSpec | None = None
 
     def pod_mtls(self, pod: str) -> str:
         """A pod's effective mTLS mode: its own, else the mesh's; always off without a sidecar."""
@@ -317,6 +339,7 @@ class _Validator:
         prometheus = self._prometheus(tree.entries.get("prometheus"))
         mtls, mtls_line = self._mtls(tree.entries.get("mtls"), "mtls")
         identity = self._identity(tree.entries.get("identity"))
+        tracing = self._tracing(tree.entries.get("tracing"))
         pods = self._pods(tree)
         if pods is None:
             return None
@@ -325,7 +348,7 @@ class _Validator:
         self._check_publish_clashes(pods.values())
         self._check_mtls(pods.values(), mtls or "off", mtls_line)
         return Topology(name, Path(os.path.abspath(self.path)), pods, self.report.warnings, prometheus,
-                        mtls=mtls or "off", mtls_line=mtls_line, identity=identity)
+                        mtls=mtls or "off", mtls_line=mtls_line, identity=identity, tracing=tracing)
 
     # ---- zero trust
 
@@ -442,6 +465,73 @@ class _Validator:
             else:
                 spec = replace(spec, ip=ip)
         return spec
+
+    def _tracing(self, entry: Entry | None) -> TracingSpec | None:
+        if entry is None:
+            return None
+        if isinstance(entry.value, Scalar) and entry.value.value in (True, None):
+            return TracingSpec(line=entry.key_line)  # `tracing: true` / `tracing:` take the defaults
+        if isinstance(entry.value, Scalar) and entry.value.value is False:
+            return None
+        node = self.mapping(entry.value, "tracing")
+        if node is None:
+            return None
+        self.keys(node, TRACING_KEYS, " in tracing")
+        spec = TracingSpec(line=entry.key_line)
+        if (n := node.get("sampling")) is not None:
+            value = _percent_value(n)
+            if value is None:
+                self.error(n, f"tracing.sampling must be a percentage from 0 to 100 (e.g. 100, 12.5 or \"1%\"), "
+                              f"got {describe(n)}")
+            else:
+                spec = replace(spec, sampling=value)
+        if (n := node.get("port")) is not None and (port := self.port(n, "tracing.port")):
+            spec = replace(spec, port=port)
+        if (n := node.get("ip")) is not None and (ip := self.string(n, "tracing.ip")):
+            if (problem := alias_problem(ip)) is not None:
+                self.error(n, f"tracing.{problem}")
+            else:
+                spec = replace(spec, ip=ip)
+        if (n := node.get("max_traces")) is not None and (
+                value := self.integer(n, "tracing.max_traces", 1, MAX_TRACES)) is not None:
+            spec = replace(spec, max_traces=value)
+        if (n := node.get("max_spans_per_trace")) is not None and (
+                value := self.integer(n, "tracing.max_spans_per_trace", 1, MAX_SPANS_PER_TRACE)) is not None:
+            spec = replace(spec, max_spans_per_trace=value)
+        if (fwd := node.entries.get("forward")) is not None:
+            spec = replace(spec, forward=self._forward(fwd))
+        return spec
+
+    def _forward(self, entry: Entry) -> tuple[str, str] | None:
+        """``{zipkin: URL}`` or ``{otlp: URL}``: exactly one, an http(s) URL with a host."""
+        from urllib.parse import urlsplit
+
+        node = self.mapping(entry.value, "tracing.forward")
+        if node is None:
+            return None
+        self.keys(node, FORWARD_KINDS, " in tracing.forward")
+        kinds = [k for k in FORWARD_KINDS if k in node.entries]
+        if len(kinds) != 1:
+            found = ", ".join(kinds) if kinds else "none"
+            self.report.error(entry.key_line, "tracing.forward needs exactly one of zipkin (e.g. "
+                                              "http://host:9411/api/v2/spans) or otlp (e.g. "
+                                              f"http://host:4318/v1/traces) (found {found})")
+            return None
+        kind = kinds[0]
+        value = node.get(kind)
+        url = self.string(value, f"tracing.forward.{kind}")
+        if url is None:
+            return None
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            self.error(value, f"tracing.forward.{kind}: {url!r} is not a URL ({exc})")
+            return None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            self.error(value, f"tracing.forward.{kind} must be an http:// or https:// URL with a host, got {url!r}")
+            return None
+        return kind, url
 
     def _mesh_name(self, tree: Map) -> str:
         entry = tree.entries.get("name")
@@ -811,6 +901,22 @@ def _duration_value(node: Node) -> float | None:
     if not isinstance(value, str):
         return None
     return parse_duration(value)
+
+
+def _percent_value(node: Node) -> float | None:
+    """0..100 from a number or a string like ``"12.5"`` / ``"12.5%"`` (interpolated values are strings)."""
+    if not isinstance(node, Scalar) or isinstance(node.value, bool):
+        return None
+    value = node.value
+    if isinstance(value, str):
+        text = value.strip().removesuffix("%").strip()
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+    if not isinstance(value, int | float) or value != value or not 0 <= value <= 100:
+        return None
+    return float(value)
 
 
 def _parse_publish(text: str) -> tuple[str, int, int]:

@@ -154,6 +154,8 @@ class Supervisor:
                          "pod": pod} for pod, f in self._forwarder_pods],
             "pods": self.plan.describe(),
             "hosts_mode": self.plan.hosts_mode,
+            # Where the trace collector is: `meshctl trace` asks here, never the topology file.
+            "tracing": self.plan.tracing.describe() if self.plan.tracing is not None else None,
             "processes": [{**p.status(resources), "ports": self.plan.process_ports(p.plan),
                            "engine": self.plan.process_engine(p.plan),
                            "hosts_mode": "mount" if p.plan.hosts_file is not None else "env",

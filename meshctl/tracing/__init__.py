@@ -1,0 +1,1 @@
+"""Distributed tracing: the mesh's Zipkin-compatible collector and `meshctl trace`."""
