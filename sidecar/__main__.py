@@ -20,19 +20,33 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 from pods.runloop import run as run_loop  # noqa: E402
 from sidecar.config import Bootstrap, ConfigError  # noqa: E402
 from sidecar.envoy_config import load_envoy  # noqa: E402
 from sidecar.mesh_identity import MeshIdentity, apply_identity, load_identity  # noqa: E402
+from sidecar.mesh_tracing import MeshTracing, apply_tracing, parse_collector  # noqa: E402
 from sidecar.short_config import compile_short  # noqa: E402
 
 
 def load(args: argparse.Namespace, pod_ip: str) -> Bootstrap:
-    """The compiled model, with the mesh identity's transport sockets when ``--mesh-identity`` is given."""
+    """The compiled model, with the mesh identity's transport sockets when ``--mesh-identity`` is given, then the
+    mesh's tracing (``--tracing-collector``) and the node's names (``--service-cluster`` / ``--service-node``)."""
     identity = load_identity(args.mesh_identity) if args.mesh_identity else None
     boot = _compile(args, pod_ip, identity)
-    return apply_identity(boot, identity) if identity is not None else boot
+    if identity is not None:
+        boot = apply_identity(boot, identity)
+    if args.service_cluster or args.service_node:  # Envoy's flags win over the bootstrap's node, as in Envoy
+        boot = replace(boot, node_cluster=args.service_cluster or boot.node_cluster,
+                       node_id=args.service_node or boot.node_id)
+    if args.tracing_collector:
+        ip, port = parse_collector(args.tracing_collector)
+        sampling = 100.0 if args.tracing_sampling is None else args.tracing_sampling
+        boot = apply_tracing(boot, MeshTracing(ip, port, sampling, boot.node_cluster))
+    elif args.tracing_sampling is not None:
+        raise ConfigError("--tracing-sampling needs --tracing-collector")
+    return boot
 
 
 def _compile(args: argparse.Namespace, pod_ip: str, identity: MeshIdentity | None) -> Bootstrap:
@@ -88,6 +102,16 @@ async def serve(config: Bootstrap, pod_ip: str, hosts: str | None, source: str,
     return 0
 
 
+def _percent(value: str) -> float:
+    try:
+        pct = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {value!r}") from None
+    if not 0.0 <= pct <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 100, got {value!r}")
+    return pct
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sidecar", description=__doc__)
     src = parser.add_mutually_exclusive_group(required=True)
@@ -103,6 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mesh-identity", metavar="FILE",
                         help="the replica's mesh identity (JSON, written by meshctl): mTLS on the ingress and to "
                              "meshed clusters (sidecar/mesh_identity.py)")
+    parser.add_argument("--tracing-collector", metavar="IP:PORT",
+                        help="report Zipkin spans of every request to this collector (sidecar/mesh_tracing.py)")
+    parser.add_argument("--tracing-sampling", metavar="PCT", type=_percent, default=None,
+                        help="percent of requests without a sampling decision that start a trace (default 100)")
+    parser.add_argument("--service-cluster", metavar="NAME", default="",
+                        help="Envoy's node.cluster: the spans' service name (meshctl: the pod)")
+    parser.add_argument("--service-node", metavar="NAME", default="", help="Envoy's node.id: the spans' node_id")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration (and the mesh identity and certificate files) and exit")
     parser.add_argument("--live-faults", action="store_true",

@@ -25,7 +25,7 @@ from sidecar.config import Bootstrap, Listener
 from sidecar.http_filters import Runtime
 from sidecar.router import HcmRuntime
 from sidecar.server import DownstreamProtocol, Handler
-from sidecar.stats import ClusterStats, HcmStats, ListenerStats, ServerStats, Store
+from sidecar.stats import ClusterStats, HcmStats, ListenerStats, ServerStats, Store, TracingStats, ZipkinStats
 
 DRAIN_S = 5.0
 IDLE_SWEEP_S = 1.0
@@ -53,6 +53,7 @@ class Sidecar:
         self.hcms: list[HcmRuntime] = []
         self.tls_listeners: list[Any] = []  # sidecar.tls.TlsListener (own accept path; plain listeners: servers)
         self.tls_contexts: list[Any] = []  # sidecar.tls.TlsContext of listeners and clusters, reloaded by the sweeper
+        self.reporters: dict[tuple[str, str], Any] = {}  # sidecar.tracing.ZipkinReporter per collector
         self.state = "PRE_INITIALIZING"
         self.started = time.monotonic()
         self._stop = asyncio.Event()
@@ -76,7 +77,8 @@ class Sidecar:
             loggers = [self._logger(a.path, a.format) for a in hcm_cfg.access_logs]
             hstats = HcmStats(self.store, hcm_cfg.stat_prefix)
             lstats = ListenerStats(self.store, f"{lst.address}_{lst.port}", hcm_cfg.stat_prefix)
-            hcm = HcmRuntime(hcm_cfg, self.clusters, hstats, lstats, loggers, runtime=self.runtime)
+            tracer = self._tracer(lst) if hcm_cfg.tracing is not None else None
+            hcm = HcmRuntime(hcm_cfg, self.clusters, hstats, lstats, loggers, runtime=self.runtime, tracer=tracer)
             self.hcms.append(hcm)
             max_header = hcm_cfg.max_request_headers_kb * 1024
             if lst.tls is not None:
@@ -101,6 +103,30 @@ class Sidecar:
             await logger.start()
         self._sweeper = loop.create_task(self._sweep_idle())
         self.state = "LIVE"
+
+    def _tracer(self, lst: Listener) -> Any:
+        """The listener's connection manager tracer; one reporter per collector, shared (Envoy: one per tracer
+        configuration, all counting into tracing.zipkin.*)."""
+        from sidecar import tracing  # only a traced configuration pays for importing it
+
+        cfg = lst.hcm.tracing
+        assert cfg is not None
+        key = (cfg.collector_cluster, cfg.collector_endpoint)
+        reporter = self.reporters.get(key)
+        if reporter is None:
+            boot = self.config
+            if not self.reporters:
+                self.zipkin_stats = ZipkinStats(self.store)
+            reporter = tracing.ZipkinReporter(
+                self.clusters[cfg.collector_cluster], cfg.collector_endpoint, self.zipkin_stats,
+                boot.runtime_int(tracing.FLUSH_INTERVAL_KEY, tracing.DEFAULT_FLUSH_INTERVAL_MS),
+                boot.runtime_int(tracing.MIN_FLUSH_SPANS_KEY, tracing.DEFAULT_MIN_FLUSH_SPANS))
+            reporter.start()
+            self.reporters[key] = reporter
+        # localEndpoint.ipv4: the pod's address (Envoy puts its host's first address there)
+        ip = self.pod_ip or lst.address
+        return tracing.HcmTracer(cfg, TracingStats(self.store, lst.hcm.stat_prefix), reporter,
+                                 self.config.node_id, self.config.node_cluster, ip)
 
     def _start_tls_listener(self, lst: Listener, hcm: HcmRuntime, hstats: HcmStats, lstats: ListenerStats,
                             max_header: int) -> None:
@@ -214,6 +240,8 @@ class Sidecar:
             await asyncio.sleep(0.02)
         for c in self.all_connections():
             c.close()
+        for reporter in self.reporters.values():
+            await reporter.close()  # the last spans, briefly: a dead collector must not hold the exit up
         for cluster in self.clusters.values():
             cluster.close()
         for logger in self.loggers.values():

@@ -384,6 +384,13 @@ class Bootstrap:
     #: serviceName is node.cluster (meshctl sets the pod's name).
     node_id: str = ""
     node_cluster: str = ""
+    #: Envoy's layered_runtime static layer, the keys we read: (key, value) pairs, e.g. the Zipkin reporter's
+    #: tracing.zipkin.flush_interval_ms / tracing.zipkin.min_flush_spans.
+    runtime: tuple[tuple[str, str], ...] = ()
+
+    def runtime_int(self, key: str, default: int) -> int:
+        value = dict(self.runtime).get(key)
+        return int(value) if value is not None and str(value).isdigit() else default
 
     def cluster(self, name: str) -> Cluster | None:
         return next((c for c in self.clusters if c.name == name), None)

@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from sidecar.config import (
     RouteConfig,
     RouteMatch,
     SanMatcher,
+    Tracing,
     UpstreamTls,
     VirtualHost,
 )
@@ -88,6 +90,12 @@ TLS_INSPECTOR_NAMES = ("envoy.filters.listener.tls_inspector", "envoy.listener.t
 _SDS = "SDS is not supported; give the certificate files (tls_certificates, validation_context)"
 _SAN_TYPES = ("URI", "DNS", "IP_ADDRESS", "EMAIL")
 _DYNAMIC = "dynamic configuration (xDS) is not supported; use static_resources"
+ZIPKIN_NAMES = ("envoy.tracers.zipkin", "envoy.zipkin")
+ZIPKIN_TYPE = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
+TRACE_CONTEXT_OPTIONS = ("USE_B3", "USE_B3_WITH_W3C_PROPAGATION")
+TRAFFIC_DIRECTIONS = ("UNSPECIFIED", "INBOUND", "OUTBOUND")
+#: The layered_runtime static-layer keys we read (the Zipkin reporter's flush); others are Envoy feature flags.
+RUNTIME_KEYS = ("tracing.zipkin.flush_interval_ms", "tracing.zipkin.min_flush_spans")
 
 
 def load_envoy(path: str | Path, pod_ip: str, public_admin: bool = False) -> Bootstrap:
@@ -117,8 +125,7 @@ def compile_envoy(doc: dict, pod_ip: str, public_admin: bool = False, source: st
     ctx = Ctx(source)
     if not isinstance(doc, dict):
         raise ctx.error("", f"expected an Envoy bootstrap mapping at the top level, got {type(doc).__name__}")
-    check_keys(ctx, doc, "", ("static_resources", "admin", "dynamic_resources"),
-               silent=("layered_runtime",))  # the runtime is always /runtime_modify's admin layer
+    check_keys(ctx, doc, "", ("static_resources", "admin", "dynamic_resources", "node", "layered_runtime"))
     if doc.get("dynamic_resources"):
         raise ctx.error("dynamic_resources", _DYNAMIC)
     if "dynamic_resources" in doc:
@@ -134,8 +141,32 @@ def compile_envoy(doc: dict, pod_ip: str, public_admin: bool = False, source: st
     admin = _admin(ctx, doc["admin"], "admin", pod_ip, public_admin) if doc.get("admin") is not None else None
 
     _cross_check(ctx, listeners, clusters, admin)
+    node_id, node_cluster = _node(ctx, doc.get("node"), "node")
+    runtime = _layered_runtime(ctx, doc.get("layered_runtime"), "layered_runtime")
     return Bootstrap(listeners=tuple(listeners), clusters=tuple(clusters), admin=admin,
-                     warnings=tuple(ctx.warnings))
+                     warnings=tuple(ctx.warnings), node_id=node_id, node_cluster=node_cluster, runtime=runtime)
+
+
+def _node(ctx: Ctx, value: Any, path: str) -> tuple[str, str]:
+    """node.id and node.cluster (Envoy's --service-node / --service-cluster): the spans' node_id and service."""
+    obj = as_dict(ctx, value, path)
+    check_keys(ctx, obj, path, ("id", "cluster"))
+    return (as_str(ctx, obj["id"], sub(path, "id")) if obj.get("id") else "",
+            as_str(ctx, obj["cluster"], sub(path, "cluster")) if obj.get("cluster") else "")
+
+
+def _layered_runtime(ctx: Ctx, value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """The static layers' values of ``RUNTIME_KEYS``. The rest of the runtime is /runtime_modify's admin layer
+    (its layers and other keys are Envoy's own and change nothing we run), so they pass silently."""
+    obj = as_dict(ctx, value, path)
+    out: dict[str, str] = {}
+    for i, layer in enumerate(as_list(ctx, obj.get("layers"), sub(path, "layers"))):
+        lpath = sub(sub(path, "layers"), i)
+        static = as_dict(ctx, as_dict(ctx, layer, lpath).get("static_layer"), sub(lpath, "static_layer"))
+        for key in RUNTIME_KEYS:
+            if key in static:
+                out[key] = str(as_int(ctx, static[key], sub(sub(lpath, "static_layer"), key), 1))
+    return tuple(out.items())
 
 
 # --- addresses ------------------------------------------------------------------------
@@ -164,14 +195,24 @@ def _socket_address(ctx: Ctx, value: Any, path: str) -> tuple[str, int]:
 
 def _listener(ctx: Ctx, value: Any, path: str, index: int, pod_ip: str) -> Listener:
     obj = as_dict(ctx, value, path, allow_none=False)
-    check_keys(ctx, obj, path, ("name", "address", "filter_chains", "listener_filters"),
-               silent=("traffic_direction",),
+    check_keys(ctx, obj, path, ("name", "address", "filter_chains", "listener_filters", "traffic_direction"),
                errors={"use_original_dst": "original-destination listeners are not supported",
                        "transparent": "transparent listeners are not supported",
                        "default_filter_chain": "filter chain matching is not supported",
                        "udp_listener_config": "UDP listeners are not supported",
                        "api_listener": "API listeners are not supported"})
     inspector = _listener_filters(ctx, obj.get("listener_filters"), sub(path, "listener_filters"))
+    direction = str(obj.get("traffic_direction", "UNSPECIFIED")).upper()
+    if direction not in TRAFFIC_DIRECTIONS:
+        raise ctx.error(sub(path, "traffic_direction"), f"expected one of {', '.join(TRAFFIC_DIRECTIONS)}")
+    lst = _listener_body(ctx, obj, path, index, pod_ip, inspector)
+    tracing = lst.hcm.tracing
+    if tracing is not None and direction != "UNSPECIFIED":  # the span's kind and name follow the listener's
+        lst = replace(lst, hcm=replace(lst.hcm, tracing=replace(tracing, traffic_direction=direction)))
+    return lst
+
+
+def _listener_body(ctx: Ctx, obj: dict[str, Any], path: str, index: int, pod_ip: str, inspector: bool) -> Listener:
     if "address" not in obj:
         raise ctx.error(sub(path, "address"), "required")
     written, port = _socket_address(ctx, obj["address"], sub(path, "address"))
@@ -272,7 +313,7 @@ def _chain_hcm(ctx: Ctx, obj: dict[str, Any], path: str) -> HttpConnectionManage
 
 def _hcm(ctx: Ctx, cfg: dict[str, Any], path: str) -> HttpConnectionManager:
     check_keys(ctx, cfg, path, ("codec_type", "stat_prefix", "access_log", "route_config", "http_filters",
-                                "use_remote_address", "max_request_headers_kb", "stream_idle_timeout"),
+                                "use_remote_address", "max_request_headers_kb", "stream_idle_timeout", "tracing"),
                errors={"rds": _DYNAMIC, "scoped_routes": _DYNAMIC,
                        "http2_protocol_options": "HTTP/2 is not supported; we speak HTTP/1.1",
                        "http3_protocol_options": "HTTP/3 is not supported; we speak HTTP/1.1"})
@@ -297,8 +338,76 @@ def _hcm(ctx: Ctx, cfg: dict[str, Any], path: str) -> HttpConnectionManager:
                                               1, 8192)
     if "stream_idle_timeout" in cfg:
         kw["stream_idle_timeout_s"] = duration(ctx, cfg["stream_idle_timeout"], sub(path, "stream_idle_timeout"))
+    if cfg.get("tracing") is not None:
+        kw["tracing"] = _tracing(ctx, cfg["tracing"], sub(path, "tracing"))
     return HttpConnectionManager(stat_prefix=stat_prefix, route_config=route_config, access_logs=tuple(logs),
                                  codec_type=codec, http_filters=http_filters, **kw)
+
+
+def _percent(ctx: Ctx, value: Any, path: str) -> float:
+    """type.v3.Percent: ``{value: 12.5}`` (or the number alone), 0 to 100."""
+    if isinstance(value, dict):
+        check_keys(ctx, value, path, ("value",))
+        value = value.get("value", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise ctx.error(path, f"expected a percentage from 0 to 100, got {value!r}")
+    return float(value)
+
+
+def _tracing(ctx: Ctx, value: Any, path: str) -> Tracing | None:
+    """HttpConnectionManager.tracing with the Zipkin provider; another provider is a warning (no tracing)."""
+    obj = as_dict(ctx, value, path)
+    check_keys(ctx, obj, path, ("provider", "random_sampling", "client_sampling", "overall_sampling",
+                                "spawn_upstream_span", "max_path_tag_length"))
+    ppath = sub(path, "provider")
+    provider = as_dict(ctx, obj.get("provider"), ppath)
+    if not provider:
+        ctx.warn(ppath, "no tracing provider: nothing is traced")
+        return None
+    name = provider.get("name")
+    if name not in ZIPKIN_NAMES:
+        ctx.warn(sub(ppath, "name"), f"tracer {name!r} not implemented, ignored (supported: {ZIPKIN_NAMES[0]})")
+        return None
+    check_keys(ctx, provider, ppath, ("typed_config",), silent=("name",))
+    tpath = sub(ppath, "typed_config")
+    zc = as_dict(ctx, provider.get("typed_config"), tpath, allow_none=False)
+    if zc.get("@type", ZIPKIN_TYPE) != ZIPKIN_TYPE:
+        raise ctx.error(sub(tpath, "@type"), f"unsupported type {zc.get('@type')!r}; expected {ZIPKIN_TYPE}")
+    check_keys(ctx, zc, tpath, ("collector_cluster", "collector_endpoint", "collector_endpoint_version",
+                                "trace_id_128bit", "shared_span_context", "trace_context_option"),
+               silent=("collector_hostname",),  # the Host of our reports is the cluster's name, Envoy's default
+               errors={"split_spans_for_request": "not supported: it changes which spans are reported",
+                       "collector_service": "not supported; use collector_cluster and collector_endpoint"})
+    if "collector_cluster" not in zc:
+        raise ctx.error(sub(tpath, "collector_cluster"), "required")
+    cluster = as_str(ctx, zc["collector_cluster"], sub(tpath, "collector_cluster"))
+    if ctx.clusters is not None and cluster not in ctx.clusters:  # Envoy refuses it at start-up too
+        raise ctx.error(sub(tpath, "collector_cluster"), f"unknown cluster {cluster!r}")
+    if "collector_endpoint" not in zc:
+        raise ctx.error(sub(tpath, "collector_endpoint"), "required")
+    endpoint = as_str(ctx, zc["collector_endpoint"], sub(tpath, "collector_endpoint"))
+    if not endpoint.startswith("/"):
+        raise ctx.error(sub(tpath, "collector_endpoint"), f"expected a path starting with '/', got {endpoint!r}")
+    version = str(zc.get("collector_endpoint_version", "HTTP_JSON")).upper()
+    if version != "HTTP_JSON":
+        raise ctx.error(sub(tpath, "collector_endpoint_version"), f"{version} is not supported; use HTTP_JSON")
+    option = str(zc.get("trace_context_option", "USE_B3")).upper()
+    if option not in TRACE_CONTEXT_OPTIONS:
+        raise ctx.error(sub(tpath, "trace_context_option"), f"expected one of {', '.join(TRACE_CONTEXT_OPTIONS)}")
+    kw: dict[str, Any] = {}
+    for key in ("random_sampling", "client_sampling", "overall_sampling"):
+        if key in obj:
+            kw[key] = _percent(ctx, obj[key], sub(path, key))
+    if "spawn_upstream_span" in obj:
+        kw["spawn_upstream_span"] = as_bool(ctx, obj["spawn_upstream_span"], sub(path, "spawn_upstream_span"))
+    if "max_path_tag_length" in obj:
+        mp = obj["max_path_tag_length"]
+        mp = mp.get("value") if isinstance(mp, dict) else mp
+        kw["max_path_tag_length"] = as_int(ctx, mp, sub(path, "max_path_tag_length"), 1)
+    for key in ("trace_id_128bit", "shared_span_context"):
+        if key in zc:
+            kw[key] = as_bool(ctx, zc[key], sub(tpath, key))
+    return Tracing(collector_cluster=cluster, collector_endpoint=endpoint, trace_context_option=option, **kw)
 
 
 def _http_filters(ctx: Ctx, value: Any, path: str) -> tuple[HttpFilter, ...]:

@@ -55,6 +55,7 @@ from sidecar.config import (
     RetryPolicy,
     Route,
     RouteMatch,
+    Tracing,
     UpstreamTls,
     VirtualHost,
 )
@@ -62,6 +63,8 @@ from sidecar.config_fields import PREVIOUS_HOSTS
 from sidecar.http_filters import FAULT, LAYERED_RUNTIME, export_fault, export_http_filter
 
 HCM = "envoy.filters.network.http_connection_manager"
+ZIPKIN = "envoy.tracers.zipkin"
+ZIPKIN_TYPE = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "envoy.filters.http.router"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -110,9 +113,15 @@ def export_envoy(boot: Bootstrap, admin_socket: str | None = None, sds_dir: str 
     """
     listeners = [_listener(lst, sds_dir) for lst in boot.listeners]
     clusters = [_cluster(c, sds_dir) for c in boot.clusters]
+    runtime = LAYERED_RUNTIME  # /runtime_modify needs the admin layer
+    if boot.runtime:  # the static layer's keys we read (the Zipkin reporter's flush)
+        runtime = {"layers": [{"name": "static", "static_layer": {k: int(v) for k, v in boot.runtime}},
+                              *LAYERED_RUNTIME["layers"][1:]]}
     doc: dict[str, Any] = {"static_resources": {"listeners": listeners, "clusters": clusters},
-                           "layered_runtime": LAYERED_RUNTIME}  # /runtime_modify needs the admin layer
-    if sds_dir is not None and sds_files(boot, sds_dir):
+                           "layered_runtime": runtime}
+    if boot.node_id or boot.node_cluster:  # the spans' node_id tag and localEndpoint.serviceName
+        doc["node"] = {"id": boot.node_id or boot.node_cluster, "cluster": boot.node_cluster or boot.node_id}
+    elif sds_dir is not None and sds_files(boot, sds_dir):
         doc["node"] = {"id": SDS_NODE, "cluster": SDS_NODE}  # Envoy refuses file-based SDS without a node
     if admin_socket is not None:
         taken = [name for name, used in ((ADMIN_LISTENER, [lst.name for lst in boot.listeners]),
@@ -159,6 +168,9 @@ def _address(host: str, port: int) -> dict[str, Any]:
 
 def _listener(lst: Listener, sds_dir: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"name": lst.name, "address": _address(lst.address, lst.port)}
+    tracing = lst.hcm.tracing
+    if tracing is not None and tracing.traffic_direction:  # Envoy reads the span's kind from the listener
+        out["traffic_direction"] = tracing.traffic_direction
     if lst.tls is None:
         out["filter_chains"] = [{"filters": [_hcm(lst.hcm)]}]
         return out
@@ -270,7 +282,28 @@ def _hcm(hcm: HttpConnectionManager, extra: dict[str, Any] | None = None) -> dic
     }
     if hcm.access_logs:
         cfg["access_log"] = [_access_log(a) for a in hcm.access_logs]
+    if hcm.tracing is not None:
+        cfg["tracing"] = _tracing(hcm.tracing)
     return {"name": HCM, "typed_config": cfg}
+
+
+def _tracing(t: Tracing) -> dict[str, Any]:
+    return {
+        "random_sampling": {"value": t.random_sampling},
+        "client_sampling": {"value": t.client_sampling},
+        "overall_sampling": {"value": t.overall_sampling},
+        "spawn_upstream_span": t.spawn_upstream_span,
+        "max_path_tag_length": t.max_path_tag_length,
+        "provider": {"name": ZIPKIN, "typed_config": {
+            "@type": ZIPKIN_TYPE,
+            "collector_cluster": t.collector_cluster,
+            "collector_endpoint": t.collector_endpoint,
+            "collector_endpoint_version": "HTTP_JSON",
+            "trace_id_128bit": t.trace_id_128bit,
+            "shared_span_context": t.shared_span_context,
+            "trace_context_option": t.trace_context_option,
+        }},
+    }
 
 
 def _access_log(log: AccessLog) -> dict[str, Any]:

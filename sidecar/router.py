@@ -44,6 +44,7 @@ from sidecar.server import DownstreamProtocol, Stream, StreamEnd
 from sidecar.shadow import ShadowRequest, shadow_request_bytes
 from sidecar.shaping import RoutePlan, apply_levels, mirror_sampled, plans_for
 from sidecar.stats import ClusterStats, HcmStats, ListenerStats
+from sidecar.tracing import HcmTracer
 from sidecar.upstream import Pool, UpstreamConnection
 
 RESET_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
@@ -190,7 +191,7 @@ class Forwarder:
     __slots__ = ("hcm", "stream", "cluster", "cstats", "headers", "path", "retry", "timeout_s", "deadline",
                  "attempts", "state", "attempt", "retry_slot", "global_timer", "retry_timer", "connecting",
                  "loop", "flags", "quiet_retry_used", "uncounted", "body_conn", "attempt_count", "waiting", "plan",
-                 "tried")
+                 "tried", "trace")
 
     def __init__(self, hcm: HcmRuntime, stream: Stream, route: Route, vh: VirtualHost, cluster: ClusterRuntime,
                  headers: Headers, path: bytes) -> None:
@@ -226,6 +227,7 @@ class Forwarder:
         self.waiting: Pool | None = None  # waiting for a connection to this endpoint (max_connections)
         self.plan: RoutePlan | None = None  # traffic shaping of the route (sidecar.shaping), if any
         self.tried: list[Pool] | None = [] if policy is not None and policy.previous_hosts else None
+        self.trace = stream.trace  # sidecar.tracing.Trace, or None: the hooks below cost one test each
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -267,6 +269,9 @@ class Forwarder:
             if ending is _CANCELLED:  # the client left before a connection was had
                 self.cstats.upstream_rq_cancelled.value += 1
         self.body_conn = None
+        trace = self.trace
+        if trace is not None:
+            trace.attempts_close(flag, ending is _CANCELLED or ending is _LOCAL_REPLY)
         stream = self.stream
         if stream.receiver is self:
             stream.receiver = None
@@ -352,6 +357,8 @@ class Forwarder:
         if not quiet:
             self.attempts += 1
             self.uncounted = True
+            if self.trace is not None:
+                self.trace.attempt_start(pool.address, self.attempts)
         info = self.stream.info
         info.attempts = self.attempts
         info.upstream_host = pool.address
@@ -424,6 +431,8 @@ class Forwarder:
             self._upstream_reply(503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
             return
         self._count_attempt()
+        if self.trace is not None:
+            self.trace.connected()
         if conn.peer_uri_san is not None:  # a TLS upstream (%UPSTREAM_PEER_URI_SAN%)
             self.stream.info.upstream_peer_uri_san = conn.peer_uri_san
         attempt = Attempt(self, pool, conn, reused)
@@ -458,6 +467,8 @@ class Forwarder:
             expected = per_try  # Envoy: what this attempt may take
         if expected > 0:
             out.append(b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(expected * 1000))
+        if self.trace is not None:
+            out.append(self.trace.headers())  # (Envoy writes the context last)
         if s.streaming:
             out.append(b"transfer-encoding: chunked\r\n\r\n" if s.chunked_request
                        else b"content-length: %d\r\n\r\n" % (s.content_length or 0))
@@ -500,11 +511,15 @@ class Forwarder:
             # closes the connection (upstream_cx_destroy_local_with_active_rq).
             attempt.mode = _DISCARDING
             attempt.abandon()
+            if self.trace is not None:
+                self.trace.attempt_end(status, canceled=True)
             self.cstats.retry_response(status)
             self._schedule_retry()
             return
         attempt.mode = _FORWARDING
         self.state = _STREAMING
+        if self.trace is not None:
+            self.trace.attempt_status(status)
         self._commit(attempt, status, headers)
 
     def on_failure(self, attempt: Attempt | None, kind: str) -> None:
@@ -520,6 +535,8 @@ class Forwarder:
             self.next_attempt(quiet=True)
             return
         self._release_retry_slot()
+        if self.trace is not None:
+            self._trace_failure(kind)
         od = self.cluster.outlier
         if od is not None and attempt is not None:
             od.local_failure(attempt.pool)  # (a failed connect is reported by _connect)
@@ -535,6 +552,14 @@ class Forwarder:
             return
         status, reason, flag = _FAIL_REPLIES[kind]
         self._upstream_reply(status, (RETRIED_BODY if self.retry.attempt_retries else RESET_BODY) + reason, flag)
+
+    def _trace_failure(self, kind: str) -> None:
+        """The attempt's span ends without a response: Envoy's flag and reset reason for it."""
+        if kind == PER_TRY_TIMEOUT:
+            self.trace.attempt_end(0, FLAG_UPSTREAM_REQUEST_TIMEOUT, canceled=True)
+        else:
+            _, reason, flag = _FAIL_REPLIES[kind]
+            self.trace.attempt_end(0, flag, reason.decode())
 
     def _upstream_reply(self, status: int, body: bytes, flag: str) -> None:
         """A local reply standing for the upstream's answer (failure, timeout): Envoy counts its status as the
@@ -661,8 +686,10 @@ class HcmRuntime:
 
     def __init__(self, cfg: HttpConnectionManager, clusters: dict[str, ClusterRuntime], stats: HcmStats,
                  listener_stats: ListenerStats, loggers: list[AccessLogger],
-                 filters: tuple[RequestFilter, ...] = DEFAULT_REQUEST_FILTERS, runtime: Runtime | None = None) -> None:
+                 filters: tuple[RequestFilter, ...] = DEFAULT_REQUEST_FILTERS, runtime: Runtime | None = None,
+                 tracer: HcmTracer | None = None) -> None:
         self.cfg = cfg
+        self.tracer = tracer  # sidecar.tracing: None when the connection manager has no tracing
         self.table = RouteTable(cfg.route_config)
         self.plans = plans_for(cfg.route_config)  # traffic shaping; empty: nothing to do per request
         self.clusters = clusters
@@ -753,6 +780,8 @@ class HcmRuntime:
             headers = f(stream, headers)
         if self.cfg.use_remote_address:
             headers = self._remote_address(stream, headers)
+        if self.tracer is not None:
+            headers = self.tracer.start(stream, headers)
         info.path = path.decode("latin-1")
         info.authority = authority.decode("latin-1")
         info.raw_request_headers = headers
@@ -877,3 +906,5 @@ class HcmRuntime:
         self.stats.downstream_rq_time.record(elapsed * 1000)
         for logger in self.loggers:
             logger.log(info)
+        if stream.trace is not None:
+            self.tracer.finish(stream)  # type: ignore[union-attr]

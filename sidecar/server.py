@@ -15,7 +15,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 
@@ -120,7 +120,7 @@ class Stream:
         "conn", "method", "url", "headers", "http_version", "keep_alive", "body", "body_complete",
         "streaming", "receiver", "info", "head_sent", "chunked_response", "done",
         "head_only", "header_bytes", "content_length", "chunked_request", "expect_continue",
-        "response_close", "bytes_sent", "seen", "envoy_headers", "headers_done", "continue_sent",
+        "response_close", "bytes_sent", "seen", "envoy_headers", "headers_done", "continue_sent", "trace",
     )
 
     def __init__(self, conn: DownstreamProtocol) -> None:
@@ -151,6 +151,7 @@ class Stream:
         self.expect_continue = False
         self.response_close = False
         self.bytes_sent = 0
+        self.trace: Any = None  # sidecar.tracing.Trace when the connection manager traces this request
 
     def describe_request(self) -> None:
         """Method and target for the access log of a request that never reached the router."""

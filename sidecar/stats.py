@@ -653,3 +653,36 @@ class ServerStats:
     def _open_connections(self) -> int:
         return sum(g.value for name, g in self.store.gauges.items()
                    if name.startswith("listener.") and name.endswith(".downstream_cx_active") and ".http." not in name)
+
+
+# --- tracing ---------------------------------------------------------------------------------------------------------
+
+#: The connection manager's tracing decisions (Envoy's ``http.<prefix>.tracing.*``), created only for a connection
+#: manager that traces. Not exported: service_forced (x-envoy-force-trace is not honoured), not_traceable (any
+#: x-request-id may carry a trace) and health_check (no health-check filter): nothing here could count them.
+_TRACING_HCM_COUNTERS = ("random_sampling", "client_enabled")
+#: Envoy's Zipkin reporter (``tracing.zipkin.*``), one scope per process. Not exported: reports_skipped_no_cluster
+#: (a missing collector cluster is refused when the configuration loads, as Envoy does) and reports_failed (Envoy
+#: 1.40 turns a failed report into a local 503/504 and counts it as reports_dropped; so do we). spans_dropped is
+#: ours: spans refused because the bounded buffer was full while the collector was slow or down.
+_ZIPKIN_COUNTERS = ("spans_sent", "timer_flushed", "reports_sent", "reports_dropped", "spans_dropped")
+
+
+class TracingStats:
+    """``http.<stat_prefix>.tracing.*`` of one traced connection manager."""
+
+    __slots__ = _TRACING_HCM_COUNTERS
+
+    def __init__(self, store: Store, stat_prefix: str) -> None:
+        for n in _TRACING_HCM_COUNTERS:
+            setattr(self, n, store.counter(f"http.{stat_prefix}.tracing.{n}"))
+
+
+class ZipkinStats:
+    """``tracing.zipkin.*``: what the span reporter sent, flushed and dropped."""
+
+    __slots__ = _ZIPKIN_COUNTERS
+
+    def __init__(self, store: Store) -> None:
+        for n in _ZIPKIN_COUNTERS:
+            setattr(self, n, store.counter(f"tracing.zipkin.{n}"))

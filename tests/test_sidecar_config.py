@@ -184,14 +184,14 @@ def test_listener_filters_are_error(seed_doc):
 def test_unknown_fields_warn_with_full_path(seed_doc):
     seed_doc["static_resources"]["clusters"][0]["upstream_connection_options"] = {}
     seed_doc["static_resources"]["clusters"][1]["http2_protocol_options"] = {}
-    seed_doc["node"] = {"id": "x"}
+    seed_doc["node"] = {"id": "x", "locality": {"zone": "a"}}  # (node id/cluster are read: tracing)
     seed_doc["static_resources"]["clusters"][0]["lb_policy"] = "MAGLEV"
     _vhost(seed_doc)["retry_policy"] = {"retry_on": "5xx,reset-before-request"}
     b = compile_envoy(seed_doc, POD, public_admin=True)
     w = "\n".join(b.warnings)
     assert "envoy.yaml: static_resources.clusters[0].upstream_connection_options: not implemented, ignored" \
         in b.warnings
-    assert "envoy.yaml: node: not implemented, ignored" in b.warnings
+    assert "envoy.yaml: node.locality: not implemented, ignored" in b.warnings
     assert "clusters[1].http2_protocol_options" in w and "HTTP/1.1" in w
     assert "clusters[0].lb_policy: lb_policy MAGLEV" in w and b.clusters[0].lb_policy == "ROUND_ROBIN"
     assert "'reset-before-request'" in w

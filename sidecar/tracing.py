@@ -1,0 +1,523 @@
+"""Distributed tracing in the data path: Envoy's Zipkin tracer (``envoy.tracers.zipkin``), as Envoy 1.40 runs it.
+
+Per request on a connection manager with ``tracing``: read the caller's context (B3 multi-header, the single
+``b3`` header, and W3C ``traceparent`` with ``USE_B3_WITH_W3C_PROPAGATION``; B3 wins when both come), decide
+sampling, and send a child context upstream on every attempt. At the end of the request (``finish``, called from
+the connection manager's one ending path) the spans are rendered straight to Zipkin v2 JSON text and handed to
+the ``ZipkinReporter``, which POSTs them to the collector cluster in batches from the event loop, never holding a
+request up. Nothing here runs per byte, and nothing here starts a task per request.
+
+Envoy's facts this follows (checked by running Envoy 1.40, see tests/conformance/test_tracing.py):
+
+- The connection manager's span is SERVER on an INBOUND listener (and an unspecified one), CLIENT on an OUTBOUND
+  one; its name is the request's authority. A SERVER span shares the caller's span id (``shared: true``, the
+  caller's parent as its parentId); a CLIENT span gets a new id whose parent is the caller's span. A new trace's
+  root span id is the low 64 bits of the trace id.
+- With ``spawn_upstream_span`` every upstream attempt is a CLIENT span ``router <cluster> egress``, child of the
+  connection manager's span, with ``retry.count`` from the second attempt on, and ``canceled`` when the router gave
+  up on it (retried on its status, per-try timeout). Upstream, ``x-b3-spanid`` is the span making the call and
+  ``x-b3-parentspanid`` its parent; ``traceparent`` carries the same ids; a single ``b3`` header is answered with a
+  single ``b3`` header. ``x-b3-flags`` and ``tracestate`` pass through untouched.
+- A malformed ``traceparent`` (or one with a zero id) starts a new trace and is replaced. A malformed B3 context
+  makes Envoy give up tracing the request and pass the bad headers on; we start a new trace and drop them
+  instead (docs/envoy-differences.md).
+"""
+
+# ruff: noqa: UP031  (JSON templates full of braces read better with %-formatting than with doubled {{ }})
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from json.encoder import encode_basestring as _q  # type: ignore[attr-defined]  # (the C-accelerated quoting)
+from typing import TYPE_CHECKING, Any
+
+from sidecar.config import Tracing
+from sidecar.http1 import Headers
+from sidecar.stats import TracingStats, ZipkinStats
+
+if TYPE_CHECKING:
+    from sidecar.cluster import ClusterRuntime
+    from sidecar.server import Stream
+    from sidecar.upstream import Pool, UpstreamConnection
+
+log = logging.getLogger("sidecar.tracing")
+
+#: Envoy's runtime keys for the reporter (its bootstrap's layered_runtime static layer sets them) and defaults.
+FLUSH_INTERVAL_KEY = "tracing.zipkin.flush_interval_ms"
+MIN_FLUSH_SPANS_KEY = "tracing.zipkin.min_flush_spans"
+DEFAULT_FLUSH_INTERVAL_MS = 5000
+DEFAULT_MIN_FLUSH_SPANS = 5
+#: Spans waiting for the collector beyond this are dropped (and counted): a slow collector costs spans, not memory.
+MAX_BUFFERED_SPANS = 10_000
+#: Envoy's timeout for a report (its async client sends x-envoy-expected-rq-timeout-ms: 5000).
+REPORT_TIMEOUT_S = 5.0
+
+#: The context headers we read and rewrite (x-b3-flags and tracestate are passed through as they came).
+B3_HEADERS = (b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled")
+_B3_DROP = frozenset(B3_HEADERS) | {b"b3"}
+_ALL_DROP = _B3_DROP | {b"traceparent"}
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_SAMPLED = {b"1": True, b"true": True, b"d": True, b"0": False, b"false": False}
+
+_bits = random.getrandbits
+_random = random.random
+
+
+def _hex_id(value: bytes | None, lengths: tuple[int, ...]) -> str | None:
+    """A lower-case hex id of one of ``lengths`` that is not all zeros, or None."""
+    if value is None or len(value) not in lengths or not _HEX.issuperset(value) or not value.strip(b"0"):
+        return None
+    return value.decode().lower()
+
+
+def new_span_id() -> str:
+    return "%016x" % (_bits(64) or 1)
+
+
+class Context:
+    """A caller's trace context: ids, its sampling decision (None: none given), which header form it came in."""
+
+    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "single")
+
+    def __init__(self, trace_id: str | None, span_id: str | None, parent_id: str | None = None,
+                 sampled: bool | None = None, single: bool = False) -> None:
+        self.trace_id = trace_id  # None with span_id None: only a sampling decision came (b3: 0)
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.sampled = sampled
+        self.single = single
+
+
+#: What extraction found: a usable context, a decision alone, nothing, or something malformed.
+MALFORMED = Context(None, None)
+
+
+def parse_b3_multi(seen: dict[bytes, bytes]) -> Context | None:
+    """x-b3-* headers: a Context, MALFORMED, or None (no ids: a trace id alone starts a new trace, as Envoy)."""
+    flags = seen.get(b"x-b3-flags")
+    raw_sampled = seen.get(b"x-b3-sampled")
+    sampled = True if flags == b"1" else (_SAMPLED.get(raw_sampled.lower()) if raw_sampled is not None else None)
+    trace, span = seen.get(b"x-b3-traceid"), seen.get(b"x-b3-spanid")
+    if trace is None or span is None:
+        return Context(None, None, sampled=sampled) if sampled is not None and trace is None and span is None \
+            else None
+    trace_id, span_id = _hex_id(trace, (16, 32)), _hex_id(span, (16,))
+    parent = seen.get(b"x-b3-parentspanid")
+    parent_id = _hex_id(parent, (16,)) if parent is not None else None
+    if trace_id is None or span_id is None or (parent is not None and parent_id is None):
+        return MALFORMED
+    return Context(trace_id, span_id, parent_id, sampled)
+
+
+def parse_b3_single(value: bytes) -> Context:
+    """``b3: {trace}-{span}[-{sampled}[-{parent}]]`` or a decision alone (``0``, ``1``, ``d``); MALFORMED else."""
+    value = value.strip()
+    if value in _SAMPLED:
+        return Context(None, None, sampled=_SAMPLED[value], single=True)
+    parts = value.split(b"-")
+    if not 2 <= len(parts) <= 4:
+        return MALFORMED
+    trace_id, span_id = _hex_id(parts[0], (16, 32)), _hex_id(parts[1], (16,))
+    sampled = _SAMPLED.get(parts[2]) if len(parts) > 2 else None
+    parent_id = _hex_id(parts[3], (16,)) if len(parts) > 3 else None
+    if trace_id is None or span_id is None or (len(parts) > 2 and sampled is None) or \
+            (len(parts) > 3 and parent_id is None):
+        return MALFORMED
+    return Context(trace_id, span_id, parent_id, sampled, single=True)
+
+
+def parse_traceparent(value: bytes) -> Context | None:
+    """W3C ``{version}-{trace}-{span}-{flags}``; None when malformed (Envoy then starts a new trace).
+
+    Envoy 1.40 accepts any two-hex-digit version (even ``ff``) and upper-case hex: so do we.
+    """
+    parts = value.strip().split(b"-")
+    if len(parts) < 4 or len(parts[0]) != 2 or not _HEX.issuperset(parts[0]) or len(parts[3]) != 2 \
+            or not _HEX.issuperset(parts[3]):
+        return None
+    trace_id, span_id = _hex_id(parts[1], (32,)), _hex_id(parts[2], (16,))
+    if trace_id is None or span_id is None:
+        return None
+    return Context(trace_id, span_id, None, bool(int(parts[3], 16) & 1))
+
+
+class Trace:
+    """One request's tracing state (``Stream.trace``): its span, and its upstream attempts when spawned."""
+
+    __slots__ = ("tracer", "trace_id", "span_id", "parent_id", "sampled", "single", "start_us", "attempts", "call")
+
+    def __init__(self, tracer: HcmTracer, trace_id: str, span_id: str, parent_id: str | None, sampled: bool,
+                 single: bool, start_us: int) -> None:
+        self.tracer = tracer
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.sampled = sampled
+        self.single = single
+        self.start_us = start_us
+        #: One list per upstream attempt: [span id, start µs, host, retry count, end µs (0: open), status, flag,
+        #: canceled, error reason, connected]. Lists, not objects: a few of them per request, touched twice each.
+        self.attempts: list[list[Any]] = []
+        self.call: bytes = b""  # the context headers of the current attempt
+
+    # -- upstream attempts (the router's) ------------------------------------------------------------------
+    def attempt_start(self, host: str, number: int) -> None:
+        if self.tracer.spawn:
+            span = new_span_id()
+            self.attempts.append([span, int(time.time() * 1e6), host, number - 1, 0, 0, None, False, None, False])
+            self.call = self._headers(span, self.span_id)
+        elif not self.call:
+            self.call = self._headers(self.span_id, self.parent_id)
+
+    def headers(self) -> bytes:
+        """The context headers for the request going upstream now."""
+        if not self.call:
+            self.call = self._headers(self.span_id, self.parent_id)
+        return self.call
+
+    def _headers(self, span: str, parent: str | None) -> bytes:
+        flag = "1" if self.sampled else "0"
+        tid = self.trace_id
+        out = []
+        if self.single:
+            out.append(f"b3: {tid}-{span}-{flag}" + (f"-{parent}\r\n" if parent else "\r\n"))
+        else:
+            out.append(f"x-b3-traceid: {tid}\r\nx-b3-spanid: {span}\r\n")
+            if parent:
+                out.append(f"x-b3-parentspanid: {parent}\r\n")
+            out.append(f"x-b3-sampled: {flag}\r\n")
+        if self.tracer.w3c:
+            out.append(f"traceparent: 00-{tid:0>32}-{span}-0{flag}\r\n")
+        return "".join(out).encode()
+
+    def connected(self) -> None:
+        if self.attempts:
+            self.attempts[-1][9] = True
+
+    def attempt_status(self, status: int) -> None:
+        """The attempt's response head arrived and is being forwarded (it ends with the request)."""
+        if self.attempts:
+            self.attempts[-1][5] = status
+
+    def attempt_end(self, status: int, flag: str | None = None, reason: str | None = None,
+                    canceled: bool = False) -> None:
+        """The attempt is over before the request is: retried, failed, timed out."""
+        if self.attempts:
+            a = self.attempts[-1]
+            if not a[4]:
+                a[4], a[5], a[6], a[7], a[8] = int(time.time() * 1e6), status, flag, canceled, reason
+
+    def attempts_close(self, flag: str | None, canceled: bool) -> None:
+        """The request ended: an attempt still open ends with it (``canceled``: cut off, not answered)."""
+        if self.attempts:
+            a = self.attempts[-1]
+            if not a[4]:
+                a[4] = int(time.time() * 1e6)
+                if canceled:
+                    a[7] = True
+                if flag is not None:
+                    a[6] = flag
+
+
+class HcmTracer:
+    """One connection manager's tracer: its configuration, pre-rendered span constants, stats and reporter."""
+
+    def __init__(self, cfg: Tracing, stats: TracingStats, reporter: ZipkinReporter, node_id: str, service: str,
+                 ip: str) -> None:
+        self.cfg = cfg
+        self.stats = stats
+        self.reporter = reporter
+        self.spawn = cfg.spawn_upstream_span
+        self.w3c = cfg.trace_context_option == "USE_B3_WITH_W3C_PROPAGATION"
+        self.drop = _ALL_DROP if self.w3c else _B3_DROP
+        self.server = cfg.traffic_direction != "OUTBOUND"
+        self.bits = 128 if cfg.trace_id_128bit else 64
+        self.shared = cfg.shared_span_context
+        self.random_sampling = cfg.random_sampling
+        self.client_sampling = cfg.client_sampling
+        self.overall_sampling = cfg.overall_sampling
+        self.max_path = cfg.max_path_tag_length
+        endpoint = '{"serviceName":%s,"ipv4":%s,"port":0}' % (_q(service), _q(ip))
+        # Everything but the per-request values, rendered once: (kind, annotation) and the constant tags.
+        kind, note = ("SERVER", "ss") if self.server else ("CLIENT", "cr")
+        self.hcm_head = ',"kind":"%s","localEndpoint":%s,%s"annotations":[{"timestamp":' % (
+            kind, endpoint, '"shared":true,' if self.server and self.shared else "")
+        self.hcm_note = ',"value":"%s"}]' % note
+        self.hcm_tags = '"component":"proxy","node_id":%s' % _q(node_id)
+        self.up_head = ',"kind":"CLIENT","localEndpoint":%s,"annotations":[{"timestamp":' % endpoint
+        self.up_names: dict[str, str] = {}
+
+    # -- the request's start: context, sampling, headers ------------------------------------------------
+    def start(self, stream: Stream, headers: Headers) -> Headers:
+        """Decide and set ``stream.trace``; the forwarded headers without the incoming context headers."""
+        seen = stream.seen
+        stats = self.stats
+        if b"x-client-trace-id" in seen:
+            stats.client_enabled.value += 1
+            rate = self.client_sampling
+        else:
+            stats.random_sampling.value += 1
+            rate = self.random_sampling
+        decided = (rate >= 100.0 or _random() * 100.0 < rate) and \
+            (self.overall_sampling >= 100.0 or _random() * 100.0 < self.overall_sampling)
+        ctx: Context | None = None
+        found = False
+        if b"x-b3-traceid" in seen or b"x-b3-spanid" in seen or b"x-b3-sampled" in seen or b"x-b3-flags" in seen:
+            ctx = parse_b3_multi(seen)
+            found = True
+        if (ctx is None or ctx is MALFORMED) and b"b3" in seen:
+            ctx = parse_b3_single(seen[b"b3"])
+            found = True
+        if ctx is None and self.w3c and b"traceparent" in seen:
+            ctx = parse_traceparent(seen[b"traceparent"])
+            found = True
+        if found:
+            drop = self.drop
+            headers = [h for h in headers if h[0] not in drop]
+        if ctx is MALFORMED:
+            ctx = None
+        start_us = int(stream.info.start_time * 1e6)
+        if ctx is not None and ctx.trace_id is not None:
+            sampled = decided if ctx.sampled is None else ctx.sampled
+            if self.server and self.shared:
+                trace = Trace(self, ctx.trace_id, ctx.span_id or new_span_id(), ctx.parent_id, sampled, ctx.single,
+                              start_us)
+            else:
+                trace = Trace(self, ctx.trace_id, new_span_id(), ctx.span_id, sampled, ctx.single, start_us)
+        else:
+            if ctx is not None:  # a sampling decision without ids (b3: 0): a new trace that keeps it
+                decided = ctx.sampled if ctx.sampled is not None else decided
+            trace_id = "%032x" % (_bits(128) or 1) if self.bits == 128 else "%016x" % (_bits(64) or 1)
+            trace = Trace(self, trace_id, trace_id[-16:], None, decided, ctx is not None and ctx.single, start_us)
+        stream.trace = trace
+        return headers
+
+    # -- the request's end: spans ---------------------------------------------------------------------------
+    def finish(self, stream: Stream) -> None:
+        """Render the request's spans and hand them to the reporter (sampled requests only)."""
+        trace: Trace = stream.trace
+        if not trace.sampled:
+            return
+        info = stream.info
+        end_us = int(time.time() * 1e6)
+        tid = trace.trace_id
+        spans = []
+        for a in trace.attempts:
+            spans.append(self._attempt_span(tid, trace.span_id, a, info.upstream_cluster or "", end_us))
+        code = info.response_code
+        seen = stream.seen
+        path = info.original_path or info.path
+        if len(path) > self.max_path:
+            path = path[:self.max_path]
+        rid = next((v for n, v in reversed(info.raw_request_headers) if n == b"x-request-id"), None)
+        tags = [self.hcm_tags,
+                ',"http.method":', _q(info.method),
+                ',"http.url":', _q(f"http://{info.authority}{path}"),
+                ',"http.protocol":"', info.protocol,
+                '","http.status_code":"%d","response_flags":"%s","request_size":"%d","response_size":"%d"' % (
+                    code, info.flags_text, info.bytes_received, info.bytes_sent),
+                ',"peer.address":', _q(stream.conn.remote_ip.decode("latin-1")),
+                ',"user_agent":', _q(seen.get(b"user-agent", b"-").decode("latin-1")),
+                ',"downstream_cluster":',
+                _q(seen.get(b"x-envoy-downstream-service-cluster", b"-").decode("latin-1"))]
+        if rid is not None:
+            tags += ',"guid:x-request-id":', _q(rid.decode("latin-1"))
+        client_id = seen.get(b"x-client-trace-id")
+        if client_id is not None:
+            tags += ',"guid:x-client-trace-id":', _q(client_id.decode("latin-1"))
+        cluster = info.upstream_cluster
+        if cluster is not None:
+            cq = _q(cluster)
+            tags += ',"upstream_cluster":', cq, ',"upstream_cluster.name":', cq
+        if code == 0 or code >= 500:
+            tags.append(',"error":"true"')
+        parent = trace.parent_id
+        spans.append('{"traceId":"%s","id":"%s",%s"name":%s,"timestamp":%d,"duration":%d%s%d%s,"tags":{%s}}' % (
+            tid, trace.span_id, f'"parentId":"{parent}",' if parent else "", _q(info.authority), trace.start_us,
+            max(end_us - trace.start_us, 1), self.hcm_head, end_us, self.hcm_note, "".join(tags)))
+        self.reporter.add(spans)
+
+    def _attempt_span(self, tid: str, parent: str, a: list[Any], cluster: str, end_us: int) -> str:
+        span, start, host, retries, end, status, flag, canceled, reason, connected = a
+        end = end or end_us
+        name = self.up_names.get(cluster)
+        if name is None:
+            name = self.up_names[cluster] = _q(f"router {cluster} egress")
+        cq, hq = _q(cluster), _q(host)
+        tags = ['"component":"proxy","http.protocol":"%s","http.status_code":"%d","response_flags":"%s"' % (
+            "HTTP/1.1" if connected else "-", status, flag or "-"),
+            ',"peer.address":', hq, ',"upstream_address":', hq, ',"upstream_cluster":', cq,
+            ',"upstream_cluster.name":', cq]
+        if retries:
+            tags.append(',"retry.count":"%d"' % retries)
+        if status == 0 or status >= 500:
+            tags.append(',"error":"true"')
+        if canceled:
+            tags.append(',"canceled":"true"')
+        if reason:
+            tags += ',"error.reason":', _q(reason)
+        return '{"traceId":"%s","id":"%s","parentId":"%s","name":%s,"timestamp":%d,"duration":%d%s%d,' \
+               '"value":"cr"}],"tags":{%s}}' % (tid, span, parent, name, start, max(end - start, 1), self.up_head,
+                                                end, "".join(tags))
+
+
+class ZipkinReporter:
+    """Buffers rendered spans and POSTs them to the collector cluster as one JSON array per report.
+
+    A report goes out when ``min_flush_spans`` are buffered or every ``flush_interval`` (Envoy's runtime keys and
+    defaults). One report at a time: while one is in flight, spans accumulate (a busy proxy sends bigger reports,
+    not more of them), up to ``MAX_BUFFERED_SPANS``; past that they are dropped and counted. Connections come
+    from the collector cluster's own pools, so its cluster stats count the reports as Envoy's do.
+    """
+
+    def __init__(self, cluster: ClusterRuntime, endpoint: str, stats: ZipkinStats, flush_interval_ms: int,
+                 min_flush_spans: int, max_buffered: int = MAX_BUFFERED_SPANS) -> None:
+        self.cluster = cluster
+        self.stats = stats
+        self.min_flush = max(1, min_flush_spans)
+        self.interval_s = max(1, flush_interval_ms) / 1000
+        self.max_buffered = max_buffered
+        self.head = (f"POST {endpoint} HTTP/1.1\r\nhost: {cluster.name}\r\ncontent-type: application/json\r\n"
+                     "content-length: ").encode()
+        self.buffer: list[str] = []
+        self.inflight = False
+        self.soon = False  # a flush is scheduled for the end of this loop iteration
+        self.loop = asyncio.get_event_loop()
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def start(self) -> None:
+        self.timer = self.loop.call_later(self.interval_s, self._tick)
+
+    def add(self, spans: list[str]) -> None:
+        buf = self.buffer
+        if len(buf) + len(spans) > self.max_buffered:
+            self.stats.spans_dropped.value += len(spans)
+            return
+        buf.extend(spans)
+        if len(buf) >= self.min_flush and not self.inflight and not self.soon:
+            # At the end of this loop iteration: the spans of every request that ends in it go in one report.
+            self.soon = True
+            self.loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self.soon = False
+        self.flush()
+
+    def _tick(self) -> None:
+        self.stats.timer_flushed.value += 1
+        self.flush()
+        if not self.closed:
+            self.timer = self.loop.call_later(self.interval_s, self._tick)
+
+    def flush(self) -> None:
+        if self.inflight or not self.buffer:
+            return
+        batch, self.buffer = self.buffer, []
+        self.stats.spans_sent.value += len(batch)  # (Envoy counts the spans of every report it attempts)
+        body = ("[" + ",".join(batch) + "]").encode()
+        data = self.head + b"%d\r\n\r\n" % len(body) + body
+        cstats = self.cluster.stats
+        cstats.upstream_rq_total.value += 1
+        pool = self.cluster.choose()
+        if pool is None:
+            cstats.upstream_cx_none_healthy.value += 1
+            self._done(503)
+            return
+        self.inflight = True
+        conn = pool.take_idle()
+        if conn is not None:
+            _Report(self, pool, conn, data)
+        else:
+            self.task = self.loop.create_task(self._connect(pool, data))
+
+    async def _connect(self, pool: Pool, data: bytes) -> None:
+        try:
+            conn = await pool.connect(self.cluster.cfg.connect_timeout_s)
+        except OSError:  # refused, unreachable, timed out: Envoy's async client answers a local 503
+            self.task = None
+            self._done(503)
+            return
+        self.task = None
+        if self.closed:
+            pool.release(conn)
+            return
+        _Report(self, pool, conn, data)
+
+    def _done(self, status: int) -> None:
+        """A report's outcome: its status (0: no answer), as Envoy's async client would have seen it."""
+        self.inflight = False
+        cstats = self.cluster.stats
+        if status:
+            cstats.response(status)
+        cstats.upstream_rq_completed.value += 1
+        if 200 <= status < 300:
+            self.stats.reports_sent.value += 1
+        else:
+            self.stats.reports_dropped.value += 1
+            log.debug("span report dropped: collector answered %s", status or "nothing")
+        if len(self.buffer) >= self.min_flush and not self.closed:
+            self.flush()
+
+    async def close(self, timeout: float = 0.5) -> None:
+        """Stop the timer; send what is buffered, waiting for it at most ``timeout`` (a stopping proxy's last spans)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        deadline = time.monotonic() + timeout
+        while (self.inflight or self.buffer) and time.monotonic() < deadline:
+            self.flush()
+            await asyncio.sleep(0.01)
+        self.closed = True
+        if self.task is not None:
+            self.task.cancel()
+
+
+class _Report:
+    """One POST to the collector on an upstream connection: the connection's ``ResponseSink``."""
+
+    __slots__ = ("reporter", "pool", "conn", "status", "over", "timer")
+
+    def __init__(self, reporter: ZipkinReporter, pool: Pool, conn: UpstreamConnection, data: bytes) -> None:
+        self.reporter = reporter
+        self.pool = pool
+        self.conn = conn
+        self.status = 0
+        self.over = False
+        self.timer = reporter.loop.call_later(REPORT_TIMEOUT_S, self.on_timeout)
+        conn.send(data, self, False)
+
+    def on_head(self, conn: UpstreamConnection, status: int, headers: Headers) -> None:
+        self.status = status
+
+    def on_body(self, data: bytes) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def on_complete(self, conn: UpstreamConnection) -> None:
+        if self.over:
+            return
+        self.over = True
+        self.timer.cancel()
+        self.pool.release(conn)
+        self.reporter._done(self.status)
+
+    def on_reset(self, conn: UpstreamConnection, reason: str) -> None:
+        if self.over:
+            return
+        self.over = True
+        self.timer.cancel()
+        self.reporter._done(503)  # Envoy: a reset before the response is a local 503
+
+    def on_timeout(self) -> None:
+        if self.over:
+            return
+        self.over = True
+        self.conn.sink = None
+        self.conn.reset(active_rq=True)
+        self.reporter.cluster.stats.upstream_rq_timeout.value += 1
+        self.reporter._done(504)
