@@ -53,6 +53,10 @@ DEFAULT_MIN_FLUSH_SPANS = 5
 MAX_BUFFERED_SPANS = 10_000
 #: Envoy's timeout for a report (its async client sends x-envoy-expected-rq-timeout-ms: 5000).
 REPORT_TIMEOUT_S = 5.0
+#: Reports triggered by min_flush_spans start at least this far apart. Envoy sends one per 5 spans; under load
+#: that is a POST every few requests, whose cost in Python would be a large share of each request's. Bigger
+#: reports a few milliseconds later cost the collector nothing and the proxy little (issue 15: <= 10 %).
+MIN_REPORT_GAP_S = 0.025
 
 #: The context headers we read and rewrite (x-b3-flags and tracestate are passed through as they came).
 B3_HEADERS = (b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled")
@@ -63,6 +67,7 @@ _SAMPLED = {b"1": True, b"true": True, b"d": True, b"0": False, b"false": False}
 
 _bits = random.getrandbits
 _random = random.random
+_time = time.time
 
 
 def _hex_id(value: bytes | None, lengths: tuple[int, ...]) -> str | None:
@@ -180,17 +185,16 @@ class Trace:
     def _headers(self, span: str, parent: str | None) -> bytes:
         flag = "1" if self.sampled else "0"
         tid = self.trace_id
-        out = []
         if self.single:
-            out.append(f"b3: {tid}-{span}-{flag}" + (f"-{parent}\r\n" if parent else "\r\n"))
+            out = "b3: %s-%s-%s%s\r\n" % (tid, span, flag, "-" + parent if parent else "")
+        elif parent:
+            out = "x-b3-traceid: %s\r\nx-b3-spanid: %s\r\nx-b3-parentspanid: %s\r\nx-b3-sampled: %s\r\n" % (
+                tid, span, parent, flag)
         else:
-            out.append(f"x-b3-traceid: {tid}\r\nx-b3-spanid: {span}\r\n")
-            if parent:
-                out.append(f"x-b3-parentspanid: {parent}\r\n")
-            out.append(f"x-b3-sampled: {flag}\r\n")
+            out = "x-b3-traceid: %s\r\nx-b3-spanid: %s\r\nx-b3-sampled: %s\r\n" % (tid, span, flag)
         if self.tracer.w3c:
-            out.append(f"traceparent: 00-{tid:0>32}-{span}-0{flag}\r\n")
-        return "".join(out).encode()
+            out += "traceparent: 00-%s-%s-0%s\r\n" % (tid if len(tid) == 32 else tid.rjust(32, "0"), span, flag)
+        return out.encode()
 
     def connected(self) -> None:
         if self.attempts:
@@ -240,14 +244,22 @@ class HcmTracer:
         self.overall_sampling = cfg.overall_sampling
         self.max_path = cfg.max_path_tag_length
         endpoint = '{"serviceName":%s,"ipv4":%s,"port":0}' % (_q(service), _q(ip))
-        # Everything but the per-request values, rendered once: (kind, annotation) and the constant tags.
         kind, note = ("SERVER", "ss") if self.server else ("CLIENT", "cr")
-        self.hcm_head = ',"kind":"%s","localEndpoint":%s,%s"annotations":[{"timestamp":' % (
-            kind, endpoint, '"shared":true,' if self.server and self.shared else "")
-        self.hcm_note = ',"value":"%s"}]' % note
-        self.hcm_tags = '"component":"proxy","node_id":%s' % _q(node_id)
-        self.up_head = ',"kind":"CLIENT","localEndpoint":%s,"annotations":[{"timestamp":' % endpoint
-        self.up_names: dict[str, str] = {}
+        shared = '"shared":true,' if self.server and self.shared else ""
+        # The spans' templates with everything that is the same for every request already in place (the
+        # literal braces of JSON doubled for %-formatting are not needed: % only reads %s/%d).
+        self.hcm_template = (
+            '{"traceId":"%s","id":"%s",%s"name":%s,"timestamp":%d,"duration":%d,"kind":"' + kind
+            + '","localEndpoint":' + endpoint.replace("%", "%%") + "," + shared
+            + '"annotations":[{"timestamp":%d,"value":"' + note + '"}],"tags":{"component":"proxy","node_id":'
+            + _q(node_id).replace("%", "%%") + ',"http.method":"%s","http.url":%s,"http.protocol":"%s",'
+            '"http.status_code":"%d","response_flags":"%s","request_size":"%d","response_size":"%d",'
+            '"peer.address":"%s","user_agent":%s,"downstream_cluster":%s%s}}')
+        self.up_template = (
+            '{"traceId":"%s","id":"%s","parentId":"%s","name":%s,"timestamp":%d,"duration":%d,"kind":"CLIENT",'
+            '"localEndpoint":' + endpoint.replace("%", "%%") + ',"annotations":[{"timestamp":%d,"value":"cr"}],'
+            '"tags":{"component":"proxy","http.protocol":"%s","http.status_code":"%d","response_flags":"%s"%s%s}}')
+        self.up_fixed: dict[tuple[str, str], tuple[str, str]] = {}
 
     # -- the request's start: context, sampling, headers ------------------------------------------------
     def start(self, stream: Stream, headers: Headers) -> Headers:
@@ -296,71 +308,72 @@ class HcmTracer:
 
     # -- the request's end: spans ---------------------------------------------------------------------------
     def finish(self, stream: Stream) -> None:
-        """Render the request's spans and hand them to the reporter (sampled requests only)."""
+        """Render the request's spans and hand them to the reporter (sampled requests only).
+
+        One %-template per span kind, its constant parts rendered when the tracer was built: this runs for every
+        sampled request, so it is kept to a few string operations (see bench/sidecar_hop.py, sidecar+tracing).
+        """
         trace: Trace = stream.trace
         if not trace.sampled:
             return
         info = stream.info
-        end_us = int(time.time() * 1e6)
+        end_us = int(_time() * 1e6)
         tid = trace.trace_id
-        spans = []
-        for a in trace.attempts:
-            spans.append(self._attempt_span(tid, trace.span_id, a, info.upstream_cluster or "", end_us))
+        sid = trace.span_id
+        cluster = info.upstream_cluster
+        spans = [self._attempt_span(tid, sid, a, cluster or "", end_us) for a in trace.attempts] \
+            if trace.attempts else []
         code = info.response_code
         seen = stream.seen
         path = info.original_path or info.path
         if len(path) > self.max_path:
             path = path[:self.max_path]
-        rid = next((v for n, v in reversed(info.raw_request_headers) if n == b"x-request-id"), None)
-        tags = [self.hcm_tags,
-                ',"http.method":', _q(info.method),
-                ',"http.url":', _q(f"http://{info.authority}{path}"),
-                ',"http.protocol":"', info.protocol,
-                '","http.status_code":"%d","response_flags":"%s","request_size":"%d","response_size":"%d"' % (
-                    code, info.flags_text, info.bytes_received, info.bytes_sent),
-                ',"peer.address":', _q(stream.conn.remote_ip.decode("latin-1")),
-                ',"user_agent":', _q(seen.get(b"user-agent", b"-").decode("latin-1")),
-                ',"downstream_cluster":',
-                _q(seen.get(b"x-envoy-downstream-service-cluster", b"-").decode("latin-1"))]
-        if rid is not None:
-            tags += ',"guid:x-request-id":', _q(rid.decode("latin-1"))
+        extra = ""
+        for name, value in reversed(info.raw_request_headers):  # (a generated id was appended: near the end)
+            if name == b"x-request-id":
+                extra = ',"guid:x-request-id":' + _q(value.decode("latin-1"))
+                break
         client_id = seen.get(b"x-client-trace-id")
         if client_id is not None:
-            tags += ',"guid:x-client-trace-id":', _q(client_id.decode("latin-1"))
-        cluster = info.upstream_cluster
+            extra += ',"guid:x-client-trace-id":' + _q(client_id.decode("latin-1"))
         if cluster is not None:
             cq = _q(cluster)
-            tags += ',"upstream_cluster":', cq, ',"upstream_cluster.name":', cq
+            extra += ',"upstream_cluster":%s,"upstream_cluster.name":%s' % (cq, cq)
         if code == 0 or code >= 500:
-            tags.append(',"error":"true"')
+            extra += ',"error":"true"'
+        ua = seen.get(b"user-agent")
+        dc = seen.get(b"x-envoy-downstream-service-cluster")
         parent = trace.parent_id
-        spans.append('{"traceId":"%s","id":"%s",%s"name":%s,"timestamp":%d,"duration":%d%s%d%s,"tags":{%s}}' % (
-            tid, trace.span_id, f'"parentId":"{parent}",' if parent else "", _q(info.authority), trace.start_us,
-            max(end_us - trace.start_us, 1), self.hcm_head, end_us, self.hcm_note, "".join(tags)))
+        authority = info.authority
+        spans.append(self.hcm_template % (
+            tid, sid, '"parentId":"%s",' % parent if parent else "", _q(authority), trace.start_us,
+            max(end_us - trace.start_us, 1), end_us, info.method, _q("http://" + authority + path), info.protocol,
+            code, info.flags_text, info.bytes_received, info.bytes_sent, stream.conn.remote_ip.decode("latin-1"),
+            '"-"' if ua is None else _q(ua.decode("latin-1")), '"-"' if dc is None else _q(dc.decode("latin-1")),
+            extra))
         self.reporter.add(spans)
 
     def _attempt_span(self, tid: str, parent: str, a: list[Any], cluster: str, end_us: int) -> str:
         span, start, host, retries, end, status, flag, canceled, reason, connected = a
         end = end or end_us
-        name = self.up_names.get(cluster)
-        if name is None:
-            name = self.up_names[cluster] = _q(f"router {cluster} egress")
-        cq, hq = _q(cluster), _q(host)
-        tags = ['"component":"proxy","http.protocol":"%s","http.status_code":"%d","response_flags":"%s"' % (
-            "HTTP/1.1" if connected else "-", status, flag or "-"),
-            ',"peer.address":', hq, ',"upstream_address":', hq, ',"upstream_cluster":', cq,
-            ',"upstream_cluster.name":', cq]
+        fixed = self.up_fixed.get((cluster, host))
+        if fixed is None:  # name and the endpoint's tags: one per (cluster, host), rendered once
+            cq, hq = _q(cluster), _q(host)
+            fixed = self.up_fixed[(cluster, host)] = (
+                _q(f"router {cluster} egress"),
+                ',"peer.address":%s,"upstream_address":%s,"upstream_cluster":%s,"upstream_cluster.name":%s' % (
+                    hq, hq, cq, cq))
+        extra = ""
         if retries:
-            tags.append(',"retry.count":"%d"' % retries)
+            extra = ',"retry.count":"%d"' % retries
         if status == 0 or status >= 500:
-            tags.append(',"error":"true"')
+            extra += ',"error":"true"'
         if canceled:
-            tags.append(',"canceled":"true"')
+            extra += ',"canceled":"true"'
         if reason:
-            tags += ',"error.reason":', _q(reason)
-        return '{"traceId":"%s","id":"%s","parentId":"%s","name":%s,"timestamp":%d,"duration":%d%s%d,' \
-               '"value":"cr"}],"tags":{%s}}' % (tid, span, parent, name, start, max(end - start, 1), self.up_head,
-                                                end, "".join(tags))
+            extra += ',"error.reason":' + _q(reason)
+        return self.up_template % (tid, span, parent, fixed[0], start, max(end - start, 1), end,
+                                   "HTTP/1.1" if connected else "-", status, flag or "-", fixed[1], extra)
 
 
 class ZipkinReporter:
@@ -382,6 +395,7 @@ class ZipkinReporter:
         self.head = (f"POST {endpoint} HTTP/1.1\r\nhost: {cluster.name}\r\ncontent-type: application/json\r\n"
                      "content-length: ").encode()
         self.buffer: list[str] = []
+        self.last_report = 0.0  # loop time the last report started
         self.inflight = False
         self.soon = False  # a flush is scheduled for the end of this loop iteration
         self.loop = asyncio.get_event_loop()
@@ -399,8 +413,16 @@ class ZipkinReporter:
             return
         buf.extend(spans)
         if len(buf) >= self.min_flush and not self.inflight and not self.soon:
-            # At the end of this loop iteration: the spans of every request that ends in it go in one report.
-            self.soon = True
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """A report soon: at the end of this loop iteration (the spans of every request ending in it go together),
+        or once MIN_REPORT_GAP_S has passed since the last one."""
+        self.soon = True
+        wait = self.last_report + MIN_REPORT_GAP_S - self.loop.time()
+        if wait > 0:
+            self.loop.call_later(wait, self._flush_soon)
+        else:
             self.loop.call_soon(self._flush_soon)
 
     def _flush_soon(self) -> None:
@@ -417,6 +439,7 @@ class ZipkinReporter:
         if self.inflight or not self.buffer:
             return
         batch, self.buffer = self.buffer, []
+        self.last_report = self.loop.time()
         self.stats.spans_sent.value += len(batch)  # (Envoy counts the spans of every report it attempts)
         body = ("[" + ",".join(batch) + "]").encode()
         data = self.head + b"%d\r\n\r\n" % len(body) + body
@@ -459,8 +482,8 @@ class ZipkinReporter:
         else:
             self.stats.reports_dropped.value += 1
             log.debug("span report dropped: collector answered %s", status or "nothing")
-        if len(self.buffer) >= self.min_flush and not self.closed:
-            self.flush()
+        if len(self.buffer) >= self.min_flush and not self.closed and not self.soon:
+            self._schedule()
 
     async def close(self, timeout: float = 0.5) -> None:
         """Stop the timer; send what is buffered, waiting for it at most ``timeout`` (a stopping proxy's last spans)."""
