@@ -694,6 +694,74 @@ def traffic(target: str, project: str | None, n: int | None, duration: str | Non
         sys.exit(1)
 
 
+@main.command(short_help="List recent traces, draw one as a tree, or follow new ones.")
+@click.argument("trace_id", metavar="[ID]", required=False)
+@project_option
+@click.option("-n", "--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="How many recent traces to list.")
+@click.option("-s", "--service", default=None, help="Only traces with a span of this service (pod).")
+@click.option("-f", "--follow", is_flag=True, help="Print new traces as they complete (Ctrl-C stops).")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="--follow: seconds between polls.")
+@click.option("--settle", type=float, default=2.0, show_default=True,
+              help="--follow: a trace is complete when no span of it arrived for this many seconds.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def trace(trace_id: str | None, project: str | None, limit: int, service: str | None, follow: bool,
+          interval: float, settle: float, output: str) -> None:
+    """Without ID: the mesh's recent traces (root, start, duration, spans, services, errors, retries).
+    With ID: that trace as a tree (service, operation, kind, start offset, duration, status, response flags,
+    upstream, attempts with retries marked; errors in red). -o json: the Zipkin spans and the tree."""
+    import time
+
+    from meshctl.tracing import view
+
+    if follow and trace_id:
+        fail("--follow lists new traces; it takes no ID", USAGE_ERROR)
+    if interval <= 0 or settle < 0:
+        fail("--interval must be positive and --settle not negative", USAGE_ERROR)
+    try:
+        tid = view.parse_trace_id(trace_id) if trace_id else None
+    except view.TraceError as err:
+        fail(str(err), err.code)
+    state = _pick_mesh(project)
+    status = _ask(state, "GET", "/v1/status?resources=0")
+    tracing = status.get("tracing")
+    if not tracing:
+        fail(f"mesh '{state.mesh}' is not traced: add a `tracing:` section to its topology or start it with "
+             "`meshctl up FILE --tracing`")
+    reader = view.TraceReader(tracing["query_url"], state.mesh)
+    out = view.console()
+    try:
+        if tid is not None:
+            spans = reader.trace(tid)
+            if output == "json":
+                click.echo(view.dumps(view.trace_json(spans)))
+            else:
+                out.print(view.trace_tree(spans))
+            return
+        if follow:
+            try:
+                for spans in view.completed(reader, interval, settle, int(time.time() * 1000) - 1000):
+                    if output == "json":
+                        click.echo(json.dumps({**view.summary(spans), "spans": spans}))
+                    else:
+                        out.print(view.summary_line(spans))
+            except KeyboardInterrupt:
+                pass  # Ctrl-C is how --follow ends: exit 0
+            return
+        traces = reader.traces(limit, service=service)
+        if output == "json":
+            click.echo(view.dumps([{**view.summary(t), "spans": t} for t in traces]))
+            return
+        if not traces:
+            click.echo(f"mesh {state.mesh}: no traces yet (collector {tracing['collector']}, sampling "
+                       f"{tracing['sampling']:g} %); send some requests through a sidecar")
+            return
+        out.print(view.list_table(traces, f"mesh {state.mesh}: {len(traces)} most recent traces "
+                                          f"(collector {tracing['collector']})"))
+    except view.TraceError as err:
+        fail(str(err), err.code)
+
+
 @main.command("prometheus-config", short_help="Print the Prometheus scrape config.")
 @click.argument("file", type=click.Path(dir_okay=False), required=False)
 @project_option

@@ -57,3 +57,25 @@ def call(path: Path, method: str, url: str, timeout: float = 10.0) -> dict[str, 
     if status >= 400:
         raise ControlError(body.get("error", f"HTTP {status}"), status)
     return body
+
+
+def get_json(url: str, timeout: float = 10.0) -> tuple[int, Any]:
+    """``GET url`` over TCP (the mesh's trace collector): (status, decoded JSON body, None when not JSON).
+
+    Raises OSError or http.client.HTTPException when the server cannot be reached or answers garbage.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout)
+    try:
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
+                     headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(raw) if raw else None
+    except ValueError:
+        return resp.status, None

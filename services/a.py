@@ -3,7 +3,8 @@
 Port of iximiuz/envoy-playground basics/service-a. The upstream name (e.g.
 ``b.service``) comes from the pod's hosts file, as podman's ``--add-host`` did
 in the blog post, and HTTP_PROXY is honoured so the egress sidecar can be
-slotted in without touching this code.
+slotted in without touching this code. It passes the trace context headers of
+each request on to B (``services.zipkin.PROPAGATED``), as Istio asks of applications.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from yarl import URL
 
 from pods.aio_resolver import MeshResolver
 from services import gohttp, serve
+from services.zipkin import propagated
 
 REQUESTS = Counter("service_a_requests", "The total number of requests received by Service A.", ["status"])
 
@@ -125,8 +127,12 @@ class App:
 
     async def handle(self, request: web.Request) -> web.Response:
         assert self.session is not None
+        # The trace context goes on to B as it came (Istio asks this of applications): the sidecars' spans of
+        # this request and of the call to B then join into one trace.
+        context = propagated(request.headers) or None
         try:
-            async with self.session.get(self.upstream, proxy=self._proxy, proxy_auth=self._proxy_auth) as upstream:
+            async with self.session.get(self.upstream, proxy=self._proxy, proxy_auth=self._proxy_auth,
+                                        headers=context) as upstream:
                 status, body = upstream.status, await upstream.read()
         except _UPSTREAM_ERRORS as exc:
             response = gohttp.error(_FAILED + describe(self.upstream, exc).encode(), 500)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
 
 from aiohttp import web
 from prometheus_client import Counter
 
 from services import gohttp, golog, serve
+from services.zipkin import ServerSpans
 
 REQUESTS = Counter("service_b_requests", "The total number of requests received by Service B.", ["status"])
 
@@ -45,10 +47,31 @@ def make_handler(error_rate: int) -> gohttp.Handler:
     return handler
 
 
+def traced(handler: gohttp.Handler, spans: ServerSpans) -> gohttp.Handler:
+    """``handler`` reporting a SERVER span per request (in a traced mesh: B is then a Zipkin-instrumented
+    service, so a trace shows what B itself answered to each of its caller's attempts)."""
+    clock, now = time.perf_counter, time.time
+
+    async def with_span(request: web.Request) -> web.StreamResponse:
+        start, t0 = now(), clock()
+        response = await handler(request)
+        spans.record(request, response.status, start, clock() - t0)
+        return response
+
+    return with_span
+
+
 def main() -> None:
     error_rate = parse_error_rate(os.environ.get("ERROR_RATE"))
     listeners = serve.service_listeners()
-    serve.run(gohttp.default_serve_mux(make_handler(error_rate)), listeners)
+    handler = make_handler(error_rate)
+    spans = ServerSpans.from_env("b")
+    if spans is not None:
+        handler = traced(handler, spans)
+    app = gohttp.default_serve_mux(handler)
+    if spans is not None:
+        app.cleanup_ctx.append(spans.reporter)
+    serve.run(app, listeners)
 
 
 if __name__ == "__main__":
