@@ -50,7 +50,7 @@ def normalize(raw: object, index: int = 0) -> Span:
     span: Span = {"traceId": trace_id(raw.get("traceId"), f"{where}: traceId")}
     parent = raw.get("parentId")
     if parent is not None:
-        parent = _span_id(parent, f"{where}: parentId")
+        parent = _span_id(parent, f"{where}: parentId", zero_ok=True)
         if parent.strip("0"):  # an all-zero parent is "none" in B3
             span["parentId"] = parent
     span["id"] = _span_id(raw.get("id"), f"{where}: id")
@@ -104,16 +104,16 @@ def trace_id(value: object, where: str = "traceId") -> str:
     return text.rjust(16 if len(text) <= 16 else 32, "0")
 
 
-def _span_id(value: object, where: str) -> str:
-    return _hex(value, 16, where).rjust(16, "0")
+def _span_id(value: object, where: str, zero_ok: bool = False) -> str:
+    return _hex(value, 16, where, zero_ok).rjust(16, "0")
 
 
-def _hex(value: object, most: int, where: str) -> str:
+def _hex(value: object, most: int, where: str, zero_ok: bool = False) -> str:
     if not isinstance(value, str) or not value:
         raise SpanError(f"{where} must be a hex string, got {value!r}")
     if len(value) > most or not _HEX.fullmatch(value):
         raise SpanError(f"{where} must be 1 to {most} hex digits, got {value[:40]!r}")
-    if not value.strip("0"):
+    if not zero_ok and not value.strip("0"):
         raise SpanError(f"{where} must not be all zeros")
     return value.lower()
 
