@@ -71,16 +71,23 @@ def build(spans: list[Span]) -> list[Node]:
             parent.children.append(node)
     # Parent links that loop (a broken tracer) reach no root: show those spans as roots rather than lose them.
     reached: set[int] = set()
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        reached.add(id(node))
-        stack.extend(c for c in node.children if id(c) not in reached)
+
+    def reach(start: Node) -> None:
+        stack = [start]
+        reached.add(id(start))
+        while stack:
+            node = stack.pop()
+            node.children = [c for c in node.children if id(c) not in reached]  # cut the link that closes a loop
+            for child in node.children:
+                reached.add(id(child))
+                stack.append(child)
+
+    for root in roots:
+        reach(root)
     for node in nodes:
         if id(node) not in reached:
             roots.append(node)
-            node.children = [c for c in node.children if id(c) not in reached]
-            reached.add(id(node))
+            reach(node)
     for node in nodes:
         node.children.sort(key=_start)
         _number_attempts(node.children)
@@ -89,14 +96,14 @@ def build(spans: list[Span]) -> list[Node]:
 
 
 def _pick_parent(candidates: list[Node], child: Node) -> Node:
-    """Of a span id's halves, the one in the child's own service (it was created there), else the server."""
+    """Of a span id's halves, the one in the child's own service (it was created there), and of those the
+    server half: a shared id's children are the server's work (both halves are in one service when a pod's
+    sidecar calls its own service, which calls out through the same sidecar)."""
     if len(candidates) == 1:
         return candidates[0]
     service = service_of(child.span)
-    same = [n for n in candidates if service_of(n.span) == service]
-    if same:
-        return same[-1]
-    return next((n for n in candidates if n.span.get("shared")), candidates[0])
+    pool = [n for n in candidates if service_of(n.span) == service] or candidates
+    return next((n for n in pool if n.span.get("shared")), pool[0])
 
 
 def _start(node: Node) -> tuple[int, str]:
