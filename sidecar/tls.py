@@ -14,6 +14,9 @@ Only imported when the configuration has TLS (``sidecar.no_tls`` keeps OpenSSL o
 * ``TlsListener`` accepts on its own non-blocking socket: strict listeners hand every connection to the TLS
   handshake; permissive ones first peek at the first byte (0x16: a TLS handshake record, Envoy's tls_inspector)
   and serve plaintext on the same HTTP connection manager. Plain listeners never come here.
+* Handshake cost (bench/NOTES.md, "TLS handshakes"): OpenSSL 3.0 itself is most of it (decoding the peer's
+  certificate, twice more per stateless ticket); hence one TLSv1.3 ticket (``TLS13_TICKETS``) and the peer
+  certificate decoded once, by the SSL protocol (its ``peercert``).
 * Stats: Envoy's ``<scope>.ssl.*`` counters (``TlsStats``) with Envoy's meaning, checked against Envoy 1.40:
   ``handshake`` (a verified connection), ``connection_error`` (the handshake failed otherwise: plaintext on a
   TLS listener, the peer's alert), ``fail_verify_no_cert`` / ``fail_verify_error`` / ``fail_verify_san`` (the
@@ -30,7 +33,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sidecar.config import CommonTls, ConfigError, DownstreamTls, SanMatcher, UpstreamTls
@@ -48,6 +50,13 @@ INSPECT_TIMEOUT_S = 15.0
 REFUSAL_LOG_INTERVAL_S = 10.0
 TLS_RECORD_HANDSHAKE = 0x16
 ACCEPTS_PER_WAKEUP = 64
+#: TLSv1.3 session tickets sent after a full handshake (OpenSSL's default and BoringSSL's: 2). OpenSSL 3.0 builds
+#: each stateless ticket by re-decoding the whole session, the client's certificate included (i2d, d2i, i2d in
+#: construct_stateless_ticket), ~135 us of CPU per ticket: a second ticket cost 11 % of a full TLSv1.3 handshake
+#: (bench/NOTES.md, "TLS handshakes"). One ticket keeps resumption: OpenSSL accepts a stateless ticket more than
+#: once and issues a fresh one on every resumption. 0 would save another 135 us but end TLSv1.3 resumption; TLS 1.2
+#: (the sidecars' and Envoy's upstream maximum) always gets its one ticket.
+TLS13_TICKETS = 1
 
 SSL_COUNTERS = ("handshake", "connection_error", "fail_verify_no_cert", "fail_verify_error", "fail_verify_san",
                 "no_certificate")
@@ -248,6 +257,8 @@ class TlsContext:
             ctx.verify_mode = ssl.CERT_REQUIRED if c.trusted_ca else ssl.CERT_NONE
         if c.alpn:
             ctx.set_alpn_protocols(list(c.alpn))
+        if self.server:
+            ctx.num_tickets = TLS13_TICKETS
         local = decode_cert_file(c.cert_chain) if c.cert_chain else None
         self.local_uri_san = first_uri_san(local)
         return ctx
@@ -286,14 +297,34 @@ class TlsStats:
             self.counters[n] = c
 
 
-@dataclass
 class TlsInfo:
-    """What the access log reads of a downstream TLS connection."""
+    """What the access log reads of a downstream TLS connection.
 
-    version: str | None
-    peer_uri_san: str | None
-    peer_subject: str | None
-    local_uri_san: str | None
+    ``peer_subject`` is formatted (``subject_text``) when first read: few access log formats print it, and every
+    TLS connection would otherwise pay for it.
+    """
+
+    __slots__ = ("version", "peer_uri_san", "local_uri_san", "_peer_cert", "_peer_subject")
+
+    _UNSET: Any = object()
+
+    def __init__(self, version: str | None, peer_uri_san: str | None, peer_cert: dict[str, Any] | None,
+                 local_uri_san: str | None) -> None:
+        self.version = version
+        self.peer_uri_san = peer_uri_san
+        self.local_uri_san = local_uri_san
+        self._peer_cert = peer_cert
+        self._peer_subject: str | None = TlsInfo._UNSET
+
+    @property
+    def peer_subject(self) -> str | None:
+        if self._peer_subject is TlsInfo._UNSET:
+            self._peer_subject = subject_text(self._peer_cert)
+        return self._peer_subject
+
+    def __repr__(self) -> str:
+        return (f"TlsInfo(version={self.version!r}, peer_uri_san={self.peer_uri_san!r}, "
+                f"peer_subject={self.peer_subject!r}, local_uri_san={self.local_uri_san!r})")
 
 
 # --- downstream ---------------------------------------------------------------------------------------------------
@@ -364,8 +395,9 @@ class TlsListener:
             except OSError as exc:  # EMFILE and friends: the backlog keeps the rest until the next wakeup
                 log.error("listener %s:%d: accept failed: %s", self.address, self.port, exc.strerror or exc)
                 return
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # No setblocking / TCP_NODELAY here: the transport connect_accepted_socket makes of ``conn`` sets both
+            # (libuv's uv_tcp_open and uvloop's TCPTransport; asyncio's transport too), so doing it here cost two
+            # more system calls per connection. The peek below asks for MSG_DONTWAIT instead.
             task = self.loop.create_task(self._serve(conn, f"{addr[0]}:{addr[1]}"))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -404,7 +436,7 @@ class TlsListener:
         finally:
             loop.remove_reader(fd)
         try:
-            first = conn.recv(1, socket.MSG_PEEK)
+            first = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):  # a spurious wakeup: look again
             return await self._starts_with_tls(conn)
         except OSError:
@@ -447,8 +479,9 @@ class TlsDownstreamProtocol(DownstreamProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         shared = self.shared
-        sslobj = transport.get_extra_info("ssl_object")
-        cert = sslobj.getpeercert() if sslobj is not None else None
+        # The SSL protocol (uvloop's, asyncio's) decoded the peer certificate when the handshake completed and
+        # keeps it as the "peercert" extra: a second getpeercert() would decode it again.
+        cert = transport.get_extra_info("peercert")
         reason = check_peer(shared.ctx.common, cert) if cert else None
         if reason is not None:
             # Refused before any byte is read: the connection manager never sees this connection.
@@ -459,11 +492,14 @@ class TlsDownstreamProtocol(DownstreamProtocol):
             return
         stats = shared.stats
         stats.handshake.value += 1
-        if sslobj is not None and sslobj.getpeercert(binary_form=True) is None:
+        sslobj = transport.get_extra_info("ssl_object")
+        # A decoded certificate means one was sent; only an empty one ({}: not verified, or None) needs a look at
+        # the raw certificate to tell "none sent" apart.
+        if not cert and sslobj is not None and sslobj.getpeercert(binary_form=True) is None:
             stats.no_certificate.value += 1
         self.peer_identity = first_uri_san(cert)
-        self.tls_info = TlsInfo(sslobj.version() if sslobj is not None else None, self.peer_identity,
-                                subject_text(cert), shared.ctx.local_uri_san)
+        self.tls_info = TlsInfo(sslobj.version() if sslobj is not None else None, self.peer_identity, cert,
+                                shared.ctx.local_uri_san)
         shared.ssl_total.value += 1
         shared.ssl_active.value += 1
         super().connection_made(transport)
@@ -504,8 +540,7 @@ class TlsUpstream:
             stat, reason = classify(exc)
             self.stats.counters[stat].value += 1
             raise TlsError(reason, stat) from None
-        sslobj = conn.transport.get_extra_info("ssl_object")
-        cert = sslobj.getpeercert() if sslobj is not None else None
+        cert = conn.transport.get_extra_info("peercert")  # decoded once by the SSL protocol, as downstream
         reason = check_peer(self.ctx.common, cert) if cert else None
         if reason is not None:
             self.stats.fail_verify_san.value += 1
@@ -513,8 +548,10 @@ class TlsUpstream:
             conn.transport.abort()
             raise TlsError(reason, "fail_verify_san")
         self.stats.handshake.value += 1
-        if sslobj is None or sslobj.getpeercert(binary_form=True) is None:
-            self.stats.no_certificate.value += 1
+        if not cert:
+            sslobj = conn.transport.get_extra_info("ssl_object")
+            if sslobj is None or sslobj.getpeercert(binary_form=True) is None:
+                self.stats.no_certificate.value += 1
         conn.peer_uri_san = first_uri_san(cert)
         return conn
 
