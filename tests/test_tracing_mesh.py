@@ -375,8 +375,8 @@ def test_follow_prints_new_traces_and_ctrl_c_is_exit_0(meshctl):
                             text=True, env=meshctl.env, cwd=ROOT)
     try:
         tid = f"{random.getrandbits(128):032x}"
-        wait_until(lambda: _get(f"http://127.0.0.1:{env['PUBLISH_PORT']}/",
-                                {"traceparent": f"00-{tid}-{'1' * 16}-01"}) == 200, "a request through A")
+        status = _get(f"http://127.0.0.1:{env['PUBLISH_PORT']}/", {"traceparent": f"00-{tid}-{'1' * 16}-01"})
+        assert status == 200, meshctl("logs", "a", "-p", "tracefol", "--tail", "20").stdout
         seen: list[dict[str, Any]] = []
         deadline = time.monotonic() + 30
         while not any(t["traceId"] == tid for t in seen):
