@@ -15,8 +15,8 @@ Only imported when the configuration has TLS (``sidecar.no_tls`` keeps OpenSSL o
   handshake; permissive ones first peek at the first byte (0x16: a TLS handshake record, Envoy's tls_inspector)
   and serve plaintext on the same HTTP connection manager. Plain listeners never come here.
 * Handshake cost (bench/NOTES.md, "TLS handshakes"): OpenSSL 3.0 itself is most of it (decoding the peer's
-  certificate, twice more per stateless ticket); hence one TLSv1.3 ticket (``TLS13_TICKETS``), no automatic chain
-  building (``no_auto_chain``), and the peer certificate decoded once, by the SSL protocol (its ``peercert``).
+  certificate, twice more per stateless ticket); hence one TLSv1.3 ticket (``TLS13_TICKETS``) and the peer
+  certificate decoded once, by the SSL protocol (its ``peercert``).
 * Stats: Envoy's ``<scope>.ssl.*`` counters (``TlsStats``) with Envoy's meaning, checked against Envoy 1.40:
   ``handshake`` (a verified connection), ``connection_error`` (the handshake failed otherwise: plaintext on a
   TLS listener, the peer's alert), ``fail_verify_no_cert`` / ``fail_verify_error`` / ``fail_verify_san`` (the
@@ -31,7 +31,6 @@ import logging
 import os
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -192,44 +191,6 @@ def decode_cert_file(path: str) -> dict[str, Any] | None:
 
 # --- contexts ---------------------------------------------------------------------------------------------------
 
-_SSL_CTRL_MODE = 33  # OpenSSL's SSL_CTRL_MODE (SSL_CTX_set_mode is a macro over SSL_CTX_ctrl)
-_SSL_MODE_NO_AUTO_CHAIN = 0x8
-_libssl: Any = None  # the libssl the ssl module links (ctypes), False when it cannot be reached
-
-
-def no_auto_chain(ctx: ssl.SSLContext) -> bool:
-    """Send the certificate file's chain as it is, as Envoy (BoringSSL) does; True when set.
-
-    With only a leaf in the file, OpenSSL builds the chain to send from the trusted CA store on every handshake
-    (X509_verify_cert: ~5 % of a full handshake's CPU) and so also sends the root CA, which the peer must decode
-    and which Envoy never sends (~100 us more CPU on an OpenSSL 3.0 client). Python has no SSL_CTX_set_mode: the
-    mode is set through ctypes, on the SSL_CTX pointer that is the first field of CPython's SSLContext object, and
-    only after checking that pointer (its options must be the context's). Anything unexpected: False, and
-    OpenSSL's automatic chain stays (slower, not wrong).
-    """
-    global _libssl
-    if _libssl is None:
-        _libssl = False
-        if sys.implementation.name == "cpython":
-            try:
-                import ctypes
-
-                lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]  # resolves through its libssl
-                lib.SSL_CTX_ctrl.restype = ctypes.c_long
-                lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-                lib.SSL_CTX_get_options.restype = ctypes.c_uint64
-                lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-                _libssl = (lib, ctypes)
-            except (OSError, AttributeError):
-                pass
-    if not _libssl:
-        return False
-    lib, ctypes = _libssl
-    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value  # PySSLContext.ctx
-    if not ptr or lib.SSL_CTX_get_options(ptr) != ctx.options:
-        return False
-    return bool(lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None) & _SSL_MODE_NO_AUTO_CHAIN)
-
 
 class ReloadError(ConfigError):
     """The certificate files cannot be loaded (at start: a configuration error; later: keep the old context)."""
@@ -298,7 +259,6 @@ class TlsContext:
             ctx.set_alpn_protocols(list(c.alpn))
         if self.server:
             ctx.num_tickets = TLS13_TICKETS
-        no_auto_chain(ctx)
         local = decode_cert_file(c.cert_chain) if c.cert_chain else None
         self.local_uri_san = first_uri_san(local)
         return ctx
