@@ -4,7 +4,9 @@ wrk (plaintext) -> client-side proxy (egress cluster originating TLS with a mesh
 proxy (strict listener: client certificate required, SPIFFE SAN checked) -> nginx. Both proxies are the same
 engine: our sidecar pair vs a real Envoy pair (one worker each), interleaved repetitions, medians; CPU per
 request is the two proxies' together. Handshakes: ``openssl s_time`` against the server-side proxy with the
-client's certificate, full handshakes (``-new``) and resumed sessions (``-reuse``).
+client's certificate, full handshakes (``-new``) and resumed sessions (``-reuse``): the rate, and the server's CPU
+per handshake. s_time makes one connection at a time, so against a fast server its rate is capped by the client
+(bench/NOTES.md, "TLS handshakes"): CPU per handshake is the fair comparison.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def _peer(engine: str, cfg: Path, ip: str, workdir: Path) -> Peer:
     return Peer(f"{engine}-{ip}", argv, ip, PORT)
 
 
-def s_time(ip: str, certs: Path, reuse: bool, seconds: int, tls12: bool = False) -> float:
+def s_time(ip: str, certs: Path, reuse: bool, seconds: int, tls12: bool = False) -> tuple[float, int]:
     """Handshakes per second that ``openssl s_time`` completes against ip:PORT (client cert presented).
 
     Resumption is measured on TLS 1.2: s_time (OpenSSL 3.0) does not resume TLS 1.3 sessions, whose tickets
@@ -111,7 +113,15 @@ def s_time(ip: str, certs: Path, reuse: bool, seconds: int, tls12: bool = False)
     m = re.search(r"(\d+) connections in (\d+) real seconds", out)  # wall clock, not the client's CPU
     if m is None:
         raise RuntimeError(f"openssl s_time {ip}: no result: {out[-300:]}")
-    return int(m.group(1)) / max(float(m.group(2)), 1e-9)
+    return int(m.group(1)) / max(float(m.group(2)), 1e-9), int(m.group(1))
+
+
+def handshakes(server: Peer, certs: Path, reuse: bool, seconds: int, tls12: bool = False) -> tuple[float, float]:
+    """(handshakes/s, the server's CPU µs per handshake) of one s_time run."""
+    procs = _tree(server.pid)
+    cpu0 = _cpu(procs)
+    rate, count = s_time(server.ip, certs, reuse, seconds, tls12)
+    return rate, (_cpu(procs) - cpu0) / max(count, 1) * 1e6
 
 
 def measure(duration_s: float = 5, reps: int = 3, handshake_s: int = 3) -> dict[str, dict[str, float]]:
@@ -142,9 +152,10 @@ def measure(duration_s: float = 5, reps: int = 3, handshake_s: int = 3) -> dict[
                 r = run_wrk(f"http://{client.ip}:{PORT}/", duration_s)
                 r["cpu_us_per_rq"] = (_cpu(procs) - cpu0) / max(r["requests"], 1) * 1e6
                 r["rss_mb"] = _rss(procs) / 1024 / 1024
-                r["handshakes_new_per_s"] = s_time(server.ip, certs, False, handshake_s)
-                r["handshakes_new_tls12_per_s"] = s_time(server.ip, certs, False, handshake_s, tls12=True)
-                r["handshakes_reuse_tls12_per_s"] = s_time(server.ip, certs, True, handshake_s, tls12=True)
+                for key, reuse, tls12 in (("new", False, False), ("new_tls12", False, True),
+                                          ("reuse_tls12", True, True)):
+                    rate, cpu = handshakes(server, certs, reuse, handshake_s, tls12)
+                    r[f"handshakes_{key}_per_s"], r[f"handshake_{key}_cpu_us"] = rate, cpu
                 samples[engine].append(r)
     finally:
         for server, client in peers.values():
@@ -159,7 +170,9 @@ def main() -> None:
     for name, r in res.items():
         print(f"{name:<8} {r['rps']:>8.0f} rps  p99 {r['p99_ms']:.2f} ms  cpu {r['cpu_us_per_rq']:.1f} us/rq "
               f"(2 proxies)  rss {r['rss_mb']:.1f} MB  handshakes/s: {r['handshakes_new_per_s']:.0f} new (TLS 1.3), "
-              f"{r['handshakes_new_tls12_per_s']:.0f} new / {r['handshakes_reuse_tls12_per_s']:.0f} resumed (TLS 1.2)  "
+              f"{r['handshakes_new_tls12_per_s']:.0f} new / {r['handshakes_reuse_tls12_per_s']:.0f} resumed (TLS 1.2); "
+              f"server CPU/handshake {r['handshake_new_cpu_us']:.0f} / {r['handshake_new_tls12_cpu_us']:.0f} / "
+              f"{r['handshake_reuse_tls12_cpu_us']:.0f} us  "
               f"non-2xx {r['non_2xx']:.0f}")
     print(json.dumps(res))
 

@@ -92,6 +92,9 @@ def run(quick: bool) -> tuple[list[Row], dict[str, Any]]:
                          me["handshakes_new_tls12_per_s"], "envoy"))
         rows.append(_row("mTLS handshakes/s, resumed (TLS 1.2, s_time -reuse)", ms["handshakes_reuse_tls12_per_s"],
                          "/s", me["handshakes_reuse_tls12_per_s"], "envoy"))
+        for key, what in (("new", "full TLS 1.3"), ("new_tls12", "full TLS 1.2"), ("reuse_tls12", "resumed TLS 1.2")):
+            rows.append(_row(f"mTLS server CPU per handshake, {what}", ms[f"handshake_{key}_cpu_us"], "us",
+                             me[f"handshake_{key}_cpu_us"], "envoy (BoringSSL)"))
 
     lg = part("loadgen", lambda: loadgen.measure(20_000 if quick else 50_000, 1 if quick else 3))
     rows.append(_row("meshctl traffic -c10 -> nginx", lg["traffic"]["rps"], "rps", lg["hey"]["rps"], "hey",
