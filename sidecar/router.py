@@ -431,8 +431,6 @@ class Forwarder:
             self._upstream_reply(503, RESET_BODY + b"overflow", FLAG_UPSTREAM_OVERFLOW)
             return
         self._count_attempt()
-        if self.trace is not None:
-            self.trace.connected()
         if conn.peer_uri_san is not None:  # a TLS upstream (%UPSTREAM_PEER_URI_SAN%)
             self.stream.info.upstream_peer_uri_san = conn.peer_uri_san
         attempt = Attempt(self, pool, conn, reused)
@@ -468,7 +466,7 @@ class Forwarder:
         if expected > 0:
             out.append(b"x-envoy-expected-rq-timeout-ms: %d\r\n" % int(expected * 1000))
         if self.trace is not None:
-            out.append(self.trace.headers())  # (Envoy writes the context last)
+            out.append(self.trace.headers())  # (Envoy writes the context last; it marks the attempt connected)
         if s.streaming:
             out.append(b"transfer-encoding: chunked\r\n\r\n" if s.chunked_request
                        else b"content-length: %d\r\n\r\n" % (s.content_length or 0))
