@@ -12,9 +12,10 @@ what did not pay: bench/NOTES.md, "Tracing overhead (issue 15)".)
 Envoy's facts this follows (checked by running Envoy 1.40, see tests/conformance/test_tracing.py):
 
 - The connection manager's span is SERVER on an INBOUND listener (and an unspecified one), CLIENT on an OUTBOUND
-  one; its name is the request's authority. A SERVER span shares the caller's span id (``shared: true``, the
-  caller's parent as its parentId); a CLIENT span gets a new id whose parent is the caller's span. A new trace's
-  root span id is the low 64 bits of the trace id.
+  one, except with ``spawn_upstream_span``: then it is SERVER on an OUTBOUND listener too (as meshctl's
+  mesh_tracing sets it, every sidecar's egress). Its name is the request's authority. A SERVER span shares the
+  caller's span id (``shared: true``, the caller's parent as its parentId); a CLIENT span gets a new id whose
+  parent is the caller's span. A new trace's root span id is the low 64 bits of the trace id.
 - With ``spawn_upstream_span`` every upstream attempt is a CLIENT span ``router <cluster> egress``, child of the
   connection manager's span, with ``retry.count`` from the second attempt on, and ``canceled`` when the router gave
   up on it (retried on its status, per-try timeout). Upstream, ``x-b3-spanid`` is the span making the call and
@@ -282,7 +283,10 @@ class HcmTracer:
         #: Any of these in a request: there is a context to read (one isdisjoint test when there is none).
         self.context_names = frozenset(
             (*B3_HEADERS, b"x-b3-flags", b"b3", *((b"traceparent",) if self.w3c else ())))
-        self.server = cfg.traffic_direction != "OUTBOUND"
+        #: The connection manager's span is SERVER (shared with the caller when shared_span_context) unless the
+        #: listener is OUTBOUND and the router spawns no spans of its own: with spawn_upstream_span Envoy 1.40 makes
+        #: it SERVER on an OUTBOUND listener too (the attempts' CLIENT spans are the egress).
+        self.server = cfg.traffic_direction != "OUTBOUND" or self.spawn
         self.bits = 128 if cfg.trace_id_128bit else 64
         self.id_bytes = self.bits // 8 + 8  # a new trace's id and its first attempt's span id, drawn at once
         self.shared = cfg.shared_span_context

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,17 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conformance.harness import HERE, Engine, Pair, Probe, check, envoy_binary, wait_upstream, with_stats
+from tests.conformance.harness import (
+    HERE,
+    Engine,
+    Pair,
+    Probe,
+    RawConn,
+    check,
+    envoy_binary,
+    wait_upstream,
+    with_stats,
+)
 from tests.conftest import free_port
 
 TEMPLATE = HERE / "envoy_tracing.yaml"
@@ -105,10 +116,17 @@ class TracingEngine(Engine):
     def __init__(self, kind: str, workdir: Path) -> None:
         super().__init__(kind, workdir, TEMPLATE)
         self.zipkin = ZipkinReceiver(self.svc)
+        #: The egress_spawn listener (OUTBOUND with spawn_upstream_span).
+        self.spawn_port = free_port(self.ip)
+        while self.spawn_port in (self.port, self.edge_port, self.admin_port):
+            self.spawn_port = free_port(self.ip)
+        self._names[str(self.spawn_port)] = "SPAWN_PORT"
+        self._names_re = re.compile("|".join(re.escape(k) for k in sorted(self._names, key=len, reverse=True)))
 
     def render(self) -> dict[str, Any]:
         text = Template(self.template.read_text()).substitute(
-            LISTEN=self.ip, PORT=self.port, EDGE_PORT=self.edge_port, ADMIN_PORT=self.admin_port, SVC=self.svc,
+            LISTEN=self.ip, PORT=self.port, EDGE_PORT=self.edge_port, SPAWN_PORT=self.spawn_port,
+            ADMIN_PORT=self.admin_port, SVC=self.svc,
             DEAD=self.dead, UP_PORT=self.up_port, LOG=str(self.log_path), COLLECTOR=self.svc,
             COLLECTOR_PORT=self.zipkin.port)
         return yaml.safe_load(text)
@@ -177,13 +195,22 @@ def _span_view(span: dict[str, Any], roles: Roles, engine: Engine) -> str:
 
 
 def traced(p: Probe, target: str, host: str, headers: list[tuple[str, str]] | None = None, spans: int = 2,
-           edge: bool = False, known: dict[str, str] | None = None) -> None:
-    """Send one request (its path marked with the scenario's tag) and record what tracing made of it."""
+           edge: bool = False, known: dict[str, str] | None = None, spawn: bool = False) -> None:
+    """Send one request (its path marked with the scenario's tag) and record what tracing made of it.
+
+    ``edge``: to the OUTBOUND egress listener; ``spawn``: to the OUTBOUND egress_spawn one (spawn_upstream_span).
+    """
     marker = f"scn={p.scenario}.{len(p.tags)}"
     path = target + ("&" if "?" in target else "?") + marker
     ids = caller_ids(p.scenario)
     headers = [(n, v.format(**ids)) for n, v in headers or []]
-    p.exchange("GET", path, host, headers, edge=edge)
+    if spawn:
+        engine: TracingEngine = p.engine  # type: ignore[assignment]
+        with RawConn(engine.ip, engine.spawn_port, engine.client_ip) as c:
+            c.send(p.req("GET", path, host, headers))
+            p.response("", c.response("GET"))
+    else:
+        p.exchange("GET", path, host, headers, edge=edge)
     tag = p.tags[-1]
     roles = Roles({ids["T"]: "CALLER_TRACE", ids["T"][16:]: "CALLER_TRACE64", ids["S"]: "CALLER_SPAN",
                    ids["P"]: "CALLER_PARENT", ids["T"].upper(): "CALLER_TRACE_UPPER",
@@ -219,7 +246,7 @@ def traced(p: Probe, target: str, host: str, headers: list[tuple[str, str]] | No
 # --- scenarios ----------------------------------------------------------------------------------------------------
 
 def _hcm_stats(fn: Any) -> Any:
-    return with_stats("http.ingress.tracing.", "http.egress.tracing.")(fn)
+    return with_stats("http.ingress.tracing.", "http.egress.tracing.", "http.egress_spawn.tracing.")(fn)
 
 
 @_hcm_stats
@@ -333,6 +360,37 @@ def egress_no_context_retried(p: Probe) -> None:
     traced(p, "/flaky/trace-egress/1/500", "svc.test", spans=1, edge=True)
 
 
+@_hcm_stats
+def egress_spawn_b3_known(p: Probe) -> None:
+    """OUTBOUND with spawn_upstream_span: a SERVER span sharing the caller's span id (as INBOUND), the attempt's
+    CLIENT span under it."""
+    traced(p, "/ok", "svc.test", [("x-b3-traceid", T), ("x-b3-spanid", S), ("x-b3-parentspanid", P),
+                                  ("x-b3-sampled", "1")], spawn=True)
+
+
+def egress_spawn_no_context(p: Probe) -> None:
+    """OUTBOUND with spawn_upstream_span, a new trace: root SERVER span (trace id's low 64 bits), attempt under it."""
+    traced(p, "/ok", "svc.test", spawn=True)
+
+
+def egress_spawn_traceparent(p: Probe) -> None:
+    traced(p, "/ok", "svc.test", [("traceparent", "00-{T}-{S}-01")], spawn=True)
+
+
+def egress_spawn_b3_single(p: Probe) -> None:
+    traced(p, "/ok", "svc.test", [("b3", "{T}-{S}-1-{P}")], spawn=True)
+
+
+def egress_spawn_retried(p: Probe) -> None:
+    """Two attempts, each a CLIENT span under the (SERVER) connection manager's span."""
+    traced(p, "/flaky/trace-egress-spawn/1/500", "svc.test", spans=3, spawn=True)
+
+
+def egress_spawn_not_sampled(p: Probe) -> None:
+    traced(p, "/ok", "svc.test", [("x-b3-traceid", T), ("x-b3-spanid", S), ("x-b3-sampled", "0")], spans=0,
+           spawn=True)
+
+
 def client_trace_id(p: Probe) -> None:
     """x-client-trace-id: counted as client_enabled, tagged guid:x-client-trace-id."""
     traced(p, "/ok", "svc.test", [("x-client-trace-id", "abc")])
@@ -344,7 +402,8 @@ SCENARIOS = {f.__name__: f for f in (
     no_context, traceparent_known, traceparent_not_sampled, traceparent_upper_case, b3_multi_known, b3_multi_64bit,
     b3_single_known, b3_sampled_0, b3_single_deny, b3_flags_debug, b3_and_traceparent, b3_trace_id_only,
     malformed_b3, malformed_b3_single, retried_500_then_200, connect_failure, egress_b3_known,
-    egress_no_context_retried, client_trace_id)}
+    egress_no_context_retried, egress_spawn_b3_known, egress_spawn_no_context, egress_spawn_traceparent,
+    egress_spawn_b3_single, egress_spawn_retried, egress_spawn_not_sampled, client_trace_id)}
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
