@@ -12,10 +12,7 @@ import json
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -33,56 +30,13 @@ from sidecar.tracing import ZipkinReporter, parse_b3_single, parse_traceparent
 from tests.conftest import free_port, free_ports, wait_until
 from tests.test_sidecar_proxy import ROOT, SidecarProc, request
 from tests.upstreams import UpstreamServer
+from tests.zipkin_receiver import ZipkinReceiver
 
 POD = "127.0.236.1"
 UP = "127.0.236.2"
 COLL = "127.0.236.3"
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "b7ad6b7169203331"
-
-
-class Receiver:
-    """A Zipkin receiver: keeps the spans it is sent; answers ``status`` after ``delay`` seconds."""
-
-    def __init__(self, ip: str, status: int = 202, delay: float = 0.0) -> None:
-        self.spans: list[dict[str, Any]] = []
-        self.posts = 0
-        self.lock = threading.Lock()
-        rx = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                if delay:
-                    time.sleep(delay)
-                with rx.lock:
-                    rx.posts += 1
-                    rx.spans.extend(json.loads(body))
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.port = free_port(ip)
-        self.server = ThreadingHTTPServer((ip, self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def trace(self, trace_id: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [s for s in self.spans if s["traceId"] == trace_id]
-
-    def by_url(self, marker: str) -> dict[str, Any] | None:
-        with self.lock:
-            return next((s for s in self.spans if marker in s["tags"].get("http.url", "")), None)
 
 
 def _tracing(sampling: float = 100, spawn: bool = True) -> dict[str, Any]:
@@ -150,14 +104,14 @@ def upstream() -> Iterator[UpstreamServer]:
 
 
 @pytest.fixture(scope="module")
-def collector() -> Iterator[Receiver]:
-    rx = Receiver(COLL)
+def collector() -> Iterator[ZipkinReceiver]:
+    rx = ZipkinReceiver(COLL)
     yield rx
     rx.stop()
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory, collector: Receiver,
+def sidecar(tmp_path_factory: pytest.TempPathFactory, collector: ZipkinReceiver,
             upstream: UpstreamServer) -> Iterator[tuple[SidecarProc, dict[str, int]]]:
     sc, ports = start_sidecar(tmp_path_factory.mktemp("tracing"), collector.port, upstream.addresses[0][1])
     yield sc, ports
@@ -180,7 +134,7 @@ def echo_headers(resp: Any) -> dict[str, str]:
         else {k.lower(): v for k, v in resp.json()["headers"]}
 
 
-def spans_of(collector: Receiver, marker: str, count: int) -> list[dict[str, Any]]:
+def spans_of(collector: ZipkinReceiver, marker: str, count: int) -> list[dict[str, Any]]:
     """The spans of the trace whose connection manager span has ``marker`` in its URL (waits for ``count``)."""
     wait_until(lambda: collector.by_url(marker) is not None, f"the span of {marker}", timeout=5)
     hcm = collector.by_url(marker)
@@ -313,7 +267,7 @@ def test_dead_collector_never_slows_requests_and_reports_are_dropped(tmp_path, u
 
 
 def test_slow_collector_does_not_hold_requests_up(tmp_path, upstream):
-    rx = Receiver(COLL, delay=30)  # answers long after the reporter's 5 s timeout
+    rx = ZipkinReceiver(COLL, delay=30)  # answers long after the reporter's 5 s timeout
     sc, ports = start_sidecar(tmp_path / "slow", rx.port, upstream.addresses[0][1])
     try:
         for i in range(30):

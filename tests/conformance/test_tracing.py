@@ -19,10 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -42,6 +40,7 @@ from tests.conformance.harness import (
     with_stats,
 )
 from tests.conftest import free_port
+from tests.zipkin_receiver import ZipkinReceiver
 
 TEMPLATE = HERE / "envoy_tracing.yaml"
 CONTEXT_HEADERS = ("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3",
@@ -55,59 +54,6 @@ def caller_ids(scenario: str) -> dict[str, str]:
     digest = hashlib.sha256(scenario.encode()).hexdigest()
     ids = {"T": digest[:32], "S": digest[32:48], "P": digest[48:64]}
     return {**ids, "T64": ids["T"][16:], "T30": ids["T"][:30], "TU": ids["T"].upper(), "SU": ids["S"].upper()}
-
-
-# --- the Zipkin receiver ------------------------------------------------------------------------------------------
-
-
-class ZipkinReceiver:
-    """POST /api/v2/spans: JSON arrays of Zipkin v2 spans (Envoy sends them chunked, we with a length)."""
-
-    def __init__(self, ip: str) -> None:
-        self.spans: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                if self.headers.get("transfer-encoding", "").lower() == "chunked":
-                    body = b""
-                    while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
-                        body += self.rfile.read(size)
-                        self.rfile.readline()
-                    self.rfile.readline()
-                else:
-                    body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with receiver.lock:
-                    receiver.spans.extend(json.loads(body))
-                self.send_response(202)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.port = free_port(ip)
-        self.server = ThreadingHTTPServer((ip, self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def trace(self, trace_id: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [s for s in self.spans if s["traceId"] == trace_id]
-
-    def find(self, marker: str) -> dict[str, Any] | None:
-        """The connection manager's span of the request whose URL carries ``marker``."""
-        with self.lock:
-            return next((s for s in self.spans if marker in s.get("tags", {}).get("http.url", "")), None)
 
 
 class TracingEngine(Engine):
@@ -130,10 +76,6 @@ class TracingEngine(Engine):
             DEAD=self.dead, UP_PORT=self.up_port, LOG=str(self.log_path), COLLECTOR=self.svc,
             COLLECTOR_PORT=self.zipkin.port)
         return yaml.safe_load(text)
-
-    def start(self, envoy: str) -> None:
-        self.zipkin.start()
-        super().start(envoy)
 
     def stop(self) -> None:
         super().stop()
@@ -217,10 +159,10 @@ def traced(p: Probe, target: str, host: str, headers: list[tuple[str, str]] | No
                    ids["S"].upper(): "CALLER_SPAN_UPPER", **(known or {})})
     zipkin: ZipkinReceiver = p.engine.zipkin  # type: ignore[attr-defined]
     deadline = time.monotonic() + 5
-    hcm = zipkin.find(marker)
+    hcm = zipkin.by_url(marker)
     while spans and hcm is None and time.monotonic() < deadline:
         time.sleep(0.02)
-        hcm = zipkin.find(marker)
+        hcm = zipkin.by_url(marker)
     reported: list[dict[str, Any]] = []
     if hcm is not None:
         while len(reported := zipkin.trace(hcm["traceId"])) < spans and time.monotonic() < deadline:
