@@ -29,7 +29,6 @@ from urllib.parse import parse_qsl
 
 from sidecar.config import HeaderMatch
 from sidecar.config_fields import Ctx, as_bool, as_dict, as_int, as_list, as_str, check_keys, sub
-from sidecar.rbac import set_details
 from sidecar.safe_regex import RegexError, compile_regex
 
 if TYPE_CHECKING:
@@ -595,7 +594,6 @@ class JwtAuthnRuntime:
             return True
         self.denied.value += 1
         stream = req.stream
-        set_details(stream, "jwt_authn_access_denied{" + status.replace(" ", "_") + "}")
         host = (r.get(b"host") or b"").decode("latin-1")
         proto = (r.get(b"x-forwarded-proto") or b"http").decode("latin-1")
         realm = f'Bearer realm="{proto}://{host}{req.path.decode("latin-1")}"'

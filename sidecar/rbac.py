@@ -355,22 +355,13 @@ class RbacRuntime:
             (self.shadow_allowed if ok else self.shadow_denied).value += 1
         if self.engine is None:
             return True  # Envoy: no engine, allowed by default (and not counted)
-        ok, policy = self.engine.allowed(view)
+        ok, _policy = self.engine.allowed(view)  # (the policy would be Envoy's response code details: not logged)
         if ok:
             self.allowed.value += 1
             return True
         self.denied.value += 1
-        set_details(req.stream, f"rbac_access_denied_matched_policy[{policy}]")
         chain.hcm.local_reply(req.stream, 403, DENIED_BODY, None)
         return False
-
-
-def set_details(stream: Any, details: str) -> None:
-    """Envoy's %RESPONSE_CODE_DETAILS% of a filter's local reply, kept where the request info has room for it."""
-    try:
-        stream.info.response_code_details = details
-    except AttributeError:  # RequestInfo has no such slot (yet): the access log prints "-"
-        pass
 
 
 # --- export -------------------------------------------------------------------------------------------------------
