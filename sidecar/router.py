@@ -17,6 +17,7 @@ import asyncio
 import enum
 import ipaddress
 import time
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -44,8 +45,10 @@ from sidecar.server import DownstreamProtocol, Stream, StreamEnd
 from sidecar.shadow import ShadowRequest, shadow_request_bytes
 from sidecar.shaping import RoutePlan, apply_levels, mirror_sampled, plans_for
 from sidecar.stats import ClusterStats, HcmStats, ListenerStats
-from sidecar.tracing import HcmTracer
 from sidecar.upstream import Pool, UpstreamConnection
+
+if TYPE_CHECKING:
+    from sidecar.tracing import HcmTracer  # imported only by a traced configuration (sidecar.app)
 
 RESET_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
 #: After retries, Envoy words the same reply this way.
