@@ -622,12 +622,14 @@ class Pair:
         self.pool.shutdown(wait=True)
 
 
-def start_pair(workdir: Path, template: Path = TEMPLATE) -> Iterator[Pair]:
+def start_pair(workdir: Path, template: Path = TEMPLATE, engine: type[Engine] | None = None) -> Iterator[Pair]:
     """Module fixture body: start both engines (in parallel), yield them, stop them. ``template``: another
-    bootstrap with the same placeholders (a module whose scenarios need other filters)."""
+    bootstrap with the same placeholders (a module whose scenarios need other filters); ``engine``: an Engine
+    subclass (a module whose engines need more around them)."""
     envoy = envoy_binary()
     assert envoy is not None
-    engines = [Engine("envoy", workdir, template), Engine("sidecar", workdir, template)]
+    make = engine or Engine
+    engines = [make("envoy", workdir, template), make("sidecar", workdir, template)]
     try:
         for e in engines:
             e.start(envoy)

@@ -35,7 +35,7 @@ from tests.conformance.harness import (
     Probe,
     RawConn,
     check,
-    envoy_binary,
+    start_pair,
     wait_upstream,
     with_stats,
 )
@@ -59,8 +59,8 @@ def caller_ids(scenario: str) -> dict[str, str]:
 class TracingEngine(Engine):
     """An engine of the pair with its own Zipkin receiver (on its upstream's alias)."""
 
-    def __init__(self, kind: str, workdir: Path) -> None:
-        super().__init__(kind, workdir, TEMPLATE)
+    def __init__(self, kind: str, workdir: Path, template: Path = TEMPLATE) -> None:
+        super().__init__(kind, workdir, template)
         self.zipkin = ZipkinReceiver(self.svc)
         #: The egress_spawn listener (OUTBOUND with spawn_upstream_span).
         self.spawn_port = free_port(self.ip)
@@ -84,23 +84,7 @@ class TracingEngine(Engine):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    envoy = envoy_binary()
-    assert envoy is not None
-    workdir = Path(tmp_path_factory.mktemp("conformance-tracing"))
-    engines = [TracingEngine("envoy", workdir), TracingEngine("sidecar", workdir)]
-    try:
-        for e in engines:
-            e.start(envoy)
-        for e in engines:
-            e.wait_ready()
-        p = Pair(*engines)
-        yield p
-        p.close()
-        for e in engines:
-            assert e.proc is not None and e.proc.poll() is None, f"{e.kind} died: {e.stderr()[-2000:]}"
-    finally:
-        for e in engines:
-            e.stop()
+    yield from start_pair(Path(tmp_path_factory.mktemp("conformance-tracing")), TEMPLATE, TracingEngine)
 
 
 # --- observing a traced request ---------------------------------------------------------------------------------
