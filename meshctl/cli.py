@@ -541,6 +541,108 @@ def export_envoy(file: str, pods: tuple[str, ...], output: str, project: str | N
         click.echo(str(out_dir / f"{name}.envoy.yaml"))
 
 
+def _images(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in value:
+        pod, sep, image = item.partition("=")
+        if not sep or not pod or not image.strip():
+            raise click.BadParameter(f"{item!r} is not POD=IMAGE (e.g. --image b=registry.example/b:1)")
+        out[pod] = image.strip()
+    return out
+
+
+def _export_options(fn: Any) -> Any:
+    fn = click.option("-n", "--namespace", default=None, help="Put every object in this namespace "
+                      "(default: none, i.e. kubectl's current one).")(fn)
+    fn = click.option("--pod", "pods", multiple=True, help="Only this pod (repeatable; default: every pod).")(fn)
+    fn = click.option("--image", "images", multiple=True, callback=_images, metavar="POD=IMAGE",
+                      help="The container image of a pod (repeatable; wins over the pod's image:).")(fn)
+    fn = click.option("-o", "--output", default="-", show_default=True,
+                      help="A directory to write POD.yaml (and mesh.yaml) into, or - for stdout.")(fn)
+    fn = project_option(fn)
+    return click.argument("file", type=click.Path(dir_okay=False))(fn)
+
+
+def _export_plan(file: str, images: dict[str, str], pods: tuple[str, ...], project: str | None) -> Any:
+    """The topology as Kubernetes workloads; bad input is one line per problem and exit 2."""
+    from dataclasses import replace
+
+    from meshctl.export.workloads import ExportError, plan_export
+    from pods.topology import TopologyError, load_topology
+
+    try:
+        topo = load_topology(file)
+    except TopologyError as err:
+        _report(PlanError(err.problems))
+    if project:
+        topo = replace(topo, name=project)
+    for problem in topo.warnings:
+        click.echo(str(problem), err=True)
+    unknown = [name for name in (*pods, *images) if name not in topo.pods]
+    if unknown:
+        fail(f"no pod named {', '.join(repr(n) for n in dict.fromkeys(unknown))} in {file} "
+             f"(pods: {', '.join(topo.pods)})", USAGE_ERROR)
+    try:
+        return plan_export(topo, images, pods)
+    except ExportError as err:
+        for line in err.problems:
+            click.echo(line if line.startswith(str(topo.path)) else f"meshctl: {line}", err=True)
+        sys.exit(USAGE_ERROR)
+
+
+def _write_manifests(plan: Any, per_pod: dict[str, list[dict[str, Any]]], mesh_wide: list[dict[str, Any]],
+                     output: str, what: str) -> None:
+    """Warnings to stderr, then the manifests to stdout or DIR/POD.yaml (+ DIR/mesh.yaml), each file whole.
+
+    Files holding a Secret are 0600: they may carry a private key the topology's TLS names."""
+    from meshctl.export.kube import render
+    from pods.atomic_file import write_atomic
+
+    for warning in plan.warnings:
+        click.echo(str(warning), err=True)
+    header = f"{what} of mesh {plan.mesh}, written by meshctl from {plan.source.name}"
+    if output == "-":
+        docs = [d for docs in per_pod.values() for d in docs] + mesh_wide
+        click.echo(render(docs, header), nl=False)
+        return
+    files = {f"{pod}.yaml": docs for pod, docs in per_pod.items()}
+    if mesh_wide:
+        files["mesh.yaml"] = mesh_wide
+    out_dir = Path(output)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, docs in files.items():
+            secret = any(d.get("kind") == "Secret" for d in docs)
+            write_atomic(out_dir / name, render(docs, header), mode=0o600 if secret else 0o644)
+    except OSError as exc:
+        fail(f"-o {output}: {exc.strerror or exc}")
+    for name in files:
+        click.echo(str(out_dir / name))
+
+
+@export.command("kube", short_help="Kubernetes manifests: Deployments, Services, the real Envoy as sidecar.")
+@_export_options
+@click.option("--envoy-image", default=None, help="The sidecar container's image (default: the Envoy release "
+              "meshctl's sidecar is checked against).")
+def export_kube(file: str, output: str, images: dict[str, str], pods: tuple[str, ...], namespace: str | None,
+                project: str | None, envoy_image: str | None) -> None:
+    """Write the topology as Kubernetes manifests: per pod a Deployment (with the real Envoy as a native
+    sidecar and its bootstrap in a ConfigMap when the pod has a sidecar), a Service with its ports, and a
+    NodePort Service for publish. Needs a container image for each pod (image: or --image POD=IMAGE).
+    Features Kubernetes has no equivalent for are one warning each, on stderr."""
+    from meshctl.export.kube import ENVOY_IMAGE, kube_manifests
+    from meshctl.export.workloads import ExportError
+
+    plan = _export_plan(file, images, pods, project)
+    try:
+        manifests = kube_manifests(plan, envoy_image or ENVOY_IMAGE, namespace)
+    except ExportError as err:
+        for line in err.problems:
+            click.echo(f"meshctl: {line}", err=True)
+        sys.exit(USAGE_ERROR)
+    _write_manifests(plan, manifests, [], output, "Kubernetes manifests")
+
+
 @main.command(short_help="Print the hosts file a pod sees.")
 @click.argument("name")
 @project_option

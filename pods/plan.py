@@ -273,9 +273,9 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
     if not facts.can_bind_privileged:
         problems.extend(_privileged_ports(topology, compiled.launches, facts.unprivileged_port_start))
     pods = {name: PodPlan(name=name, replicas=tuple(layout.replicas[name]),
-                          port=_pod_port(spec_, compiled.launches.get(name)), sidecar=compiled.launches.get(name),
+                          port=pod_port(spec_, compiled.launches.get(name)), sidecar=compiled.launches.get(name),
                           metrics=spec_.metrics, publish=spec_.publish, line=spec_.line,
-                          service_ports=_service_ports(spec_, compiled.launches.get(name)),
+                          service_ports=service_ports(spec_, compiled.launches.get(name)),
                           mtls=topology.pod_mtls(name))
             for name, spec_ in topology.pods.items()}
     admin_sockets = {r.name: layout.admin_socket(r) for r in layout.all_replicas() if r.pod in compiled.launches}
@@ -410,18 +410,21 @@ def _pod_ports(pod: PodSpec) -> list[tuple[int, int]]:
     return out
 
 
-def _service_ports(spec: PodSpec, launch: SidecarLaunch | None) -> tuple[int, ...]:
+def service_ports(spec: PodSpec, launch: SidecarLaunch | None) -> tuple[int, ...]:
+    """Ports the pod's service listens on as far as the topology says: ``*_PORT`` env, probe, metrics (and the
+    pod's port when no sidecar fronts it)."""
     ports = {c.port for c in spec.port_claims()}
     if spec.service.ready is not None and spec.service.ready.port:
         ports.add(spec.service.ready.port)
     if spec.metrics is not None:
         ports.add(spec.metrics.port)
     if launch is None:
-        ports.add(_pod_port(spec, None))
+        ports.add(pod_port(spec, None))
     return tuple(sorted(ports))
 
 
-def _pod_port(spec: PodSpec, launch: SidecarLaunch | None) -> int:
+def pod_port(spec: PodSpec, launch: SidecarLaunch | None) -> int:
+    """Where the pod takes traffic: its sidecar's first ingress listener, else its probe's or service port."""
     if launch is not None:
         ingress = [p for p in launch.listener_ports if p != launch.egress_port]
         if ingress:

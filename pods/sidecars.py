@@ -104,16 +104,19 @@ _SHORT_TAKES_TRUST_DOMAIN = "trust_domain" in inspect.signature(compile_short).p
 
 
 def compile_source(source: tuple[str, str], pod_ip: str, public_admin: bool,
-                   trust_domain: str | None = None) -> Bootstrap:
+                   trust_domain: str | None = None, live_faults: bool = True) -> Bootstrap:
     """A sidecar configuration compiled for one alias (raises ConfigError); ``trust_domain`` is the mesh's name,
-    what a short-form ``from: [a]`` means as a SPIFFE id (the sidecar gets it from its identity file)."""
+    what a short-form ``from: [a]`` means as a SPIFFE id (the sidecar gets it from its identity file).
+    ``live_faults``: with the inactive fault overrides `meshctl fault` switches on (off for `meshctl export`
+    to other platforms, where nothing switches them)."""
     kind, text = source
     if kind == "envoy":
         boot = load_envoy(text, pod_ip, public_admin=public_admin)
     else:
         extra = {"trust_domain": trust_domain} if trust_domain and _SHORT_TAKES_TRUST_DOMAIN else {}
         boot = compile_short(json.loads(text), pod_ip, public_admin=public_admin, source="sidecar", **extra)
-    return add_live_faults(boot)  # what `meshctl fault` switches on; the sidecar gets --live-faults
+    # What `meshctl fault` switches on; the sidecar gets --live-faults.
+    return add_live_faults(boot) if live_faults else boot
 
 
 def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_socket: Path,

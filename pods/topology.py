@@ -20,15 +20,15 @@ from pathlib import Path
 
 from pods.addressing import LOOPBACK, alias_problem, is_ip, replica_aliases
 from pods.durations import parse_duration
-from pods.names import valid_mesh_name
+from pods.names import DNS_LABEL_RULE, dns_label, valid_mesh_name
 from pods.source import Entry, Map, Node, Problem, Report, Scalar, Seq, describe, report_duplicates, to_python
 from pods.source import build as build_tree
 from pods.source import compose as compose_yaml
 
 __all__ = [
-    "MTLS_MODES", "RESTART_POLICIES", "IdentitySpec", "MetricsSpec", "PodSpec", "PortClaim", "Problem",
-    "ProcessSpec", "PublishSpec", "ReadyProbe", "Topology", "TopologyError", "TracingSpec", "load_topology",
-    "parse_topology",
+    "MTLS_MODES", "PORT_PROTOCOLS", "RESTART_POLICIES", "IdentitySpec", "MetricsSpec", "PodSpec", "PortClaim",
+    "PortSpec", "Problem", "ProcessSpec", "PublishSpec", "ReadyProbe", "Topology", "TopologyError", "TracingSpec",
+    "load_topology", "parse_topology",
 ]
 
 RESTART_POLICIES = ("always", "on-failure", "never")
@@ -37,7 +37,9 @@ DEFAULT_STOP_GRACE_S = 10.0
 DEFAULT_METRICS_PATH = "/metrics"
 
 TOP_KEYS = ("name", "pods", "prometheus", "mtls", "identity", "tracing")
-POD_KEYS = ("replicas", "ip", "service", "publish", "add_hosts", "sidecar", "metrics", "mtls")
+POD_KEYS = ("replicas", "ip", "service", "publish", "add_hosts", "sidecar", "metrics", "mtls", "image", "ports")
+#: Protocols a declared port may carry (``ports: ["5432/tcp"]``); what `meshctl export` names the port after.
+PORT_PROTOCOLS = ("http", "tcp", "grpc")
 SERVICE_KEYS = ("command", "env", "ready", "restart", "stop_grace_period", "workdir")
 READY_KEYS = ("tcp", "http", "port", "exec")
 METRICS_KEYS = ("port", "path")
@@ -54,7 +56,6 @@ DEFAULT_CERT_TTL_S = 24 * 3600.0
 #: Shorter lifetimes would rotate faster than a sidecar can sensibly reload (rotation is at 2/3 of it).
 MIN_CERT_TTL_S = 60.0
 
-_POD_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LOCALHOST_VALUES = ("localhost", "127.0.0.1")
@@ -97,6 +98,15 @@ class PublishSpec:
 
 
 @dataclass(frozen=True)
+class PortSpec:
+    """A port the pod serves that meshctl cannot infer (``ports:``), for `meshctl export`'s Services."""
+
+    port: int
+    protocol: str  # one of PORT_PROTOCOLS
+    line: int
+
+
+@dataclass(frozen=True)
 class MetricsSpec:
     port: int
     path: str
@@ -125,6 +135,10 @@ class PodSpec:
     #: The pod's own ``mtls:`` (None: the mesh's), and where it is written.
     mtls: str | None = None
     mtls_line: int = 0
+    #: The container image `meshctl export` runs the service in (None: only from ``--image``), and its line.
+    image: str | None = None
+    image_line: int = 0
+    ports: tuple[PortSpec, ...] = ()
 
     def port_claims(self) -> list[PortClaim]:
         """Ports the pod's processes will bind on its alias.
@@ -568,9 +582,8 @@ class _Validator:
 
     def _pod(self, entry: Entry, pod_names: tuple[str, ...]) -> PodSpec | None:
         name = entry.key
-        if not _POD_NAME.fullmatch(name):
-            self.report.error(entry.key_line, f"pod name {name!r} is not a DNS label (lowercase letters, "
-                                              "digits and '-', no '-' at either end, at most 63 chars)")
+        if not dns_label(name):
+            self.report.error(entry.key_line, f"pod name {name!r} is not a DNS label ({DNS_LABEL_RULE})")
         node = self.mapping(entry.value, f"pod {name!r}")
         if node is None:
             return None
@@ -602,7 +615,43 @@ class _Validator:
             line=entry.key_line,
             mtls=mtls,
             mtls_line=mtls_line,
+            image=self._image(node.entries.get("image"), where),
+            image_line=node.entries["image"].key_line if "image" in node.entries else 0,
+            ports=self._ports(node.get("ports"), where),
         )
+
+    def _image(self, entry: Entry | None, where: str) -> str | None:
+        if entry is None:
+            return None
+        image = self.string(entry.value, f"{where}.image")
+        if image is not None and (not image.strip() or any(c.isspace() for c in image)):
+            self.error(entry.value, f"{where}.image must be an image reference like registry/name:tag, "
+                                    f"got {image!r}")
+            return None
+        return image
+
+    def _ports(self, node: Node | None, where: str) -> tuple[PortSpec, ...]:
+        """``ports: [8080, "5432/tcp"]``: ports the service serves besides the ones meshctl infers."""
+        if node is None:
+            return ()
+        if not isinstance(node, Seq):
+            self.error(node, f"{where}.ports must be a list of ports like 8080 or \"5432/tcp\", got {describe(node)}")
+            return ()
+        out: list[PortSpec] = []
+        for item in node.items:
+            text = str(item.value) if isinstance(item, Scalar) and item.value is not None else ""
+            number, _, protocol = text.partition("/")
+            protocol = protocol or "http"
+            port = _port_value(number)
+            if port is None or protocol not in PORT_PROTOCOLS:
+                self.error(item, f"{where}.ports: {describe(item)} is not a port like 8080 or "
+                                 f"\"5432/tcp\" (protocols: {', '.join(PORT_PROTOCOLS)})")
+                continue
+            if any(p.port == port for p in out):
+                self.error(item, f"{where}.ports: port {port} is listed twice")
+                continue
+            out.append(PortSpec(port, protocol, item.line))
+        return tuple(out)
 
     def _ip(self, node: Node | None, where: str, replicas: int) -> str | None:
         if node is None:

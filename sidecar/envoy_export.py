@@ -141,11 +141,16 @@ def export_envoy(boot: Bootstrap, admin_socket: str | None = None, sds_dir: str 
 def export_envoy_yaml(boot: Bootstrap, admin_socket: str | None = None, header: str = "",
                       sds_dir: str | None = None) -> str:
     """``export_envoy`` as YAML, with ``header`` as leading comment lines."""
+    return dump_yaml(export_envoy(boot, admin_socket, sds_dir), header)
+
+
+def dump_yaml(doc: Any, header: str = "") -> str:
+    """``doc`` as block YAML in the order written, no anchors, multi-line strings as literal blocks, and
+    ``header`` as leading comment lines."""
     import yaml
 
     comment = "".join(f"# {line}\n".replace("# \n", "#\n") for line in header.splitlines())
-    return comment + yaml.dump(export_envoy(boot, admin_socket, sds_dir), Dumper=_dumper(), sort_keys=False,
-                               default_flow_style=False, width=120)
+    return comment + yaml.dump(doc, Dumper=_dumper(), sort_keys=False, default_flow_style=False, width=120)
 
 
 def _dumper() -> type:
@@ -157,6 +162,11 @@ def _dumper() -> type:
         def ignore_aliases(self, data: Any) -> bool:
             return True
 
+    def text(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+        style = "|" if "\n" in data and not any(c in data for c in "\t\r") and " \n" not in data else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+    Dumper.add_representer(str, text)
     return Dumper
 
 

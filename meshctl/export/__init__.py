@@ -1,0 +1,1 @@
+"""`meshctl export kube|istio`: a topology as Kubernetes manifests (``plan_export`` then a renderer)."""
