@@ -87,6 +87,8 @@ class ProcessSpec:
     env_lines: dict[str, int] = field(default_factory=dict, compare=False)
     #: Line of the command, for "not found on PATH" errors found at start time.
     command_line: int = field(default=0, compare=False)
+    #: Line of ``restart:`` (0: not written), for `meshctl export`'s warning about it.
+    restart_line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -697,6 +699,7 @@ class _Validator:
             line=entry.key_line,
             env_lines=env_lines,
             command_line=node.entries["command"].key_line if "command" in node.entries else entry.key_line,
+            restart_line=node.entries["restart"].key_line if "restart" in node.entries else 0,
         )
 
     def _env(self, node: Node | None, where: str) -> tuple[dict[str, str], dict[str, int]]:

@@ -283,6 +283,16 @@ ERROR_CASES = {
                         "unsupported YAML tag '!foo'"),
     "sidecar_not_mapping": ("pods:\n  b:\n    service: {command: [x]}\n    sidecar: [1]\n", 4,
                             "pods.b.sidecar must be a mapping"),
+    "image_with_space": ("pods:\n  b:\n    image: 'my image'\n    service: {command: [x]}\n", 3,
+                         "pods.b.image must be an image reference like registry/name:tag, got 'my image'"),
+    "image_not_string": ("pods:\n  b:\n    image: [x]\n    service: {command: [x]}\n", 3,
+                         "pods.b.image must be a string"),
+    "ports_not_list": ("pods:\n  b:\n    ports: 80\n    service: {command: [x]}\n", 3,
+                       "pods.b.ports must be a list of ports"),
+    "ports_bad_protocol": ("pods:\n  b:\n    ports:\n      - 80\n      - 5432/udp\n    service: {command: [x]}\n",
+                           5, "pods.b.ports: string '5432/udp' is not a port like 8080"),
+    "ports_twice": ("pods:\n  b:\n    ports: [80, '80/tcp']\n    service: {command: [x]}\n", 3,
+                    "pods.b.ports: port 80 is listed twice"),
 }
 
 
@@ -449,3 +459,12 @@ def test_prometheus_section_defaults_and_publish_false(tmp_path):
     path.write_text("prometheus: {publish: false, port: 9091}\npods:\n  a:\n    service: {command: [sleep, '1']}\n")
     spec = load_topology(path).prometheus
     assert spec.publish is None and spec.port == 9091
+
+
+def test_image_and_ports_for_export(tmp_path):
+    path = tmp_path / "mesh.yaml"
+    path.write_text("pods:\n  b:\n    image: registry.example/b:1\n    ports: [8080, '5432/tcp', 50051/grpc]\n"
+                    "    service: {command: [x]}\n")
+    pod = load_topology(path).pods["b"]
+    assert (pod.image, pod.image_line) == ("registry.example/b:1", 3)
+    assert [(p.port, p.protocol) for p in pod.ports] == [(8080, "http"), (5432, "tcp"), (50051, "grpc")]

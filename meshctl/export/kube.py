@@ -70,11 +70,8 @@ def kube_manifests(plan: ExportPlan, envoy_image: str = ENVOY_IMAGE,
     if not _LABEL_VALUE.fullmatch(plan.mesh):
         raise ExportError([f"{plan.source}: mesh name {plan.mesh!r} cannot be a Kubernetes label value: "
                            f"{LABEL_VALUE_RULE} (rename it with name: or -p)"])
-    topo = plan.topology
-    if sidecars and topo.mtls != "off":
-        plan.warn(topo.mtls_line, f"mtls: {topo.mtls} is not exported to plain Kubernetes (no certificate issuer "
-                                  "there): the sidecars talk plaintext, and rules that name callers (allow/deny "
-                                  "from:) match no one; `meshctl export istio` maps it to PeerAuthentication")
+    if sidecars:
+        _warn_mtls(plan)
     out: dict[str, list[dict[str, Any]]] = {}
     for name, w in plan.workloads.items():
         docs: list[dict[str, Any]] = []
@@ -97,6 +94,20 @@ def kube_manifests(plan: ExportPlan, envoy_image: str = ENVOY_IMAGE,
             docs.append(_service(plan, w, f"{name}-published", "NodePort", published, namespace))
         out[name] = docs
     return out
+
+
+def _warn_mtls(plan: ExportPlan) -> None:
+    """mTLS needs certificates, which plain Kubernetes has no issuer for: one warning per field that asks."""
+    topo = plan.topology
+    consequence = ("the sidecars talk plaintext there, and rules that name callers (allow/deny from:) match no one; "
+                   "`meshctl export istio` maps it to PeerAuthentication")
+    if topo.mtls != "off":
+        plan.warn(topo.mtls_line, f"mtls: {topo.mtls} is not exported to plain Kubernetes: {consequence}")
+    for name in plan.workloads:
+        spec = topo.pods[name]
+        if spec.mtls not in (None, "off"):
+            plan.warn(spec.mtls_line, f"pods.{name}.mtls: {spec.mtls} is not exported to plain Kubernetes: "
+                                      f"{consequence}")
 
 
 def render(docs: Iterable[dict[str, Any]], header: str = "") -> str:

@@ -145,7 +145,10 @@ def plan_export(topology: Topology, images: Mapping[str, str], pods: Sequence[st
         if launch is None:
             continue
         try:
-            boots[name] = compile_source(launch.source, PROBE_IP, launch.public_admin, live_faults=False)
+            # As the sidecar compiles it: a meshed pod's short-form `from: [a]` means a's SPIFFE id.
+            trust_domain = topology.name if topology.pod_mtls(name) != "off" else None
+            boots[name] = compile_source(launch.source, PROBE_IP, launch.public_admin, trust_domain,
+                                         live_faults=False)
         except ConfigError as exc:  # compile_sidecars compiled it already: only a file changed in between
             raise ExportError([f"{path}:{topology.pods[name].sidecar_line}: pod '{name}' sidecar: {exc}"]) from None
     sidecars: dict[str, KubeSidecar] = {}
@@ -246,13 +249,11 @@ def _workload(plan: ExportPlan, spec: PodSpec, image: str, sidecar: KubeSidecar 
     if ready is not None and ready.kind == "exec":
         ready = ReadyProbe("exec", command=tuple(render(w, ready.line) for w in ready.command), line=ready.line)
     if service.restart != "always":
-        plan.warn(service.line, f"pods.{spec.name}.service.restart: {service.restart} has no equivalent in a "
+        plan.warn(service.restart_line, f"pods.{spec.name}.service.restart: {service.restart} has no equivalent in a "
                                 "Deployment (its pods always restart); run it as a Job instead")
     if spec.ip is not None:
         plan.warn(spec.line, f"pods.{spec.name}.ip: a fixed loopback alias has no meaning in Kubernetes (pods get "
                              "their own addresses); other pods reach it by its Service name")
-    if spec.mtls is not None and spec.mtls != "off":
-        plan.warn(spec.mtls_line, f"pods.{spec.name}.mtls: {spec.mtls} is not exported (see the mesh's mtls)")
     aliases: dict[str, list[str]] = {}
     for host, value in spec.add_hosts:
         if host in names:
