@@ -137,6 +137,9 @@ def test_seed_sidecar_is_a_native_sidecar_running_the_configmap(seed: tuple[list
     assert a["containers"][0]["command"] == ["python", "-m", "services.a"]
     b = find(docs, "Deployment", "b")["spec"]["template"]["spec"]
     assert "initContainers" not in b, "b has no sidecar in the topology"
+    # Port 80 without root in the containers (the Envoy image runs as uid 101): the safe sysctl.
+    sysctl = [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]
+    assert a["securityContext"]["sysctls"] == sysctl and b["securityContext"]["sysctls"] == sysctl
 
 
 def test_seed_bootstrap_calls_b_by_its_service_name(seed: tuple[list[dict[str, Any]], str]) -> None:
@@ -347,6 +350,10 @@ def test_output_directory(tmp_path: Path) -> None:
     assert r.stdout.split() == [str(out / "b.yaml"), str(out / "a.yaml")]
     docs = docs_of((out / "a.yaml").read_text())
     assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "Service"}
+    polyglot = export("kube", str(ROOT / "examples/polyglot/polyglot.yaml"), "--image", "b=x", "--image", "web=x",
+                      "--image", "job=x")
+    assert all("securityContext" not in d["spec"].get("template", {}).get("spec", {})
+               for d in docs_of(polyglot.stdout)), "every port of the polyglot example is above 1024"
     assert all(d["metadata"]["namespace"] == "lab" for d in docs)
     blocker = tmp_path / "file"
     blocker.write_text("")

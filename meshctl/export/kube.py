@@ -146,6 +146,10 @@ def _deployment(plan: ExportPlan, w: Workload, envoy_image: str | None, namespac
         container["readinessProbe"] = {**handler, "periodSeconds": 2, "failureThreshold": 2}
         container["livenessProbe"] = {**handler, "periodSeconds": 10, "failureThreshold": 6}
     pod_spec: dict[str, Any] = {"terminationGracePeriodSeconds": max(1, round(w.stop_grace_s))}
+    if min(_listening_ports(w), default=1024) < 1024:
+        # The seed's port 80 in a container that does not run as root (the Envoy image drops to uid 101):
+        # a namespaced sysctl Kubernetes counts as safe, allowed without any cluster configuration.
+        pod_spec["securityContext"] = {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]}
     if w.host_aliases:
         pod_spec["hostAliases"] = [{"ip": ip, "hostnames": list(names)} for ip, names in w.host_aliases]
     sidecar = w.sidecar
@@ -177,6 +181,17 @@ def _deployment(plan: ExportPlan, w: Workload, envoy_image: str | None, namespac
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(plan, w.pod, w.pod, namespace),
             "spec": {"replicas": w.replicas, "selector": {"matchLabels": selector(plan, w.pod)},
                      "template": template}}
+
+
+def _listening_ports(w: Workload) -> set[int]:
+    ports = {*w.service_ports, *(p.port for p in w.ports)}
+    if w.ready is not None and w.ready.port:
+        ports.add(w.ready.port)
+    if w.sidecar is not None:
+        ports.update(lst.port for lst in w.sidecar.model.listeners)
+        if w.sidecar.admin_port:
+            ports.add(w.sidecar.admin_port)
+    return ports
 
 
 def _protocol(w: Workload, port: int) -> str:
