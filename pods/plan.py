@@ -410,14 +410,20 @@ def _pod_ports(pod: PodSpec) -> list[tuple[int, int]]:
     return out
 
 
-def service_ports(spec: PodSpec, launch: SidecarLaunch | None) -> tuple[int, ...]:
-    """Ports the pod's service listens on as far as the topology says: ``*_PORT`` env, probe, metrics (and the
-    pod's port when no sidecar fronts it)."""
+def declared_ports(spec: PodSpec) -> set[int]:
+    """Ports the topology says the pod's service listens on: ``*_PORT`` env, probe, metrics."""
     ports = {c.port for c in spec.port_claims()}
     if spec.service.ready is not None and spec.service.ready.port:
         ports.add(spec.service.ready.port)
     if spec.metrics is not None:
         ports.add(spec.metrics.port)
+    return ports
+
+
+def service_ports(spec: PodSpec, launch: SidecarLaunch | None) -> tuple[int, ...]:
+    """``declared_ports``, and the pod's port when no sidecar fronts it (80 when nothing says otherwise:
+    where `meshctl traffic` sends requests)."""
+    ports = declared_ports(spec)
     if launch is None:
         ports.add(pod_port(spec, None))
     return tuple(sorted(ports))

@@ -28,7 +28,7 @@ from meshctl.export.kube_envoy import KubeSidecar, sidecar_for_kubernetes
 from pods.addressing import is_ip, replica_aliases
 from pods.loopback import expand_placeholders
 from pods.names import DNS1035_LABEL_RULE, DNS_SUBDOMAIN_RULE, dns1035_label, dns_subdomain
-from pods.plan import service_ports
+from pods.plan import declared_ports
 from pods.sidecars import PROBE_IP, compile_sidecars, compile_source
 from pods.source import Problem
 from pods.topology import MetricsSpec, PodSpec, PublishSpec, ReadyProbe, Topology
@@ -290,7 +290,7 @@ def _ports(spec: PodSpec, sidecar: KubeSidecar | None,
     if sidecar is not None:
         protocols.update((port, "http") for port in sidecar.ingress_ports)
     else:
-        own.update(service_ports(spec, None))
+        own.update(declared_ports(spec))  # not meshctl's default port 80: a job may listen on nothing
     if spec.metrics is not None:
         own.add(spec.metrics.port)
     for port in (*own, *(p.pod_port for p in spec.publish)):
