@@ -704,3 +704,24 @@ def test_envoy_file_routes(envoy_file: tuple[list[dict[str, Any]], list[str]]) -
     assert b[0]["retries"] == {"attempts": 1, "retryOn": "connect-failure,reset", "retryIgnorePreviousHosts": False}
     assert b[1]["rewrite"] == {"uri": "/v2/"}
     assert find(docs, "DestinationRule", "b")["spec"]["trafficPolicy"] == {"loadBalancer": {"simple": "RANDOM"}}
+
+
+def test_hosts_not_exported_as_pods_go_to_mesh_yaml(tmp_path: Path) -> None:
+    """--pod a: b's VirtualService (a's retries) is still written, with the mesh-wide objects."""
+    proc = export(ROOT / "examples" / "seed" / "sidecar.yaml", "--pod", "a", "-o", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml", "mesh.yaml"]
+    mesh = [d for d in yaml.safe_load_all((tmp_path / "mesh.yaml").read_text()) if d]
+    assert [(d["kind"], d["metadata"]["name"]) for d in mesh] == [("VirtualService", "b"), ("DestinationRule", "b")]
+    assert route(mesh[0], "from-a")["retries"]["attempts"] == 2
+
+
+@pytest.mark.xfail(strict=True, reason="kube_manifests(sidecars=False) still probes through meshctl's probe listener "
+                                       "(15021 /app/ready) and points HTTP_PROXY at the egress listener: asked of "
+                                       "kube.py/workloads.py")
+def test_workloads_do_not_rely_on_meshctls_sidecar() -> None:
+    docs, _ = exported(ROOT / "examples" / "seed" / "sidecar.yaml")
+    container = find(docs, "Deployment", "a")["spec"]["template"]["spec"]["containers"][0]
+    probes = [container[k] for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in container]
+    assert not [p for p in probes if p.get("httpGet", {}).get("path") == "/app/ready"]
+    assert not [e for e in container["env"] if e["name"].lower() == "http_proxy"]
