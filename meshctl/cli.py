@@ -563,8 +563,10 @@ def _export_options(fn: Any) -> Any:
     return click.argument("file", type=click.Path(dir_okay=False))(fn)
 
 
-def _export_plan(file: str, images: dict[str, str], pods: tuple[str, ...], project: str | None) -> Any:
-    """The topology as Kubernetes workloads; bad input is one line per problem and exit 2."""
+def _export_plan(file: str, images: dict[str, str], pods: tuple[str, ...], project: str | None,
+                 platform: str) -> Any:
+    """The topology as Kubernetes workloads for ``platform`` ("kube" or "istio"); bad input is one line per
+    problem and exit 2."""
     from dataclasses import replace
 
     from meshctl.export.workloads import ExportError, plan_export
@@ -583,7 +585,7 @@ def _export_plan(file: str, images: dict[str, str], pods: tuple[str, ...], proje
         fail(f"no pod named {', '.join(repr(n) for n in dict.fromkeys(unknown))} in {file} "
              f"(pods: {', '.join(topo.pods)})", USAGE_ERROR)
     try:
-        return plan_export(topo, images, pods)
+        return plan_export(topo, images, pods, platform)
     except ExportError as err:
         for line in err.problems:
             click.echo(line if line.startswith(str(topo.path)) else f"meshctl: {line}", err=True)
@@ -633,7 +635,7 @@ def export_kube(file: str, output: str, images: dict[str, str], pods: tuple[str,
     from meshctl.export.kube import ENVOY_IMAGE, kube_manifests
     from meshctl.export.workloads import ExportError
 
-    plan = _export_plan(file, images, pods, project)
+    plan = _export_plan(file, images, pods, project, "kube")
     try:
         manifests = kube_manifests(plan, envoy_image or ENVOY_IMAGE, namespace)
     except ExportError as err:
@@ -655,7 +657,7 @@ def export_istio(file: str, output: str, images: dict[str, str], pods: tuple[str
     from meshctl.export.istio import istio_manifests
     from meshctl.export.workloads import ExportError
 
-    plan = _export_plan(file, images, pods, project)
+    plan = _export_plan(file, images, pods, project, "istio")
     try:
         manifests, mesh_wide = istio_manifests(plan, namespace)
     except ExportError as err:

@@ -716,12 +716,19 @@ def test_hosts_not_exported_as_pods_go_to_mesh_yaml(tmp_path: Path) -> None:
     assert route(mesh[0], "from-a")["retries"]["attempts"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="kube_manifests(sidecars=False) still probes through meshctl's probe listener "
-                                       "(15021 /app/ready) and points HTTP_PROXY at the egress listener: asked of "
-                                       "kube.py/workloads.py")
 def test_workloads_do_not_rely_on_meshctls_sidecar() -> None:
-    docs, _ = exported(ROOT / "examples" / "seed" / "sidecar.yaml")
-    container = find(docs, "Deployment", "a")["spec"]["template"]["spec"]["containers"][0]
+    """Under Istio no listener of ours runs in the pod: the service calls b's Service itself (its egress URL
+    rewritten, no proxy variables), and it is probed on its own port, by Istio's agent on localhost."""
+    docs, lines = exported(ROOT / "examples" / "seed" / "sidecar.yaml")
+    template = find(docs, "Deployment", "a")["spec"]["template"]
+    container = template["spec"]["containers"][0]
     probes = [container[k] for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in container]
-    assert not [p for p in probes if p.get("httpGet", {}).get("path") == "/app/ready"]
-    assert not [e for e in container["env"] if e["name"].lower() == "http_proxy"]
+    assert probes and all(p == {**p, "tcpSocket": {"port": 8000}} for p in probes), probes
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert not {"HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"} & set(env)
+    assert env["UPSTREAM_SERVICE"] == "http://b:80", "a called b through its egress listener 127.0.0.1:9001"
+    config = json.loads(template["metadata"]["annotations"]["proxy.istio.io/config"])
+    assert config == {"proxyMetadata": {"REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION": "true"}}
+    assert "proxy.istio.io/config" not in find(docs, "Deployment", "b")["spec"]["template"]["metadata"].get(
+        "annotations", {}), "b listens on its pod address: the default probing works"
+    assert any("b.local.service:9001 -> b:80" in line for line in lines), lines

@@ -43,7 +43,7 @@ from typing import Any
 
 from meshctl.export.kube import MANAGED_BY, kube_manifests, metadata, selector
 from meshctl.export.kube_envoy import KubeSidecar
-from meshctl.export.workloads import ExportPlan
+from meshctl.export.workloads import ExportPlan, Workload
 from sidecar.config import (
     Cluster,
     FaultFilter,
@@ -66,6 +66,10 @@ __all__ = ["DEFAULT_NAMESPACE", "INJECT_LABEL", "NETWORKING", "SECURITY", "istio
 NETWORKING = "networking.istio.io/v1"
 SECURITY = "security.istio.io/v1"
 INJECT_LABEL = "sidecar.istio.io/inject"
+#: The pod annotation that sets the Istio proxy's ProxyConfig, and the agent variable that makes it probe a
+#: rewritten probe's port on localhost (Istio's documented switch for applications bound to localhost).
+PROXY_CONFIG = "proxy.istio.io/config"
+LOCALHOST_PROBES = "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION"
 DRY_RUN = "istio.io/dry-run"
 #: Where principals say the pods run when no --namespace is given (kubectl's usual current namespace).
 DEFAULT_NAMESPACE = "default"
@@ -95,7 +99,7 @@ def istio_manifests(plan: ExportPlan, namespace: str | None = None) -> tuple[dic
     setting Istio cannot carry. Raises ExportError for names Kubernetes refuses (as the kube export)."""
     per_pod = kube_manifests(plan, namespace=namespace, sidecars=False)
     for pod, docs in per_pod.items():
-        _join_mesh(docs, pod, plan.workloads[pod].sidecar is not None)
+        _join_mesh(docs, plan.workloads[pod])
         docs.insert(0, {"apiVersion": "v1", "kind": "ServiceAccount",
                         "metadata": metadata(plan, pod, pod, namespace),
                         # The service never calls the Kubernetes API; Istio mounts its own token for istio-proxy.
@@ -110,14 +114,19 @@ def istio_manifests(plan: ExportPlan, namespace: str | None = None) -> tuple[dic
     return per_pod, mesh_wide
 
 
-def _join_mesh(docs: list[Doc], pod: str, meshed: bool) -> None:
+def _join_mesh(docs: list[Doc], w: Workload) -> None:
     """The Deployment's pods run as the pod's ServiceAccount and are injected exactly when meshctl gives the
-    pod a sidecar (a pod without one is outside the mesh there too)."""
+    pod a sidecar (a pod without one is outside the mesh there too). A service that listens on localhost
+    behind its sidecar is probed there by Istio's agent only when told to (since Istio 1.10 it probes the
+    pod's address, where such a service does not listen)."""
     for doc in docs:
         if doc["kind"] == "Deployment":
             template = doc["spec"]["template"]
-            template["metadata"]["labels"][INJECT_LABEL] = "true" if meshed else "false"
-            template["spec"]["serviceAccountName"] = pod
+            template["metadata"]["labels"][INJECT_LABEL] = "true" if w.sidecar is not None else "false"
+            template["spec"]["serviceAccountName"] = w.pod
+            if w.ready_on_localhost:
+                config = {"proxyMetadata": {LOCALHOST_PROBES: "true"}}
+                template["metadata"].setdefault("annotations", {})[PROXY_CONFIG] = json.dumps(config)
 
 
 # --------------------------------------------------------------------------- the export's state
@@ -275,10 +284,13 @@ class _Export:
         # What the service calls instead: each route's host (a weighted split's other hosts are Istio's choice).
         called = sorted({f"{d[0]}:{d[1]}" for vh in lst.hcm.route_config.virtual_hosts for r in vh.routes
                          for d in [destinations.get(next(iter(_clusters_of(r)), ""))] if d is not None})
+        rewritten = sorted(f"{old} -> {new}" for old, new in self.plan.workloads[pod].egress_calls.items()
+                           if old.endswith(f":{lst.port}"))
         self.warn(pod, f"egress listener '{lst.name}' (127.0.0.1:{lst.port}) is not exported: Istio intercepts "
-                       f"outbound calls itself, so the service must call {', '.join(called) or 'the Services'} "
-                       f"directly (a call to 127.0.0.1:{lst.port} reaches nothing); its routes are the "
-                       "VirtualServices and DestinationRules of those hosts")
+                       f"outbound calls itself, so the service calls {', '.join(called) or 'the Services'} "
+                       "directly" + (f" (env values and arguments rewritten: {', '.join(rewritten)})" if rewritten
+                                     else "") + f"; anything else calling 127.0.0.1:{lst.port} reaches nothing. "
+                       "Its routes are the VirtualServices and DestinationRules of those hosts")
         for vh in lst.hcm.route_config.virtual_hosts:
             for r in vh.routes:
                 names = _clusters_of(r)

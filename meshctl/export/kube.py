@@ -139,7 +139,7 @@ def _deployment(plan: ExportPlan, w: Workload, envoy_image: str | None, namespac
     container["env"] = [_env(e) for e in w.env]
     if w.service_ports:
         container["ports"] = [_container_port(KubePort(p, _protocol(w, p))) for p in w.service_ports]
-    handler = _service_probe(w)
+    handler = _service_probe(w, through_sidecar=envoy_image is not None)
     if handler is not None:
         # Startup first, so a slow start is not taken for a dead process; then readiness and liveness.
         container["startupProbe"] = {**handler, "periodSeconds": 1, "failureThreshold": 120}
@@ -198,11 +198,13 @@ def _protocol(w: Workload, port: int) -> str:
     return next((p.protocol for p in w.ports if p.port == port), "")
 
 
-def _service_probe(w: Workload) -> dict[str, Any] | None:
+def _service_probe(w: Workload, through_sidecar: bool) -> dict[str, Any] | None:
+    """The service's probe: through our sidecar's probe listener when the service listens on localhost behind
+    it, else the probe as written (the kubelet probes the pod's address; Istio rewrites it to its agent)."""
     ready: ReadyProbe | None = w.ready
     if ready is None:
         return None
-    if w.ready_through_sidecar and w.sidecar is not None:
+    if w.ready_on_localhost and through_sidecar and w.sidecar is not None:
         return {"httpGet": {"path": APP_READY_PATH, "port": w.sidecar.probe_port}}
     if ready.kind == "http":
         return {"httpGet": {"path": ready.path or "/", "port": ready.port}}

@@ -33,11 +33,13 @@ from pods.sidecars import PROBE_IP, compile_sidecars, compile_source
 from pods.source import Problem
 from pods.topology import MetricsSpec, PodSpec, PublishSpec, ReadyProbe, Topology
 from sidecar.config import ConfigError
+from sidecar.routing import RouteTable
 
-__all__ = ["EnvVar", "ExportError", "ExportPlan", "KubePort", "Workload", "plan_export"]
+__all__ = ["ISTIO", "KUBE", "EnvVar", "ExportError", "ExportPlan", "KubePort", "Workload", "plan_export"]
 
 #: What Kubernetes calls the replica-index placeholder's stand-in (a Deployment's pods have names, no index).
 REPLICA_NAME_VAR = "REPLICA_NAME"
+KUBE, ISTIO = "kube", "istio"
 
 
 class ExportError(Exception):
@@ -83,15 +85,17 @@ class Workload:
     service_ports: tuple[int, ...]
     #: The service's readiness as written (host names already renamed); None: no probe.
     ready: ReadyProbe | None
-    #: True when ``ready`` names a port only the pod itself reaches (the service listens on localhost
-    #: behind its sidecar): kubelet cannot probe it, the sidecar's probe listener does it from inside.
-    ready_through_sidecar: bool
+    #: True when ``ready`` names a port only the pod itself reaches (the service listens on localhost behind its
+    #: sidecar): the kubelet cannot probe it; our sidecar's probe listener does, or Istio's agent told to.
+    ready_on_localhost: bool
     host_aliases: tuple[tuple[str, tuple[str, ...]], ...]
     publish: tuple[PublishSpec, ...]
     metrics: MetricsSpec | None
     stop_grace_s: float
     sidecar: KubeSidecar | None
     line: int
+    #: Istio: {"host:port" the service called its sidecar's egress by: "service:port" it calls instead}.
+    egress_calls: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,11 +114,12 @@ class ExportPlan:
 
 
 def plan_export(topology: Topology, images: Mapping[str, str], pods: Sequence[str] = (),
-                envoy_image: str = "") -> ExportPlan:
+                platform: str = KUBE) -> ExportPlan:
     """Every chosen pod (default: all) as a Workload; raises ExportError when the topology cannot be exported.
 
-    ``images``: ``--image POD=IMAGE`` (wins over the pod's ``image:``). ``envoy_image``: the sidecar
-    container's image (the real Envoy); only its presence matters here.
+    ``images``: ``--image POD=IMAGE`` (wins over the pod's ``image:``). ``platform``: KUBE (our sidecars become
+    the real Envoy in each pod) or ISTIO (Istio's sidecar intercepts calls itself: a service that called its
+    sidecar's egress listener calls the Service that listener routed to, and no proxy variables are set).
     """
     chosen = list(dict.fromkeys(pods)) or list(topology.pods)
     errors: list[str] = []
@@ -163,7 +168,7 @@ def plan_export(topology: Topology, images: Mapping[str, str], pods: Sequence[st
     for name in chosen:
         spec = topology.pods[name]
         plan.workloads[name] = _workload(plan, spec, images.get(name) or spec.image or "", sidecars.get(name),
-                                         fixed, http_targets)
+                                         fixed, http_targets, platform)
     return plan
 
 
@@ -201,6 +206,32 @@ def _service_names(spec: PodSpec, topology: Topology, fixed: Mapping[str, str]) 
     return names
 
 
+def _egress_calls(spec: PodSpec, sidecar: KubeSidecar | None, services: set[str]) -> dict[str, str]:
+    """{"host:port": "service:port"} for every way the service reached its sidecar's egress listeners (a
+    pod-local name, or localhost itself, with the listener's port) whose virtual host routes to a Service: what
+    the service calls when Istio, not a listener of ours, intercepts its calls. The route's first cluster
+    decides (a weighted split is Istio's to apply, on the first cluster's host)."""
+    if sidecar is None:
+        return {}
+    local = {"localhost", "127.0.0.1"} | {host for host, value in spec.add_hosts
+                                          if value in ("localhost", "127.0.0.1", "0.0.0.0")}
+    out: dict[str, str] = {}
+    for lst in sidecar.model.listeners:
+        if not lst.is_egress:
+            continue
+        table = RouteTable(lst.hcm.route_config)
+        for host in sorted(local):
+            vh = table.virtual_host(f"{host}:{lst.port}")
+            first = next((r for r in vh.routes if r.cluster or r.weighted_clusters), None) if vh else None
+            if first is None:
+                continue
+            cluster = sidecar.model.cluster(first.cluster or first.weighted_clusters[0].name)
+            ep = cluster.endpoints[0] if cluster is not None and cluster.endpoints else None
+            if ep is not None and ep.host in services:
+                out[f"{host}:{lst.port}"] = f"{ep.host}:{ep.port}"
+    return out
+
+
 def _rename_hosts(value: str, names: Mapping[str, str]) -> str:
     """``value`` with every host that names a pod replaced by its Service name: as a whole value, as the host
     of host:port, or as the host of a URL (the same places meshctl's pod-local rewrite looks)."""
@@ -222,8 +253,10 @@ def _probe_target(spec: PodSpec, boot: object) -> ReadyProbe | None:
 
 
 def _workload(plan: ExportPlan, spec: PodSpec, image: str, sidecar: KubeSidecar | None,
-              fixed: Mapping[str, str], http_targets: set[tuple[str, int]]) -> Workload:
+              fixed: Mapping[str, str], http_targets: set[tuple[str, int]], platform: str) -> Workload:
     names = _service_names(spec, plan.topology, fixed)
+    egress_calls = _egress_calls(spec, sidecar, set(names.values())) if platform == ISTIO else {}
+    renames = {**names, **egress_calls}
     values = {"POD_IP": "$(POD_IP)", "POD_NAME": spec.name, "REPLICA": f"$({REPLICA_NAME_VAR})",
               "MESH": plan.mesh}
 
@@ -232,13 +265,13 @@ def _workload(plan: ExportPlan, spec: PodSpec, image: str, sidecar: KubeSidecar 
             plan.warn(line, f"pod '{spec.name}': ${{REPLICA}} (a replica index) has no equivalent in a Deployment; "
                             f"exported as $({REPLICA_NAME_VAR}), the Kubernetes pod's name")
         # Kubernetes expands $(VAR) in env values and arguments: a literal one is written $$(VAR).
-        return _rename_hosts(expand_placeholders(text.replace("$(", "$$("), values), names)
+        return _rename_hosts(expand_placeholders(text.replace("$(", "$$("), values), renames)
 
     service = spec.service
     command = tuple(render(word, service.command_line or service.line) for word in service.command)
     env = [EnvVar("POD_NAME", spec.name), EnvVar("POD_IP", field_path="status.podIP"),
            EnvVar(REPLICA_NAME_VAR, field_path="metadata.name"), EnvVar("MESH_NAME", plan.mesh)]
-    if sidecar is not None and sidecar.egress_port is not None:
+    if sidecar is not None and sidecar.egress_port is not None and platform == KUBE:
         # As in a meshctl pod: clients that honour the proxy variables go through the sidecar's egress.
         proxy = f"http://127.0.0.1:{sidecar.egress_port}"
         env += [EnvVar(n, proxy) for n in ("HTTP_PROXY", "http_proxy")]
@@ -264,10 +297,10 @@ def _workload(plan: ExportPlan, spec: PodSpec, image: str, sidecar: KubeSidecar 
     ports, own_ports = _ports(spec, sidecar, http_targets)
     return Workload(pod=spec.name, image=image, replicas=spec.replicas, command=command, env=tuple(env),
                     ports=ports, service_ports=own_ports, ready=ready,
-                    ready_through_sidecar=sidecar is not None and sidecar.probe is not None,
+                    ready_on_localhost=sidecar is not None and sidecar.probe is not None,
                     host_aliases=tuple((ip, tuple(hosts)) for ip, hosts in aliases.items()),
                     publish=spec.publish, metrics=spec.metrics, stop_grace_s=service.stop_grace_s,
-                    sidecar=sidecar, line=spec.line)
+                    sidecar=sidecar, line=spec.line, egress_calls=egress_calls)
 
 
 def _ports(spec: PodSpec, sidecar: KubeSidecar | None,
