@@ -26,9 +26,9 @@ from pods.source import build as build_tree
 from pods.source import compose as compose_yaml
 
 __all__ = [
-    "MTLS_MODES", "PORT_PROTOCOLS", "RESTART_POLICIES", "IdentitySpec", "MetricsSpec", "PodSpec", "PortClaim",
-    "PortSpec", "Problem", "ProcessSpec", "PublishSpec", "ReadyProbe", "Topology", "TopologyError", "TracingSpec",
-    "load_topology", "parse_topology",
+    "DEPENDENCY_CONDITIONS", "MTLS_MODES", "PORT_PROTOCOLS", "RESTART_POLICIES", "Dependency", "IdentitySpec",
+    "MetricsSpec", "PodSpec", "PortClaim", "PortSpec", "Problem", "ProcessSpec", "PublishSpec", "ReadyProbe",
+    "Topology", "TopologyError", "TracingSpec", "dependency_cycles", "load_topology", "parse_topology",
 ]
 
 RESTART_POLICIES = ("always", "on-failure", "never")
@@ -37,7 +37,11 @@ DEFAULT_STOP_GRACE_S = 10.0
 DEFAULT_METRICS_PATH = "/metrics"
 
 TOP_KEYS = ("name", "pods", "prometheus", "mtls", "identity", "tracing")
-POD_KEYS = ("replicas", "ip", "service", "publish", "add_hosts", "sidecar", "metrics", "mtls", "image", "ports")
+POD_KEYS = ("replicas", "ip", "service", "publish", "add_hosts", "sidecar", "metrics", "mtls", "image", "ports",
+            "depends_on")
+#: What a pod waits for before it starts (compose's service_started / service_healthy /
+#: service_completed_successfully): every replica of the other pod's service started, ready, or exited 0.
+DEPENDENCY_CONDITIONS = ("started", "ready", "completed")
 #: Protocols a declared port may carry (``ports: ["5432/tcp"]``); what `meshctl export` names the port after.
 PORT_PROTOCOLS = ("http", "tcp", "grpc")
 SERVICE_KEYS = ("command", "env", "ready", "restart", "stop_grace_period", "workdir")
@@ -109,6 +113,15 @@ class PortSpec:
 
 
 @dataclass(frozen=True)
+class Dependency:
+    """``depends_on: {b: ready}``: this pod starts once every replica of ``pod`` meets ``condition``."""
+
+    pod: str
+    condition: str  # one of DEPENDENCY_CONDITIONS
+    line: int
+
+
+@dataclass(frozen=True)
 class MetricsSpec:
     port: int
     path: str
@@ -141,6 +154,7 @@ class PodSpec:
     image: str | None = None
     image_line: int = 0
     ports: tuple[PortSpec, ...] = ()
+    depends_on: tuple[Dependency, ...] = ()
 
     def port_claims(self) -> list[PortClaim]:
         """Ports the pod's processes will bind on its alias.
@@ -363,6 +377,7 @@ class _Validator:
         self._check_port_claims(pods.values())
         self._check_publish_clashes(pods.values())
         self._check_mtls(pods.values(), mtls or "off", mtls_line)
+        self._check_dependencies(pods)
         return Topology(name, Path(os.path.abspath(self.path)), pods, self.report.warnings, prometheus,
                         mtls=mtls or "off", mtls_line=mtls_line, identity=identity, tracing=tracing)
 
@@ -620,7 +635,52 @@ class _Validator:
             image=self._image(node.entries.get("image"), where),
             image_line=node.entries["image"].key_line if "image" in node.entries else 0,
             ports=self._ports(node.get("ports"), where),
+            depends_on=self._depends_on(node.get("depends_on"), name, pod_names),
         )
+
+    def _depends_on(self, node: Node | None, own: str, pod_names: tuple[str, ...]) -> tuple[Dependency, ...]:
+        """``depends_on: [b]`` (started) or ``{b: ready, migrate: completed}``, as in a compose file."""
+        if node is None:
+            return ()
+        where = f"pods.{own}.depends_on"
+        pairs: list[tuple[str, int, Node | None]] = []  # (pod, line, condition node)
+        if isinstance(node, Seq):
+            for item in node.items:
+                if isinstance(item, Scalar) and isinstance(item.value, str):
+                    pairs.append((item.value, item.line, None))
+                else:
+                    self.error(item, f"{where} items must be pod names, got {describe(item)}")
+        elif isinstance(node, Map):
+            for key, line, first in node.duplicates:
+                self.report.error(line, f"{where}: pod {key!r} is listed twice (first at line {first})")
+            pairs = [(key, entry.key_line, entry.value) for key, entry in node.entries.items()]
+        else:
+            self.error(node, f"{where} must be a list of pods or a mapping pod: condition "
+                             f"({', '.join(DEPENDENCY_CONDITIONS)}), got {describe(node)}")
+            return ()
+        out: list[Dependency] = []
+        for pod, line, cond_node in pairs:
+            if pod not in pod_names:
+                self.report.error(line, f"{where}: no pod named {pod!r}{_did_you_mean(pod, pod_names)}")
+                continue
+            if pod == own:
+                self.report.error(line, f"{where}: pod {pod!r} cannot depend on itself")
+                continue
+            condition = "started"
+            if cond_node is not None:
+                value = cond_node.value if isinstance(cond_node, Scalar) else None
+                if isinstance(cond_node, Map) and "condition" in cond_node.entries:  # compose's long form
+                    self.error(cond_node, f"{where}.{pod}: write the condition itself ({pod}: ready), one of "
+                                          f"{', '.join(DEPENDENCY_CONDITIONS)}")
+                    continue
+                if value not in DEPENDENCY_CONDITIONS:
+                    hint = _did_you_mean(value, DEPENDENCY_CONDITIONS) if isinstance(value, str) else ""
+                    self.error(cond_node, f"{where}.{pod} must be one of {', '.join(DEPENDENCY_CONDITIONS)}, "
+                                          f"got {describe(cond_node)}{hint}")
+                    continue
+                condition = value
+            out.append(Dependency(pod, condition, line))
+        return tuple(out)
 
     def _image(self, entry: Entry | None, where: str) -> str | None:
         if entry is None:
@@ -882,6 +942,20 @@ class _Validator:
             for alias in replica_aliases(pod.ip, pod.replicas):
                 owners.setdefault(alias, pod.name)
 
+    def _check_dependencies(self, pods: Mapping[str, PodSpec]) -> None:
+        """No cycles (nothing in one would ever start); ``completed`` only of a pod that can complete."""
+        for pod in pods.values():
+            for dep in pod.depends_on:
+                target = pods.get(dep.pod)
+                if dep.condition == "completed" and target is not None and target.service.restart == "always":
+                    self.report.error(dep.line, f"pods.{pod.name}.depends_on: {dep.pod} has restart: always, so it "
+                                                "never completes; give it restart: never or on-failure, or wait "
+                                                "for it to be ready")
+        for cycle in dependency_cycles(pods):
+            first = pods[cycle[0]]
+            line = next(d.line for d in first.depends_on if d.pod == cycle[1])
+            self.report.error(line, f"depends_on cycle: {' -> '.join(cycle)} (none of them would ever start)")
+
     def _check_port_claims(self, pods: Iterable[PodSpec]) -> None:
         for pod in pods:
             first: dict[int, PortClaim] = {}
@@ -907,6 +981,39 @@ class _Validator:
 
 
 # --------------------------------------------------------------------------- value helpers
+
+
+def dependency_cycles(pods: Mapping[str, PodSpec]) -> list[list[str]]:
+    """Each cycle of ``depends_on`` once, as [a, b, ..., a], starting at its first pod in file order."""
+    order = {name: i for i, name in enumerate(pods)}
+    cycles: list[list[str]] = []
+    seen: set[frozenset[str]] = set()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        path.append(name)
+        for dep in pods[name].depends_on:
+            if dep.pod not in pods:
+                continue
+            if state.get(dep.pod) == 1:
+                cycle = path[path.index(dep.pod):]
+                key = frozenset(cycle)
+                if key not in seen:
+                    seen.add(key)
+                    start = min(range(len(cycle)), key=lambda i: order[cycle[i]])
+                    ring = cycle[start:] + cycle[:start]
+                    cycles.append([*ring, ring[0]])
+            elif dep.pod not in state:
+                visit(dep.pod)
+        path.pop()
+        state[name] = 2
+
+    for name in pods:
+        if name not in state:
+            visit(name)
+    return cycles
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
