@@ -142,7 +142,8 @@ def up(file: str, detach: bool, project: str | None, wait_timeout: float, with_p
     for p in status["processes"]:
         pubs = [f"{x['host']}->{x['pod_port']}" for x in status["publish"] if x["pod"] == p["pod"]]
         extra = f"  published {', '.join(pubs)}" if pubs else ""
-        click.echo(f"  {p['replica']:<12} {p['ip']:<15} {p['role']:<8} pid {p['pid']}{extra}")
+        what = f"pid {p['pid']}" if p["pid"] else "completed"  # only a one-shot job is done and not running
+        click.echo(f"  {p['replica']:<12} {p['ip']:<15} {p['role']:<8} {what}{extra}")
     for warning in (w for p in status["processes"] for w in p["warnings"]):
         click.secho(f"warning: {warning}", fg="yellow", err=True)
     if status.get("tracing"):
@@ -209,7 +210,7 @@ def ps(project: str | None, output: str) -> None:
     status = _ask(state, "GET", "/v1/status")
     if output == "json":
         keys = ("pod", "replica", "ip", "role", "engine", "pid", "state", "ready", "restarts", "last_exit",
-                "uptime_s", "cpu_percent", "rss_bytes", "hosts_mode", "listening", "warnings")
+                "uptime_s", "cpu_percent", "rss_bytes", "hosts_mode", "listening", "warnings", "waiting_for")
         click.echo(json.dumps({
             "mesh": status["mesh"], "supervisor": {"pid": status["supervisor"]["pid"]},
             "hosts_mode": status["hosts_mode"],
@@ -220,7 +221,7 @@ def ps(project: str | None, output: str) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from meshctl.supervisor.states import DOWN
+    from meshctl.supervisor.states import DOWN, completed
 
     hosts_mode = ("/etc/hosts: each pod's own" if status["hosts_mode"] == "mount"
                   else "/etc/hosts: the host's (pods resolve mesh names through MESH_HOSTS only)")
@@ -231,8 +232,13 @@ def ps(project: str | None, output: str) -> None:
         table.add_column(col, justify="right" if col in ("PID", "RESTARTS", "CPU %", "RSS") else "left")
     for p in status["processes"]:
         st = p["state"]
-        if st in DOWN and p["last_exit"] is not None:
+        if completed(st, p["last_exit"]):
+            st = "completed"
+        elif st in DOWN and p["last_exit"] is not None:
             st = f"[red]{st} (exit {p['last_exit']})[/red]"
+        elif p.get("waiting_for"):
+            waits = ", ".join(f"{w['pod']} {w['condition']}" for w in p["waiting_for"])
+            st = f"[yellow]{st}: waiting for {waits}[/yellow]"
         role = f"{p['role']} ({p['engine']})" if p.get("engine") == "envoy" else p["role"]
         table.add_row(p["pod"], p["replica"], p["ip"], role, str(p["pid"] or "-"), st,
                       "yes" if p["ready"] else "[yellow]no[/yellow]", str(p["restarts"]),

@@ -26,7 +26,7 @@ from meshctl.state import (
     meshctl_home,
     running_meshes,
 )
-from meshctl.supervisor.states import BROKEN, State
+from meshctl.supervisor.states import BROKEN, State, completed
 from pods.plan import HostFacts, MeshPlan, plan_mesh
 from pods.source import Problem
 from pods.topology import PrometheusSpec, TracingSpec
@@ -52,31 +52,47 @@ class PlanError(MeshError):
 # --------------------------------------------------------------------------- planning
 
 
-def _unprivileged_port_start() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
-    except (OSError, ValueError):
-        return 1024
+PROC_ROOT = Path("/proc")
 
 
-def _can_bind_privileged() -> bool:
-    """Root is not enough (capabilities can be dropped) and not needed (the capability is)."""
+def read_proc(relative: str, proc_root: Path = PROC_ROOT) -> str | None:
+    """The text of ``proc_root/relative``, or None when it cannot be read: any OSError (a kernel without the
+    entry, a sandbox without /proc, a permission). Every /proc read goes through here, so each caller decides
+    what "unknown" means, and tests point ``proc_root`` at a directory of their own."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
+        return (proc_root / relative).read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def unprivileged_port_start(proc_root: Path = PROC_ROOT) -> int | None:
+    """net.ipv4.ip_unprivileged_port_start: ports below it need CAP_NET_BIND_SERVICE. None when /proc does not say."""
+    try:
+        return int(read_proc("sys/net/ipv4/ip_unprivileged_port_start", proc_root) or "")
+    except ValueError:
+        return None
+
+
+def can_bind_privileged(proc_root: Path = PROC_ROOT) -> bool | None:
+    """Whether this process holds CAP_NET_BIND_SERVICE. Root is not enough (capabilities can be dropped) and not
+    needed (the capability is). None when /proc does not say."""
+    for line in (read_proc("self/status", proc_root) or "").splitlines():
+        if line.startswith("CapEff:"):
+            try:
                 return bool(int(line.split()[1], 16) >> CAP_NET_BIND_SERVICE & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.geteuid() == 0
+            except (ValueError, IndexError):
+                return None
+    return None
 
 
 def host_facts(to_run: bool = True) -> HostFacts:
     from meshctl.supervisor.pod_namespace import pod_hosts_problem
     from pods.sidecars import find_envoy
 
+    port_start, capable = unprivileged_port_start(), can_bind_privileged()
     return HostFacts(environ=dict(os.environ), mesh_aliases=aliases_by_mesh(), listening_aliases=listening_aliases(),
-                     unprivileged_port_start=_unprivileged_port_start(),
-                     can_bind_privileged=_can_bind_privileged() or not to_run,
+                     unprivileged_port_start=1024 if port_start is None else port_start,
+                     can_bind_privileged=(os.geteuid() == 0 if capable is None else capable) or not to_run,
                      pod_hosts_problem=pod_hosts_problem() if to_run else None,
                      envoy_bin=find_envoy(os.environ))
 
@@ -280,10 +296,12 @@ def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], 
         if status and status["processes"]:
             # A pod whose program is missing was reported when planning; the rest of the mesh starts.
             procs = [p for p in status["processes"] if f"{p['replica']}/{p['role']}" not in plan.unstartable]
-            broken = [p for p in procs if p["state"] in BROKEN]
+            # A one-shot job that exited 0 (restart never/on-failure) is done, not broken.
+            broken = [p for p in procs if p["state"] in BROKEN and not completed(p["state"], p["last_exit"])]
             if broken:
-                _fail_startup(plan, state, broken[0], proc)
-            if all(p["ready"] and p["pid"] and p["state"] == State.RUNNING for p in procs):
+                _fail_startup(plan, state, broken[0], proc, blocked=_blocked(procs, broken[0]["pod"]))
+            if all((p["ready"] and p["pid"] and p["state"] == State.RUNNING) or completed(p["state"], p["last_exit"])
+                   for p in procs):
                 # One status with resources: it rescans the listening sockets, so `up` can name wildcard binds.
                 try:
                     return call(state.control_socket, "GET", "/v1/status", timeout=10)
@@ -291,22 +309,42 @@ def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], 
                     return status
         time.sleep(0.05)
     not_ready = [p for p in (status or {}).get("processes", [])
-                 if not p["ready"] and f"{p['replica']}/{p['role']}" not in plan.unstartable]
+                 if not p["ready"] and not completed(p["state"], p["last_exit"])
+                 and f"{p['replica']}/{p['role']}" not in plan.unstartable]
     if not_ready:
-        _fail_startup(plan, state, not_ready[0], proc, timed_out=wait_timeout)
+        # The first that is not waiting for another pod is the one to blame (its dependents are listed).
+        first = next((p for p in not_ready if not p.get("waiting_for")), not_ready[0])
+        _fail_startup(plan, state, first, proc, timed_out=wait_timeout,
+                      blocked=_blocked(status["processes"] if status else [], first["pod"]))
     stop_supervisor(state, proc.pid)
     raise MeshError(f"mesh '{plan.mesh}' did not start within {wait_timeout:g}s")
 
 
+def _blocked(procs: list[dict[str, Any]], pod: str) -> list[str]:
+    """The pods that were never started because they wait for ``pod`` (depends_on), directly or not."""
+    out: list[str] = []
+    frontier = {pod}
+    while frontier:
+        waiting = {p["pod"] for p in procs if p["pod"] not in out and p["pod"] not in frontier
+                   and any(w["pod"] in frontier for w in p.get("waiting_for") or ())}
+        out += sorted(waiting)
+        frontier = waiting
+    return out
+
+
 def _fail_startup(plan: MeshPlan, state: StateDir, bad: dict[str, Any], proc: subprocess.Popen[bytes],
-                  timed_out: float | None = None) -> None:
+                  timed_out: float | None = None, blocked: list[str] | None = None) -> None:
     key = f"{bad['replica']}/{bad['role']}"
     why = (f"not ready after {timed_out:g}s" if timed_out else
            f"{bad['state']}" + (f", last exit {bad['last_exit']}" if bad.get("last_exit") is not None else ""))
     if bad.get("error"):
         why += f": {bad['error']}"
+    if bad.get("waiting_for"):
+        why += ": still waiting for " + ", ".join(f"{w['pod']} ({w['condition']})" for w in bad["waiting_for"])
     lines = [f"{key} failed to get ready ({why}); last log lines:"]
     lines += [f"  {key} | {line}" for line in tail_lines(state.log_path(bad["replica"], bad["role"]), 15)]
+    if blocked:
+        lines.append(f"not started, because they wait for {bad['pod']} (depends_on): {', '.join(blocked)}")
     stop_supervisor(state, proc.pid)
     lines.append(f"meshctl: mesh '{plan.mesh}' stopped; logs kept in {state.logs}")
     raise MeshError("\n".join(lines))

@@ -25,7 +25,7 @@ from pods.prometheus import scrape_config, with_prometheus
 from pods.replica import PYTHON_ALIASES, ProcessPlan, Replica, ReplicaLayout, SidecarLaunch, assign_replicas
 from pods.sidecars import PROBE_IP, compile_sidecars, compile_source, envoy_bootstrap, envoy_sds_files
 from pods.source import Problem
-from pods.topology import MetricsSpec, PodSpec, PrometheusSpec, PublishSpec, Topology, TracingSpec
+from pods.topology import Dependency, MetricsSpec, PodSpec, PrometheusSpec, PublishSpec, Topology, TracingSpec
 from pods.tracing import POD_NAME as TRACING_POD
 from pods.tracing import TracingPlan, tracing_plan, with_tracing
 from sidecar.config import Bootstrap, ConfigError
@@ -75,6 +75,8 @@ class PodPlan:
     line: int
     #: The pod's effective mTLS mode (``off`` without a sidecar).
     mtls: str = "off"
+    #: Pods this one starts after (``depends_on``).
+    depends_on: tuple[Dependency, ...] = ()
 
     def describe(self, admin_sockets: Mapping[str, Path], hosts_mode: str) -> dict[str, Any]:
         """The pod as the control API reports it (``GET /v1/status``)."""
@@ -97,6 +99,7 @@ class PodPlan:
             "hosts_mode": hosts_mode,
             "metrics": None if self.metrics is None else {"port": self.metrics.port, "path": self.metrics.path},
             "publish": [{"host": f"{p.host_ip}:{p.host_port}", "pod_port": p.pod_port} for p in self.publish],
+            "depends_on": [{"pod": d.pod, "condition": d.condition} for d in self.depends_on],
         }
 
 
@@ -276,7 +279,7 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
                           port=pod_port(spec_, compiled.launches.get(name)), sidecar=compiled.launches.get(name),
                           metrics=spec_.metrics, publish=spec_.publish, line=spec_.line,
                           service_ports=service_ports(spec_, compiled.launches.get(name)),
-                          mtls=topology.pod_mtls(name))
+                          mtls=topology.pod_mtls(name), depends_on=spec_.depends_on)
             for name, spec_ in topology.pods.items()}
     admin_sockets = {r.name: layout.admin_socket(r) for r in layout.all_replicas() if r.pod in compiled.launches}
     return MeshPlan(mesh=topology.name, source=topology.path, state_root=state_root, run_id=run_id, pods=pods,

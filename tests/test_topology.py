@@ -291,6 +291,22 @@ ERROR_CASES = {
                        "pods.b.ports must be a list of ports"),
     "ports_bad_protocol": ("pods:\n  b:\n    ports:\n      - 80\n      - 5432/udp\n    service: {command: [x]}\n",
                            5, "pods.b.ports: string '5432/udp' is not a port like 8080"),
+    "depends_on_unknown": ("pods:\n  a:\n    depends_on: [bb]\n    service: {command: [x]}\n" + MINIMAL_B, 3,
+                           "pods.a.depends_on: no pod named 'bb' (did you mean 'b'?)"),
+    "depends_on_self": ("pods:\n  a:\n    depends_on: {a: ready}\n    service: {command: [x]}\n", 3,
+                        "pods.a.depends_on: pod 'a' cannot depend on itself"),
+    "depends_on_condition": ("pods:\n  a:\n    depends_on: {b: healthy}\n    service: {command: [x]}\n"
+                             + MINIMAL_B, 3, "pods.a.depends_on.b must be one of started, ready, completed, "
+                                             "got string 'healthy'"),
+    "depends_on_compose_form": ("pods:\n  a:\n    depends_on:\n      b: {condition: service_healthy}\n"
+                                "    service: {command: [x]}\n" + MINIMAL_B, 4,
+                                "pods.a.depends_on.b: write the condition itself (b: ready)"),
+    "depends_on_cycle": ("pods:\n  a:\n    depends_on: [c]\n    service: {command: [x]}\n"
+                         "  b:\n    depends_on: [a]\n    service: {command: [x]}\n"
+                         "  c:\n    depends_on: {b: ready}\n    service: {command: [x]}\n", 3,
+                         "depends_on cycle: a -> c -> b -> a (none of them would ever start)"),
+    "depends_on_never_completes": ("pods:\n  a:\n    depends_on: {b: completed}\n    service: {command: [x]}\n"
+                                   + MINIMAL_B, 3, "pods.a.depends_on: b has restart: always, so it never completes"),
     "ports_twice": ("pods:\n  b:\n    ports: [80, '80/tcp']\n    service: {command: [x]}\n", 3,
                     "pods.b.ports: port 80 is listed twice"),
 }

@@ -16,8 +16,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -28,6 +28,9 @@ from meshctl.supervisor.probes import probe
 from meshctl.supervisor.reaper import MARKER_ENV, sweep
 from meshctl.supervisor.states import State
 from pods.replica import ProcessPlan
+
+if TYPE_CHECKING:
+    from meshctl.supervisor.dependencies import StartGate
 
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 10.0
@@ -82,10 +85,12 @@ class _LogPipe(asyncio.Protocol):
 class ManagedProcess:
     def __init__(self, plan: ProcessPlan, log: RotatingLog, on_line: LineSink | None,
                  on_event: EventSink, on_change: Callable[[ManagedProcess], None],
-                 after: ManagedProcess | None = None) -> None:
+                 after: ManagedProcess | None = None, gate: StartGate | None = None) -> None:
         self.plan = plan
         #: Started only once this one is ready (the service waits for its sidecar).
         self.after = after
+        #: The pods this one's pod depends on (``depends_on``), met before the first start.
+        self.gate = gate
         self.ready_event = asyncio.Event()
         self.shutting_down = False  # set by the supervisor for good when the mesh stops
         self._lifecycle = asyncio.Lock()  # one stop/restart at a time
@@ -182,16 +187,9 @@ class ManagedProcess:
         return True
 
     async def _supervise(self) -> None:
-        if self.after is not None and not self.after.ready:
-            self._set(State.PENDING)
-            waiter = asyncio.ensure_future(self.after.ready_event.wait())
-            stopper = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
-            if self._stop:
-                self._set(State.STOPPED)
-                return
+        if not await self._wait_to_start():
+            self._set(State.STOPPED)
+            return
         while not self._stop:
             self.error = None
             self.ready = False
@@ -223,6 +221,31 @@ class ManagedProcess:
                 break
             self.restarts += 1
         self._set(State.STOPPED)
+
+    async def _wait_to_start(self) -> bool:
+        """Before the first start: the pods this one depends on, then (a service) its sidecar ready.
+        False: stopped meanwhile."""
+        gate = self.gate
+        if gate is not None and not gate.open():
+            self._set(State.PENDING)
+            self.on_event(self, f"waiting for {gate.describe()}")
+            if not await self._unless_stopped(gate.wait()):
+                return False
+            self.gate = None  # met: a restart never waits again
+        if self.after is not None and not self.after.ready:
+            self._set(State.PENDING)
+            if not await self._unless_stopped(self.after.ready_event.wait()):
+                return False
+        return True
+
+    async def _unless_stopped(self, awaitable: Awaitable[object]) -> bool:
+        """Wait for ``awaitable`` or a stop, whichever comes first; False: stopped."""
+        waiter = asyncio.ensure_future(awaitable)
+        stopper = asyncio.ensure_future(self._wake.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
+        return not self._stop
 
     async def _run_until_exit(self) -> int:
         assert self._exited is not None
@@ -383,6 +406,8 @@ class ManagedProcess:
             "last_exit": self.last_exit, "error": self.error,
             "uptime_s": round(time.monotonic() - self.started_at, 3) if alive and self.started_at else None,
             "cpu_percent": cpu, "rss_bytes": rss,
+            "waiting_for": ([{"pod": d.pod, "condition": d.condition} for d in self.gate.unmet()]
+                            if self.gate is not None and self.state == State.PENDING else []),
         }
 
 

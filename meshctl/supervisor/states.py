@@ -23,3 +23,8 @@ BROKEN = frozenset({State.CRASHLOOP, State.EXITED, State.FAILED})
 DOWN = BROKEN | {State.BACKOFF}
 #: On its way to running.
 COMING_UP = frozenset({State.PENDING, State.STARTING, State.BACKOFF})
+
+
+def completed(state: str, last_exit: int | None) -> bool:
+    """A one-shot process that finished: exited 0 and not restarted (restart never, or on-failure)."""
+    return state == State.EXITED and last_exit == 0

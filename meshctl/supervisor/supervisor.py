@@ -22,12 +22,14 @@ import psutil
 
 from meshctl.state import StateDir, process_alive
 from meshctl.supervisor.control_server import serve
+from meshctl.supervisor.dependencies import Pulse, gates
 from meshctl.supervisor.forwarder import Forwarder
 from meshctl.supervisor.listening import ListeningWatch, Target
 from meshctl.supervisor.logfile import RotatingLog
 from meshctl.supervisor.printer import Printer
 from meshctl.supervisor.process import ManagedProcess
 from meshctl.supervisor.reaper import kill_groups_since, kill_run
+from meshctl.supervisor.states import completed
 from pods.atomic_file import write_atomic
 from pods.plan import MeshPlan
 
@@ -79,6 +81,8 @@ class Supervisor:
         self.exit_code = 0
         #: Issues and rotates the replicas' certificates (None: nothing in this mesh uses mTLS).
         self.rotation: Rotation | None = None
+        #: Fired at every change of any process: what pods waiting on depends_on re-check.
+        self._pulse = Pulse()
 
     # -- events from processes ----------------------------------------------
     def _on_line(self, proc: ManagedProcess, line: str) -> None:
@@ -96,6 +100,7 @@ class Supervisor:
         self._event(f"{proc.key} {text}", error="exited" in text or "cannot" in text)
 
     def _on_change(self, proc: ManagedProcess) -> None:
+        self._pulse.fire()
         pgid = proc.pid if proc.is_alive() else None
         old = self._reported_pgids.get(proc.key)
         if pgid != old:
@@ -111,7 +116,7 @@ class Supervisor:
         if proc.ready and pgid is not None:  # what it listens on is settled now (a wildcard bind warns)
             self.listening.ready(_target(proc))
         if (not self._all_ready_reported and self.processes
-                and all(p.ready for p in self.processes)):
+                and all(p.ready or completed(p.state, p.last_exit) for p in self.processes)):
             self._all_ready_reported = True
             self._event(f"mesh {self.plan.mesh} ready: {len(self.plan.replicas())} "
                                    f"replicas, {len(self.processes)} processes in "
@@ -351,6 +356,11 @@ class Supervisor:
             if self.printer is not None:
                 self.printer.register(proc.key)
             self.processes.append(proc)
+        # depends_on: a dependent pod's first process waits; every change of any process re-checks.
+        depends_on = {name: pod.depends_on for name, pod in self.plan.pods.items() if pod.depends_on}
+        by_key = {p.key: p for p in self.processes}
+        for key, gate in gates(depends_on, self.processes, self._pulse).items():
+            by_key[key].gate = gate
         for proc in self.processes:
             proc.start()
 
