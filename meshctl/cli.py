@@ -74,6 +74,20 @@ project_option = click.option("-p", "--project", callback=_check_project,
                               help="Mesh name (default: the only running mesh).")
 
 
+def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion: the pod and replica names of the running mesh (``-p``, else the only one). Asks
+    the supervisor, as every reader does; a shell never sees an error from it (no mesh: no names)."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        state = pick_mesh(ctx.params.get("project"), need_running=True)
+        status = ask(state, "GET", "/v1/status?resources=0", timeout=2)
+    except MeshError:
+        return []
+    names = dict.fromkeys([p["pod"] for p in status["processes"]] + [p["replica"] for p in status["processes"]])
+    return [CompletionItem(name) for name in names if name.startswith(incomplete)]
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="meshctl")
 def main() -> None:
@@ -90,6 +104,26 @@ tracing_option = click.option(
     "--tracing", "with_tracing", is_flag=True,
     help="Trace the mesh: a Zipkin-compatible collector pod and every sidecar reporting to it (as a `tracing:` "
          "section with its defaults would; the file's own section wins).")
+
+
+@main.command(short_help="Check this host: what meshctl needs, what it can use.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def doctor(output: str) -> None:
+    """One screen about this host: Python, kernel, user, ports, namespaces, open files, loopback aliases and
+    the optional pieces, each with what it enables and the command that installs it. Exit 0 when the core
+    (what `meshctl up` needs) works, else 1."""
+    from meshctl.doctor import core_problems, run_checks, summary, table, to_json
+
+    checks = run_checks()
+    if output == "json":
+        click.echo(json.dumps(to_json(checks), indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console(width=None if sys.stdout.isatty() else 200)
+        console.print(table(checks))
+        console.print(summary(checks), style="red" if core_problems(checks) else "green", highlight=False)
+    sys.exit(1 if core_problems(checks) else 0)
 
 
 @main.command(short_help="Check a topology file.")
@@ -300,7 +334,7 @@ def certs(project: str | None, output: str, rotate: str | None) -> None:
 
 
 @main.command(short_help="Restart a pod or a replica.")
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @project_option
 @click.option("--role", type=click.Choice(["service", "sidecar"]), help="Only this process of each replica.")
 def restart(name: str, project: str | None, role: str | None) -> None:
@@ -312,7 +346,7 @@ def restart(name: str, project: str | None, role: str | None) -> None:
 
 
 @main.command(short_help="Print (or follow) a pod's logs.")
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @project_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "--tail", "tail", type=click.IntRange(min=0), default=None,
@@ -331,7 +365,7 @@ def logs(name: str, project: str | None, follow: bool, tail: int | None, role: s
 
 @main.command("exec", short_help="Run a command inside a pod (like podman exec).",
               context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @project_option
 def exec_(name: str, command: tuple[str, ...], project: str | None) -> None:
@@ -362,7 +396,7 @@ def exec_(name: str, command: tuple[str, ...], project: str | None) -> None:
 
 
 @main.command(short_help="Call a pod's sidecar admin (its private socket).")
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @click.argument("path")
 @project_option
 @click.option("-X", "--method", type=click.Choice(["GET", "POST"], case_sensitive=False), default="GET",
@@ -674,7 +708,7 @@ def export_istio(file: str, output: str, images: dict[str, str], pods: tuple[str
 
 
 @main.command(short_help="Print the hosts file a pod sees.")
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_names)
 @project_option
 @click.option("-f", "--file", "file", type=click.Path(dir_okay=False),
               help="Compute from a topology file instead of a running mesh.")
@@ -750,7 +784,7 @@ MAX_DURATION_S = 600.0
 
 
 @main.command(short_help="Send load to a pod, replica or URL.")
-@click.argument("target")
+@click.argument("target", shell_complete=_complete_names)
 @project_option
 @click.option("-n", "--n", "n", type=int, default=None, help="Number of requests (default 200 without --duration).")
 @click.option("--duration", default=None, help="Send for this long (10s, 1m); with --n, whichever ends first.")
