@@ -4,8 +4,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# The seed uses port 80; as a non-root user the demo moves to 8000.
-PORT   ?= $(shell [ "$$(id -u)" = 0 ] && echo 80 || echo 8000)
+# The seed uses port 80, which needs root: CAP_NET_BIND_SERVICE (meshctl's own test), unless
+# net.ipv4.ip_unprivileged_port_start allows it to everyone. Without it the demos take their unprivileged
+# variants: `make demo` moves to port 8000, `make demo-sidecar` and `make demo-envoy` run
+# examples/seed/sidecar-unprivileged.yaml (the seed's envoy.yaml with its port 80s moved above 1024).
+PRIVILEGED ?= $(shell cap=$$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status 2>/dev/null); \
+	start=$$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start 2>/dev/null || echo 1024); \
+	{ [ $$(( 0x$${cap:-0} >> 10 & 1 )) = 1 ] || [ "$$start" -le 80 ]; } && echo yes)
+PORT   ?= $(if $(PRIVILEGED),80,8000)
+SEED_SIDECAR ?= examples/seed/$(if $(PRIVILEGED),sidecar,sidecar-unprivileged).yaml
 
 .PHONY: install compile test lint demo demo-sidecar demo-envoy demo-down bench clean
 
@@ -39,21 +46,21 @@ demo: $(STAMP) compile
 
 # The seed's second act: the same services with an Envoy-configured sidecar retrying 5xx twice.
 # Sequential like the blog's curl loop (the default max_retries breaker of 3 overflows under -c 10).
-# The seed's envoy.yaml binds port 80: needs root or CAP_NET_BIND_SERVICE.
+# The seed's envoy.yaml binds port 80: without root, SEED_SIDECAR is its unprivileged variant (same numbers).
 # The sidecar's retry counter, read from its admin port (whichever engine runs it).
 SHOW_RETRIES = $(BIN)/meshctl ps -p seed-sidecar -o json | $(BIN)/python -c "import json,sys,urllib.request; ip=[p['ip'] for p in json.load(sys.stdin)['processes'] if p['role']=='sidecar'][0]; print(''.join(l+'\n' for l in urllib.request.urlopen(f'http://{ip}:9901/stats/prometheus').read().decode().splitlines() if l.startswith('envoy_cluster_retry_upstream_rq{')), end='')"
 
 demo-sidecar: $(STAMP) compile
-	$(BIN)/meshctl up examples/seed/sidecar.yaml -d
+	$(BIN)/meshctl up $(SEED_SIDECAR) -d
 	$(BIN)/meshctl traffic a --n 1000 -c 1 -p seed-sidecar
 	@echo; echo '$$ curl -s 127.0.3.1:9901/stats/prometheus | grep retry_upstream_rq'
 	@$(SHOW_RETRIES)
 	$(BIN)/meshctl down -p seed-sidecar
 
-# The same demo on the real Envoy (meshctl[envoy]): the seed's v2 envoy.yaml, unchanged, runs as its v3
-# export (`meshctl export envoy examples/seed/sidecar.yaml` prints it).
+# The same demo on the real Envoy (meshctl[envoy]): the seed's v2 envoy.yaml, unchanged (or its unprivileged
+# variant), runs as its v3 export (`meshctl export envoy examples/seed/sidecar.yaml` prints it).
 demo-envoy: $(STAMP) compile
-	$(BIN)/meshctl up examples/seed/sidecar.yaml -d --sidecar-engine envoy
+	$(BIN)/meshctl up $(SEED_SIDECAR) -d --sidecar-engine envoy
 	$(BIN)/meshctl ps -p seed-sidecar
 	$(BIN)/meshctl traffic a --n 1000 -c 1 -p seed-sidecar
 	@echo; echo '$$ curl -s 127.0.3.1:9901/stats/prometheus | grep retry_upstream_rq    # the real Envoy'"'"'s'
