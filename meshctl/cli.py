@@ -136,6 +136,57 @@ def validate(file: str, sidecar_engine: str | None, with_tracing: bool) -> None:
     click.echo(f"{file}: ok (mesh '{plan.mesh}', {len(plan.pods)} pods, {len(plan.replicas())} replicas)")
 
 
+@main.command(short_help="Write a starter topology, or convert a compose file.")
+@click.argument("dir", default=".", type=click.Path(file_okay=False))
+@click.option("--from", "from_", metavar="COMPOSE_FILE", type=click.Path(exists=True, dir_okay=False),
+              help="Convert this docker compose file: services with a command become pods.")
+@click.option("--force", is_flag=True, help="Overwrite an existing DIR/meshctl.yaml.")
+def init(dir: str, from_: str | None, force: bool) -> None:
+    """Write DIR/meshctl.yaml (DIR: the current directory): a commented starter mesh that `up`s as it is (a
+    service behind a sidecar retrying the second service it calls), or --from a compose file's services."""
+    import os
+    import shlex
+
+    from meshctl.init import TOPOLOGY_FILE, mesh_name
+    from pods.atomic_file import write_atomic
+
+    target = os.path.normpath(os.path.join(dir, TOPOLOGY_FILE))
+    shown = shlex.quote(target)
+    if os.path.lexists(target) and not force:  # nothing a user wrote is replaced by accident
+        fail(f"{target} already exists (--force overwrites it)", USAGE_ERROR)
+    if from_ is not None:
+        from meshctl.init.compose import convert_file
+
+        try:
+            conversion = convert_file(from_, dir)
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read {from_}: {getattr(exc, 'strerror', None) or exc}", USAGE_ERROR)
+        for problem in conversion.warnings + conversion.errors:
+            click.echo(str(problem), err=True)
+        if conversion.errors:
+            sys.exit(USAGE_ERROR)
+        text = conversion.text
+    else:
+        from meshctl.init.starter import starter_topology
+
+        text = starter_topology(mesh_name(Path(dir).resolve().name, "starter"))
+    try:
+        os.makedirs(dir, exist_ok=True)
+        write_atomic(target, text)
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror or exc}")
+    if from_ is None:
+        click.echo(f"wrote {target}: a starter mesh, pod a behind a sidecar that retries pod b")
+        steps = [f"meshctl up {shown} -d", "meshctl traffic a --n 100", "meshctl down"]
+    else:
+        pods = ", ".join(conversion.pods) or "none yet"
+        click.echo(f"wrote {target} from {from_}: pods {pods}")
+        if conversion.todo:
+            click.echo(f"  TODO in the file: {', '.join(conversion.todo)} (no command: give each one)")
+        steps = [f"meshctl validate {shown}", f"meshctl up {shown} -d"]
+    click.echo("next:\n" + "".join(f"  {step}\n" for step in steps), nl=False)
+
+
 prometheus_options = [
     click.option("--prometheus", "with_prometheus", is_flag=True,
                  help="Also run the real Prometheus server as a pod (as a `prometheus:` section would)."),
