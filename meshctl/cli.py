@@ -179,8 +179,8 @@ def init(dir: str, from_: str | None, force: bool) -> None:
         click.echo(f"wrote {target}: a starter mesh, pod a behind a sidecar that retries pod b")
         steps = [f"meshctl up {shown} -d", "meshctl traffic a --n 100", "meshctl down"]
     else:
-        pods = ", ".join(conversion.pods) or "none yet"
-        click.echo(f"wrote {target} from {from_}: pods {pods}")
+        pods = f"pods {', '.join(conversion.pods)}" if conversion.pods else "no pod yet"
+        click.echo(f"wrote {target} from {from_}: {pods}")
         if conversion.todo:
             click.echo(f"  TODO in the file: {', '.join(conversion.todo)} (no command: give each one)")
         steps = [f"meshctl validate {shown}", f"meshctl up {shown} -d"]

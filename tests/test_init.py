@@ -302,15 +302,21 @@ def test_restart_workdir_grace_replicas_image(tmp_path: Path) -> None:
               replicas: 3
               restart_policy: {condition: on-failure}
           scaled: {command: sleep 1, scale: 2, working_dir: .}
+          long:
+            command: sleep 1
+            working_dir: /srv
+            volumes: [{type: bind, source: ./src, target: /srv}]
         """)
     restart = {name: pod.service.restart for name, pod in topo.pods.items()}
     assert restart == {"default": "never", "unquoted": "never", "quoted": "never", "always": "always",
-                       "limited": "on-failure", "unless": "always", "app": "on-failure", "scaled": "never"}
+                       "limited": "on-failure", "unless": "always", "app": "on-failure", "scaled": "never",
+                       "long": "never"}
     app = topo.pods["app"]
     # The working_dir is in a bind mount: the host directory it shows.
     assert app.service.workdir == tmp_path / "src" / "sub" and app.service.stop_grace_s == 90.0
     assert app.replicas == 3 and app.image == "shop/app:1.2"
     assert topo.pods["scaled"].replicas == 2 and topo.pods["scaled"].service.workdir == tmp_path
+    assert topo.pods["long"].service.workdir == tmp_path / "src"
     assert "compose.yaml:6: warning: services.limited.restart: the limit of 3 restarts is not kept (meshctl backs " \
            "off up to 10 s between restarts, without a limit)" in warnings(conversion)
 

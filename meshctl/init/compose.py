@@ -450,9 +450,13 @@ class _Converter:
         if pod.workdir is None or "$" in pod.workdir:
             return
         for item in _items(volumes) if volumes is not None else []:
-            text = _text(item.value) if isinstance(item, Scalar) else ""
-            host, _, rest = text.partition(":")
-            target = rest.partition(":")[0]
+            if isinstance(item, Map):  # the long form: {type: bind, source: ./src, target: /app}
+                spec = {k: _text(e.value.value) for k, e in item.entries.items() if isinstance(e.value, Scalar)}
+                host, target = spec.get("source", ""), spec.get("target", "")
+            else:
+                text = _text(item.value) if isinstance(item, Scalar) else ""
+                host, _, rest = text.partition(":")
+                target = rest.partition(":")[0]
             if not host.startswith((".", "/", "~")) or not target:
                 continue  # a named volume: no host directory
             inside = os.path.relpath(pod.workdir, target) if pod.workdir.startswith("/") else ".."
