@@ -73,6 +73,7 @@ demo-down: $(STAMP)
 # Benchmarks are never part of `make test`. They install their peers from Debian when missing.
 bench: $(STAMP) compile
 	@missing=""; for b in haproxy nginx wrk hey curl openssl; do command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" != 0 ]; then echo "make bench needs:$$missing (Debian: sudo apt-get install$$missing)"; exit 1; fi; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
 
