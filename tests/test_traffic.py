@@ -540,3 +540,19 @@ def test_killed_traffic_leaves_no_workers_sending_load(meshctl):
         # several hundred requests' worth at the rate the workers were sending (no timing is asserted).
         time.sleep(0.3)
         assert (len(srv.requests), srv.accepted) == (seen, accepted)  # the load stopped with the command
+
+
+def test_auto_workers_leave_a_local_target_half_the_cores():
+    """A local target shares our cores: the default takes half of them (wrk -t1 beside nginx's one worker)."""
+    from meshctl.traffic.engine import LoadSpec
+    from meshctl.traffic.workers import auto_workers
+
+    local = LoadSpec(targets=(("127.0.0.1", 80),), request=b"", n=50_000, concurrency=10)
+    assert auto_workers(local, cores=2) == 1
+    assert auto_workers(local, cores=8) == 4
+    assert auto_workers(local, cores=1) == 1
+    remote = LoadSpec(targets=(("10.1.2.3", 80),), request=b"", n=50_000, concurrency=10)
+    assert auto_workers(remote, cores=2) == 2
+    assert auto_workers(LoadSpec(targets=(("127.0.0.1", 80),), request=b"", n=500, concurrency=10), cores=8) == 1
+    assert auto_workers(LoadSpec(targets=(("127.0.0.1", 80),), request=b"", duration_s=5, concurrency=3),
+                        cores=16) == 3

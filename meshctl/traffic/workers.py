@@ -1,9 +1,12 @@
 """Spreading one load run over several processes, one event loop each.
 
-A single Python event loop tops out around one core; hey and wrk use every
-core. For big runs ``meshctl traffic`` forks workers, gives each an equal
-share of the connections, requests and rate, and merges their results
-(the latency histograms merge exactly: same buckets).
+A single Python event loop tops out around one core. For big runs ``meshctl
+traffic`` forks workers, gives each an equal share of the connections,
+requests and rate, and merges their results (the latency histograms merge
+exactly: same buckets). The target of a local run (127.0.0.0/8, ::1) shares
+this machine's cores, so by default the workers take half of them: on 2 cores
+one worker beside nginx's one worker did 137k requests/s where two did 97k
+(bench/NOTES.md, "Load generator (issue 18)").
 """
 
 from __future__ import annotations
@@ -19,16 +22,27 @@ from multiprocessing.connection import Connection
 
 from meshctl.parent_death import die_with_parent
 from meshctl.traffic.engine import Engine, LoadSpec, Results
+from pods.addressing import is_loopback
 from pods.runloop import run as run_loop
 
 #: Below this many requests (and without --duration) one process is quicker: forking costs more than it saves.
 MIN_REQUESTS_TO_FORK = 10_000
 
 
-def auto_workers(spec: LoadSpec) -> int:
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(spec: LoadSpec, cores: int | None = None) -> int:
     if spec.concurrency < 2 or (spec.n is not None and spec.n < MIN_REQUESTS_TO_FORK and spec.rate is None):
         return 1
-    return max(1, min(os.cpu_count() or 1, spec.concurrency, 8))
+    cores = usable_cores() if cores is None else cores
+    if all(is_loopback(ip) for ip, _ in spec.targets):
+        cores //= 2  # the target runs here too: every core we take is one it does not get
+    return max(1, min(cores, spec.concurrency, 8))
 
 
 def split(spec: LoadSpec, workers: int) -> list[LoadSpec]:
