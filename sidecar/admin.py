@@ -129,7 +129,32 @@ class Admin:
         if method == "POST" and stream.method != b"POST":
             stream.reply(405, b"This endpoint requires POST\n")
             return
-        fn(stream, parse_qs(query))
+        q = parse_qs(query)
+        prepare = getattr(self.sidecar, "prepare_admin", None)  # a parent of workers (sidecar.workers.Parent)
+        if prepare is not None:
+            step = prepare(path, stream, q)
+            if step is not None:
+                self._spawn(self._after(step, fn, stream, q))
+                return
+        fn(stream, q)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._searches.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._searches.discard)
+
+    @staticmethod
+    async def _after(step: Any, fn: Callable[[Stream, dict[str, list[str]]], None], stream: Stream,
+                     q: dict[str, list[str]]) -> None:
+        """Answer once the workers did their part (aggregated stats, a change every worker applied)."""
+        try:
+            answered = await step
+        except Exception as exc:  # a bug must cost one admin answer, never the admin
+            log.exception("admin: asking the workers failed")
+            stream.reply(500, f"asking the workers failed: {type(exc).__name__}\n".encode())
+            return
+        if not answered:
+            fn(stream, q)
 
     def _help(self) -> bytes:
         return "".join(f"  {p}: {d}{'' if p in PUBLIC_PATHS else ' [admin socket only]'}\n"
@@ -259,7 +284,8 @@ class Admin:
         up = int(time.monotonic() - self.sidecar.started)
         info = {"version": VERSION, "state": self.sidecar.state, "uptime_current_epoch": f"{up}s",
                 "uptime_all_epochs": f"{up}s", "hot_restart_version": "disabled",
-                "command_line_options": {"config_path": self.sidecar.source, "concurrency": 1},
+                "command_line_options": {"config_path": self.sidecar.source,
+                                         "concurrency": getattr(self.sidecar, "concurrency", 1)},
                 "node": {"id": os.environ.get("REPLICA_NAME", ""), "cluster": os.environ.get("POD_NAME", "")}}
         stream.reply(200, json.dumps(info, indent=1).encode(), content_type=JSON)
 

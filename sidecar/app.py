@@ -14,7 +14,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pods.resolver import HostsResolver
@@ -35,9 +35,13 @@ log = logging.getLogger("sidecar")
 
 class Sidecar:
     def __init__(self, config: Bootstrap, pod_ip: str | None = None, hosts_path: str | None = None,
-                 source: str = "", admin_socket: str | None = None) -> None:
+                 source: str = "", admin_socket: str | None = None,
+                 listen_socks: Sequence[socket.socket] | None = None) -> None:
         self.config = config
         self.admin_socket = admin_socket
+        #: A worker's listening sockets, one per listener in order, bound by its parent (sidecar.workers);
+        #: None: bind them here.
+        self.listen_socks = listen_socks
         self._socket_inode: int | None = None  # of the admin socket we bound: never unlink someone else's
         self.admin: Admin | None = None
         self.pod_ip = pod_ip
@@ -72,7 +76,7 @@ class Sidecar:
             self.clusters[c.name] = runtime
             if runtime.tls is not None:
                 self.tls_contexts.append(runtime.tls.ctx)
-        for lst in self.config.listeners:
+        for i, lst in enumerate(self.config.listeners):
             hcm_cfg = lst.hcm
             loggers = [self._logger(a.path, a.format) for a in hcm_cfg.access_logs]
             hstats = HcmStats(self.store, hcm_cfg.stat_prefix)
@@ -81,14 +85,26 @@ class Sidecar:
             hcm = HcmRuntime(hcm_cfg, self.clusters, hstats, lstats, loggers, runtime=self.runtime, tracer=tracer)
             self.hcms.append(hcm)
             max_header = hcm_cfg.max_request_headers_kb * 1024
+            sock = self.listen_socks[i] if self.listen_socks is not None else None
             if lst.tls is not None:
-                self._start_tls_listener(lst, hcm, hstats, lstats, max_header)
+                self._start_tls_listener(lst, hcm, hstats, lstats, max_header, sock)
                 continue
+            where: dict[str, Any] = ({"host": lst.address, "port": lst.port, "reuse_address": True} if sock is None
+                                     else {"sock": sock})
             server = await loop.create_server(
                 lambda hcm=hcm, max_header=max_header: DownstreamProtocol(hcm, max_header,
                                                                           hcm.cfg.stream_idle_timeout_s),
-                lst.address, lst.port, reuse_address=True, backlog=2048)
+                backlog=2048, **where)
             self.servers.append(server)
+        await self._start_admin()
+        for logger in self.loggers.values():
+            await logger.start()
+        self._sweeper = loop.create_task(self._sweep_idle())
+        self.state = "LIVE"
+
+    async def _start_admin(self) -> None:
+        """The admin's TCP port (read-only pages) and its Unix socket (everything), when configured."""
+        loop = asyncio.get_running_loop()
         a = self.config.admin
         if a is not None or self.admin_socket:
             self.admin = Admin(self, self.admin_socket)
@@ -99,10 +115,6 @@ class Sidecar:
             if self.admin_socket:
                 self.servers.append(await loop.create_unix_server(
                     self._admin_factory(self.admin.handle_socket, idle), sock=self._bind_admin_socket()))
-        for logger in self.loggers.values():
-            await logger.start()
-        self._sweeper = loop.create_task(self._sweep_idle())
-        self.state = "LIVE"
 
     def _tracer(self, lst: Listener) -> Any:
         """The listener's connection manager tracer; one reporter per collector, shared (Envoy: one per tracer
@@ -129,7 +141,7 @@ class Sidecar:
                                  self.config.node_id, self.config.node_cluster, ip)
 
     def _start_tls_listener(self, lst: Listener, hcm: HcmRuntime, hstats: HcmStats, lstats: ListenerStats,
-                            max_header: int) -> None:
+                            max_header: int, sock: socket.socket | None = None) -> None:
         """A listener with a DownstreamTlsContext: its own accept path (sidecar.tls), strict or permissive."""
         from sidecar import tls  # only a TLS configuration loads OpenSSL (sidecar.no_tls)
 
@@ -158,7 +170,7 @@ class Sidecar:
             lst.address, lst.port, ctx, lst.plaintext_allowed,
             lambda: tls.TlsDownstreamProtocol(shared, hcm, max_header, idle),
             lambda: DownstreamProtocol(hcm, max_header, idle), refused)
-        listener.start()
+        listener.start(sock)
         self.tls_listeners.append(listener)
 
     async def _sweep_idle(self) -> None:

@@ -369,18 +369,22 @@ class TlsListener:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def start(self) -> None:
+    def start(self, sock: socket.socket | None = None) -> None:
+        """Listen; ``sock``: a listening socket bound elsewhere (a worker's, from sidecar.workers)."""
         self.loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.address, self.port))
-            sock.listen(2048)
+        if sock is not None:
             sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        else:
+            family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.address, self.port))
+                sock.listen(2048)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
         self.sock = sock
         self.loop.add_reader(sock.fileno(), self._accept)
 

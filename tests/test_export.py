@@ -242,7 +242,7 @@ def _plan(tmp_path: Path, text: str, envoy_bin: str | None = "", engine: str | N
 def test_engine_envoy_plans_the_real_envoy_per_replica(tmp_path):
     plan = _plan(tmp_path, ENGINE_TOPOLOGY)
     assert not plan.errors, plan.errors
-    assert any("concurrency applies to engine envoy only" in p.message for p in plan.warnings)
+    assert not any("concurrency" in p.message for p in plan.warnings)  # both engines honour it
     procs = [p for p in plan.processes if p.replica.pod == "a"]
     assert [p.key for p in procs] == ["a-0/sidecar", "a-0/service", "a-1/sidecar", "a-1/service"]
     for side in (p for p in procs if p.role == "sidecar"):
@@ -260,6 +260,7 @@ def test_engine_envoy_plans_the_real_envoy_per_replica(tmp_path):
     assert plan.envoy_bootstrap("a") == plan.files[tmp_path / "state" / "sidecar" / "a-0.envoy.yaml"]
     c_side = next(p for p in plan.processes if p.key == "c-0/sidecar")
     assert c_side.argv[1:3] == ("-m", "sidecar") and plan.process_engine(c_side) == "meshctl"
+    assert c_side.argv[c_side.argv.index("--concurrency") + 1] == "3"  # our sidecar's worker processes
     # The whole mesh on one engine: the flag wins over the pods' own choice.
     mesh = _plan(tmp_path, ENGINE_TOPOLOGY, engine="meshctl")
     assert {mesh.process_engine(p) for p in mesh.processes if p.role == "sidecar"} == {"meshctl"}
