@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import ceil, log
+from time import perf_counter
 
 import httptools
 
-from meshctl.traffic.histogram import LatencyHistogram
+from meshctl.traffic.histogram import LOG_GAMMA, MIN_VALUE, LatencyHistogram
 from sidecar.http1 import HeadResponseParsing
 
 BODY_KEEP = 2048  # bytes of each response body kept for grouping
@@ -53,18 +56,23 @@ class Results:
 
 
 class _Client(HeadResponseParsing, asyncio.Protocol):
+    """One connection. The per-response path is short on purpose (bench/NOTES.md, "Load generator"):
+    three httptools callbacks, then ``Engine.on_response`` records it and sends the next request."""
+
     __slots__ = ("engine", "transport", "parser", "stale_parser", "busy", "sent_at", "body", "status", "addr",
-                 "alive", "keep_alive", "close_delimited")
+                 "alive", "keep_alive", "close_delimited", "head", "request")
 
     def __init__(self, engine: Engine, addr: tuple[str, int]) -> None:
         self.engine = engine
         self.addr = addr
+        self.head = engine.spec.head
+        self.request = engine.spec.request
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.stale_parser = False
         self.busy = False
         self.sent_at = 0.0
-        self.body = bytearray()
+        self.body = b""
         self.status = 0
         self.alive = False
         self.keep_alive = True
@@ -78,11 +86,12 @@ class _Client(HeadResponseParsing, asyncio.Protocol):
 
     def send(self, scheduled: float | None) -> None:
         self.busy = True
-        self.sent_at = time.perf_counter() if scheduled is None else scheduled
-        self.body = bytearray()
+        self.body = b""
         self.status = 0
-        self.renew_parser()
-        self.transport.write(self.engine.spec.request)  # type: ignore[union-attr]
+        if self.stale_parser:
+            self.renew_parser()
+        self.sent_at = perf_counter() if scheduled is None else scheduled
+        self.transport.write(self.request)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -94,27 +103,32 @@ class _Client(HeadResponseParsing, asyncio.Protocol):
         # No on_header callback on purpose: headers are not needed, and each callback costs. A body
         # delimited by the connection's end is the only kind that cannot be kept alive, so
         # should_keep_alive() tells us whether a clean close may end this response.
-        status = self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
-        self.close_delimited = not self.keep_alive and status not in (204, 304) and status >= 200
-        if self.engine.spec.head:
+        parser = self.parser
+        status = self.status = parser.get_status_code()
+        keep_alive = self.keep_alive = parser.should_keep_alive()
+        self.close_delimited = not keep_alive and status >= 200 and status != 204 and status != 304
+        if self.head:
             self.close_delimited = False
             self.end_head_only()
 
     def on_body(self, body: bytes) -> None:
-        if len(self.body) < BODY_KEEP:
-            self.body += body
+        kept = self.body  # the first BODY_KEEP bytes or more (whole chunks), for grouping
+        if not kept:
+            self.body = body
+        elif len(kept) < BODY_KEEP:
+            self.body = kept + body
 
     def on_message_complete(self) -> None:
         if self.busy:
             self.busy = False
-            self.engine.on_response(self, self.status, self.body, self.keep_alive)
+            self.engine.on_response(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
         if self.busy and self.status and self.close_delimited and exc is None:
             self.busy = False  # a body without framing ends with the connection: that is a response
-            self.engine.on_response(self, self.status, self.body, False)
+            self.keep_alive = False
+            self.engine.on_response(self)
         elif self.busy:
             self.busy = False
             self.engine.on_failure(self, "reset")
@@ -140,16 +154,19 @@ class Engine:
         self.next_at = 0.0
         self.schedule_end = float("inf")  # the open model issues nothing scheduled at or after this
         self.interval = 1.0 / spec.rate if spec.rate else 0.0
+        self.closed_model = spec.rate is None
+        #: Requests may be issued while ``issued < budget``: --n, and the duration's end sets it to ``issued``.
+        self.budget = spec.n if spec.n is not None else sys.maxsize
         self._last_body: tuple[int, bytes, tuple[str, str]] | None = None
 
     # -- budget -------------------------------------------------------------------
     def _may_issue(self) -> bool:
         """Cheap on purpose (called per response): the duration ends through a timer, not a clock read."""
-        n = self.spec.n
-        return not self.time_up and (n is None or self.issued < n)
+        return self.issued < self.budget
 
     def _time_up(self) -> None:
         self.time_up = True
+        self.budget = min(self.budget, self.issued)
         self._check_done()
 
     def _check_done(self) -> None:
@@ -212,11 +229,25 @@ class Engine:
             self.idle.remove(conn)
 
     # -- outcomes ---------------------------------------------------------------------
-    def on_response(self, conn: _Client, status: int, body: bytes, keep_alive: bool) -> None:
-        now = time.perf_counter()
-        self.in_flight -= 1
+    def on_response(self, conn: _Client) -> None:
+        now = perf_counter()
+        seconds = now - conn.sent_at
         r = self.results
-        r.hist.record(now - conn.sent_at)
+        h = r.hist  # LatencyHistogram.record, inline
+        i = ceil(log(seconds if seconds > MIN_VALUE else MIN_VALUE) / LOG_GAMMA)
+        buckets = h.buckets
+        if i in buckets:
+            buckets[i] += 1
+        else:
+            buckets[i] = 1
+        h.count += 1
+        h.total += seconds
+        if seconds < h.min:
+            h.min = seconds
+        if seconds > h.max:
+            h.max = seconds
+        status = conn.status
+        body = conn.body
         r.status[status] += 1
         last = self._last_body
         if last is not None and last[0] == status and last[1] == body:
@@ -226,9 +257,20 @@ class Engine:
             key = self.classify(status, raw)
             self._last_body = (status, raw, key)
         r.groups[key] += 1
-        if keep_alive:
-            self.on_idle(conn)
+        if conn.keep_alive:
+            if self.closed_model:
+                if self.issued < self.budget:  # the next request on this connection (in_flight unchanged)
+                    self.issued += 1
+                    conn.send(None)
+                    return
+                self.in_flight -= 1
+                self._retire(conn)
+            else:
+                self.in_flight -= 1
+                self.on_idle(conn)
+                return
         else:
+            self.in_flight -= 1
             self._retire(conn)
             if self._may_issue() or self.pending:
                 self._open()
