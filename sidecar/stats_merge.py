@@ -105,6 +105,15 @@ class MergedStore(Store):
             if g is not None:
                 g.value += self.worker_memory
 
+    def open_connections(self) -> int:
+        """``server.total_connections``: every listener's open connections, the per-worker copies left out."""
+        total = 0
+        for name, g in self.gauges.items():
+            scope = _listener_scope(name, "downstream_cx_active")
+            if scope is not None and ".worker_" not in scope:
+                total += g.value
+        return total
+
     def update(self, slots: Iterable[tuple[Totals, Snapshot | None]]) -> None:
         """Set every stat to the sum over the worker slots: each slot's retired totals plus its live snapshot."""
         counters: dict[str, int] = {}

@@ -243,6 +243,8 @@ class Parent(Sidecar):
         self.store = MergedStore()
         self.server_stats = ServerStats(self.store, concurrency=concurrency)
         self.store.add_render_hook(self.store.add_worker_memory)
+        # Connections open now on every listener: the workers' sum, without the per-worker copies of it.
+        self.store.derived_gauge("server.total_connections", self.store.open_connections)
         self.worker_args = list(worker_args)
         self.slots = [Slot(i) for i in range(concurrency)]
         self.stopping = False

@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from sidecar.access_log import _Sink
-from sidecar.stats import Store
+from sidecar.stats import ServerStats, Store
 from sidecar.stats_merge import MergedStore, Totals, snapshot
 from tests.conftest import ROOT, free_port, wait_until
 from tests.test_sidecar_proxy import admin_socket_request, request
@@ -75,6 +75,9 @@ def test_merge_sums_counters_and_work_gauges_keeps_state_gauges_and_merges_histo
     assert merged.counters["listener.127.0.0.1_80.worker_0.downstream_cx_total"].value == 3
     assert merged.counters["listener.127.0.0.1_80.worker_1.downstream_cx_total"].value == 5
     assert merged.gauges["listener.127.0.0.1_80.worker_1.downstream_cx_active"].value == 1
+    ServerStats(merged, concurrency=2)  # as the parent has them
+    merged.derived_gauge("server.total_connections", merged.open_connections)
+    assert merged.gauges["server.total_connections"].value == 3  # the per-worker copies are not counted again
     prom = merged.render_prometheus()
     assert ('envoy_listener_worker_downstream_cx_total{envoy_worker_id="1",envoy_listener_address="127.0.0.1_80"} 5'
             in prom)
