@@ -6,6 +6,10 @@ sends its next request from the callback that completed the previous one
 (open model). Latency in the open model is measured from the *scheduled*
 send time, so a stalled server shows up in the percentiles instead of
 silently slowing the generator down (coordinated omission).
+
+A response that is byte for byte the connection's last one is not parsed
+again (``_Client.data_received``): same bytes from the same parser state give
+the same status, body and framing, so it is counted as that response was.
 """
 
 from __future__ import annotations
@@ -56,17 +60,27 @@ class Results:
 
 
 class _Client(HeadResponseParsing, asyncio.Protocol):
-    """One connection. The per-response path is short on purpose (bench/NOTES.md, "Load generator"):
-    three httptools callbacks, then ``Engine.on_response`` records it and sends the next request."""
+    """One connection. The per-response path is short on purpose (bench/NOTES.md, "Load generator").
+
+    The memo: when one read held exactly one whole response, from the parser's state between messages to
+    that state again (``on_message_begin`` / ``on_message_complete`` say where the parser is), that read
+    is kept with the status and group it gave. A later read with the same bytes, arriving while the parser
+    is between messages and a request waits, would drive the parser through the same states to the same
+    outcome, so it is counted as that response (``hits``, added to the counters in ``flush``) without
+    feeding it. Anything else (a different byte: another Date second, a nonce; a response split across
+    reads; HEAD; a response that closes) is parsed as before.
+    """
 
     __slots__ = ("engine", "transport", "parser", "stale_parser", "busy", "sent_at", "body", "status", "addr",
-                 "alive", "keep_alive", "close_delimited", "head", "request")
+                 "alive", "keep_alive", "close_delimited", "head", "request", "hist", "mid", "completed",
+                 "answer", "memo", "memo_status", "memo_key", "hits", "expect")
 
     def __init__(self, engine: Engine, addr: tuple[str, int]) -> None:
         self.engine = engine
         self.addr = addr
         self.head = engine.spec.head
         self.request = engine.spec.request
+        self.hist = engine.results.hist
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.stale_parser = False
@@ -77,6 +91,14 @@ class _Client(HeadResponseParsing, asyncio.Protocol):
         self.alive = False
         self.keep_alive = True
         self.close_delimited = False
+        self.mid = False  # the parser is inside a message (between on_message_begin and on_message_complete)
+        self.completed = 0  # messages completed in the read being parsed
+        self.answer: tuple[int, tuple[str, str]] | None = None  # (status, group) of the last response counted
+        self.memo = b""  # never equal to a read (reads are not empty)
+        self.memo_status = 0
+        self.memo_key = ("", "")
+        self.hits = 0  # responses answered by the memo, not yet in the counters
+        self.expect = b""  # the memo while a request waits on a parser between messages, else b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -90,14 +112,66 @@ class _Client(HeadResponseParsing, asyncio.Protocol):
         self.status = 0
         if self.stale_parser:
             self.renew_parser()
+        self.expect = b"" if self.mid else self.memo
         self.sent_at = perf_counter() if scheduled is None else scheduled
         self.transport.write(self.request)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
+        if data == self.expect:  # the memo (see the class): this response again
+            seconds = perf_counter() - self.sent_at
+            h = self.hist  # LatencyHistogram.record, inline
+            i = ceil(log(seconds if seconds > MIN_VALUE else MIN_VALUE) / LOG_GAMMA)
+            buckets = h.buckets
+            try:
+                buckets[i] += 1
+            except KeyError:
+                buckets[i] = 1
+            h.count += 1
+            h.total += seconds
+            if seconds < h.min:
+                h.min = seconds
+            if seconds > h.max:
+                h.max = seconds
+            self.hits += 1
+            engine = self.engine
+            if engine.closed_model and engine.issued < engine.budget:  # the next request, as on_response
+                engine.issued += 1
+                self.sent_at = perf_counter()
+                self.transport.write(self.request)  # type: ignore[union-attr]
+                return
+            self.busy = False
+            self.expect = b""
+            engine.next_request(self)
+            return
+        clean = not self.mid
+        self.completed = 0
+        self.answer = None
+        self.expect = b""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self.engine.on_failure(self, "protocol")
+            return
+        if self.mid:  # a message is under way: parse what comes next (send() may have set expect)
+            self.expect = b""
+            return
+        if clean and self.completed == 1 and self.answer is not None and self.keep_alive and not self.head:
+            self.flush()  # this read was exactly one whole response: the new memo
+            self.memo = data
+            self.memo_status, self.memo_key = self.answer
+        if self.busy:  # the next request is out, the parser between messages
+            self.expect = self.memo
+
+    def flush(self) -> None:
+        """The memo's hits into the counters."""
+        if self.hits:
+            r = self.engine.results
+            r.status[self.memo_status] += self.hits
+            r.groups[self.memo_key] += self.hits
+            self.hits = 0
+
+    def on_message_begin(self) -> None:
+        self.mid = True
 
     def on_headers_complete(self) -> None:
         # No on_header callback on purpose: headers are not needed, and each callback costs. A body
@@ -119,12 +193,16 @@ class _Client(HeadResponseParsing, asyncio.Protocol):
             self.body = kept + body
 
     def on_message_complete(self) -> None:
+        self.mid = False
+        self.completed += 1
         if self.busy:
             self.busy = False
             self.engine.on_response(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
+        self.expect = b""
+        self.flush()
         if self.busy and self.status and self.close_delimited and exc is None:
             self.busy = False  # a body without framing ends with the connection: that is a response
             self.keep_alive = False
@@ -219,6 +297,8 @@ class Engine:
         self._check_done()
 
     def _retire(self, conn: _Client) -> None:
+        conn.expect = b""
+        conn.flush()
         self.connections.discard(conn)
         if conn.transport is not None:
             conn.transport.close()
@@ -229,16 +309,19 @@ class Engine:
             self.idle.remove(conn)
 
     # -- outcomes ---------------------------------------------------------------------
+    def requests_done(self) -> int:
+        """Responses and errors so far (for progress): the counters and the memo hits not yet added."""
+        return self.results.requests + sum(c.hits for c in self.connections)
+
     def on_response(self, conn: _Client) -> None:
-        now = perf_counter()
-        seconds = now - conn.sent_at
+        seconds = perf_counter() - conn.sent_at
         r = self.results
-        h = r.hist  # LatencyHistogram.record, inline
+        h = r.hist  # LatencyHistogram.record, inline (and in _Client.data_received)
         i = ceil(log(seconds if seconds > MIN_VALUE else MIN_VALUE) / LOG_GAMMA)
         buckets = h.buckets
-        if i in buckets:
+        try:
             buckets[i] += 1
-        else:
+        except KeyError:
             buckets[i] = 1
         h.count += 1
         h.total += seconds
@@ -257,18 +340,13 @@ class Engine:
             key = self.classify(status, raw)
             self._last_body = (status, raw, key)
         r.groups[key] += 1
+        conn.answer = (status, key)
         if conn.keep_alive:
-            if self.closed_model:
-                if self.issued < self.budget:  # the next request on this connection (in_flight unchanged)
-                    self.issued += 1
-                    conn.send(None)
-                    return
-                self.in_flight -= 1
-                self._retire(conn)
+            if self.closed_model and self.issued < self.budget:  # the next request (in_flight unchanged)
+                self.issued += 1
+                conn.send(None)
             else:
-                self.in_flight -= 1
-                self.on_idle(conn)
-                return
+                self.next_request(conn)
         else:
             self.in_flight -= 1
             self._retire(conn)
@@ -276,6 +354,16 @@ class Engine:
                 self._open()
         if self.in_flight == 0:
             self._check_done()
+
+    def next_request(self, conn: _Client) -> None:
+        """After a response on a connection kept alive, when the closed model's shortcut did not apply."""
+        self.in_flight -= 1
+        if self.closed_model:
+            self._retire(conn)  # the budget is spent
+            if self.in_flight == 0:
+                self._check_done()
+        else:
+            self.on_idle(conn)
 
     def on_failure(self, conn: _Client, kind: str) -> None:
         self.in_flight -= 1
@@ -355,6 +443,7 @@ class Engine:
             sweeper.cancel()
             self.results.finished = time.perf_counter()
             for conn in list(self.connections):
+                conn.flush()
                 if conn.transport is not None:
                     conn.transport.close()
         return self.results

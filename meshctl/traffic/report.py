@@ -138,7 +138,7 @@ async def _progress(engine: Engine, total: int | None, duration: float | None) -
     with _progress_bar() as progress:
         task = progress.add_task("load", total=total or None, rps=0.0)
         while not engine.done.done():
-            done = engine.results.requests
+            done = engine.requests_done()
             elapsed = max(loop.time() - start, 1e-9)
             if total is None and duration:
                 progress.update(task, total=int(duration * 10), completed=int(min(elapsed, duration) * 10),

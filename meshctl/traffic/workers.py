@@ -67,7 +67,7 @@ def _child(spec: LoadSpec, slot: int, counts: "multiprocessing.Array", conn: Con
 
         async def report_progress() -> None:
             while True:
-                counts[slot] = engine.results.requests
+                counts[slot] = engine.requests_done()
                 await asyncio.sleep(0.1)
 
         task = asyncio.get_running_loop().create_task(report_progress())
