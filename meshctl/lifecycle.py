@@ -33,6 +33,10 @@ from pods.topology import PrometheusSpec, TracingSpec
 
 USAGE_ERROR = 2
 CAP_NET_BIND_SERVICE = 10
+#: `up -d` asks the supervisor to answer once the mesh has settled, waiting at most this long per request.
+SETTLE_WAIT_S = 2.0
+#: How often `up -d` looks for the control socket before the supervisor has created it.
+SOCKET_POLL_S = 0.01
 
 
 class MeshError(Exception):
@@ -282,15 +286,21 @@ def start_detached(plan: MeshPlan, state: StateDir, lock: int, wait_timeout: flo
 
 def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], start: float,
                 wait_timeout: float) -> dict[str, Any]:
+    """Until every process is ready: the supervisor answers a status request once the mesh has settled (every
+    process ready or done, or one broken), so this asks about once, not every few milliseconds."""
     deadline = start + wait_timeout
     status: dict[str, Any] | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = tail_lines(state.supervisor_log, 10)
             raise MeshError(f"the supervisor of mesh '{plan.mesh}' exited ({proc.returncode}):\n" + "\n".join(tail))
+        asked = time.monotonic()
         if state.control_socket.exists():
+            # Bounded, so that a supervisor that dies or hangs is noticed within a few seconds.
+            wait = max(0.0, min(deadline - asked, SETTLE_WAIT_S))
             try:
-                status = call(state.control_socket, "GET", "/v1/status?resources=0", timeout=5)
+                status = call(state.control_socket, "GET", f"/v1/status?resources=0&wait={wait:.3f}",
+                              timeout=wait + 10)
             except ControlError:
                 status = None
         if status and status["processes"]:
@@ -307,7 +317,8 @@ def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], 
                     return call(state.control_socket, "GET", "/v1/status", timeout=10)
                 except ControlError:
                     return status
-        time.sleep(0.05)
+        if time.monotonic() - asked < SOCKET_POLL_S:
+            time.sleep(SOCKET_POLL_S)  # no socket yet (or an answer at once): a stat every few milliseconds
     not_ready = [p for p in (status or {}).get("processes", [])
                  if not p["ready"] and not completed(p["state"], p["last_exit"])
                  and f"{p['replica']}/{p['role']}" not in plan.unstartable]

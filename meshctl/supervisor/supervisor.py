@@ -29,7 +29,7 @@ from meshctl.supervisor.logfile import RotatingLog
 from meshctl.supervisor.printer import Printer
 from meshctl.supervisor.process import ManagedProcess
 from meshctl.supervisor.reaper import kill_groups_since, kill_run
-from meshctl.supervisor.states import completed
+from meshctl.supervisor.states import BROKEN, State, completed
 from pods.atomic_file import write_atomic
 from pods.plan import MeshPlan
 
@@ -168,6 +168,32 @@ class Supervisor:
                           for p in self.processes],
         }
 
+    def is_settled(self) -> bool:
+        """What `up -d` waits for: every startable process ready (or a finished one-shot job), or one of them
+        broken (it will not get ready without help), or the mesh stopping."""
+        if self._stop.is_set():
+            return True
+        procs = [p for p in self.processes if p.key not in self.plan.unstartable]
+        if not procs:
+            return False
+        if any(p.state in BROKEN and not completed(p.state, p.last_exit) for p in procs):
+            return True
+        return all((p.ready and p.is_alive() and p.state == State.RUNNING) or completed(p.state, p.last_exit)
+                   for p in procs)
+
+    async def settled(self, timeout: float) -> None:
+        """Returns once ``is_settled()`` holds, or after ``timeout`` seconds (woken at each process change)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.is_settled():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._pulse.wait(), remaining)
+            except TimeoutError:
+                return
+
     async def refresh_listening(self) -> None:
         """Rescan what the running processes listen on (a status with resources asks; a thread does it)."""
         await self.listening.refresh([_target(p) for p in self.processes if p.is_alive() and p.pid is not None])
@@ -268,6 +294,7 @@ class Supervisor:
     def request_stop(self, force: bool = False) -> None:
         self._force = self._force or force
         self._stop.set()
+        self._pulse.fire()  # `up -d` waiting for the mesh to settle hears it at once
 
     # -- run --------------------------------------------------------------------
     async def run(self) -> int:
@@ -285,8 +312,7 @@ class Supervisor:
         runner = None
         try:
             if self._start_identity() and await self._start_forwarders():
-                # Processes first, control socket second: the socket's web stack takes a quarter of a
-                # second to import, and the pods can start meanwhile (`up -d` waits for the socket).
+                # Processes first (their spawns run at the first await), control socket second.
                 self._start_processes()
                 runner = await serve(self, self.state.control_socket)
                 await self._stop.wait()
@@ -407,3 +433,4 @@ class Supervisor:
                 except (ProcessLookupError, PermissionError):
                     pass
         self._stop.set()
+        self._pulse.fire()
