@@ -16,7 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from meshctl.client import ControlError, call
+# meshctl.client (http.client, email, ssl) is imported where a command talks to a supervisor: the supervisor
+# itself imports this module, and never does.
 from meshctl.state import (
     StateDir,
     acquire_mesh_lock,
@@ -155,6 +156,8 @@ def pick_mesh(project: str | None, need_running: bool = True) -> StateDir:
 
 def ask(state: StateDir, method: str, url: str, timeout: float = 10.0) -> dict[str, Any]:
     """One control API call, errors as MeshError."""
+    from meshctl.client import ControlError, call
+
     try:
         return call(state.control_socket, method, url, timeout=timeout)
     except ControlError as exc:
@@ -224,15 +227,19 @@ def run_supervisor(plan: MeshPlan, state: StateDir, foreground: bool) -> int:
     """Run the mesh in this process until it is stopped (signals: one stops, a second forces)."""
     import asyncio
 
-    from meshctl.supervisor.printer import Printer
     from meshctl.supervisor.supervisor import Supervisor
     from pods.runloop import run as run_loop
 
-    if not foreground:  # supervisor.log: one line per event, with time and level
+    printer = None
+    if foreground:
+        from meshctl.supervisor.printer import Printer
+
+        printer = Printer()
+    else:  # supervisor.log: one line per event, with time and level
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    sup = Supervisor(plan, state, Printer() if foreground else None)
+    sup = Supervisor(plan, state, printer)
 
     async def main_task() -> int:
         loop = asyncio.get_running_loop()
@@ -269,7 +276,7 @@ def start_detached(plan: MeshPlan, state: StateDir, lock: int, wait_timeout: flo
     start = time.monotonic()
     with open(state.supervisor_log, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meshctl", "supervise", "--project", plan.mesh], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "meshctl.supervisor", "supervise", "--project", plan.mesh], stdin=subprocess.PIPE,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, pass_fds=(lock,))
     os.close(lock)  # the supervisor holds the lock now
     try:
@@ -288,6 +295,8 @@ def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], 
                 wait_timeout: float) -> dict[str, Any]:
     """Until every process is ready: the supervisor answers a status request once the mesh has settled (every
     process ready or done, or one broken), so this asks about once, not every few milliseconds."""
+    from meshctl.client import ControlError, call
+
     deadline = start + wait_timeout
     status: dict[str, Any] | None = None
     while time.monotonic() < deadline:
@@ -367,6 +376,8 @@ def _fail_startup(plan: MeshPlan, state: StateDir, bad: dict[str, Any], proc: su
 def stop_supervisor(state: StateDir, pid: int | None, timeout: float = 30.0) -> bool:
     """Ask the supervisor to stop; SIGTERM it if it does not answer; wait for it. False: it had to be killed."""
     import psutil
+
+    from meshctl.client import ControlError, call
 
     try:
         call(state.control_socket, "POST", "/v1/down", timeout=5)

@@ -22,14 +22,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pods.addressing import is_ip
 from pods.replica import Replica, ReplicaLayout, SidecarLaunch
 from pods.sidecars import PROBE_IP
 from pods.source import Problem
-from sidecar.config import Bootstrap
-from sidecar.mesh_identity import MeshIdentity, dump_identity
+
+if TYPE_CHECKING:  # the sidecar's model: imported only when a mesh has identities (see pods/sidecars.py)
+    from sidecar.config import Bootstrap
+    from sidecar.mesh_identity import MeshIdentity
 
 IDENTITY_DIR = "identity"
 IDENTITY_FILE = "identity.json"
@@ -102,6 +104,8 @@ def plan_identities(layout: ReplicaLayout, state_root: Path, boots: Mapping[str,
     """
     if not needs_identities(layout):
         return None
+    from sidecar.mesh_identity import MeshIdentity
+
     topo = layout.topology
     root = state_root / IDENTITY_DIR
     supplied = topo.identity.ca
@@ -143,6 +147,8 @@ def plan_identities(layout: ReplicaLayout, state_root: Path, boots: Mapping[str,
 
 def identity_files(plan: IdentityPlan) -> dict[Path, str]:
     """The identity file of every replica (JSON, no secrets: paths and ids), written before anything starts."""
+    from sidecar.mesh_identity import dump_identity
+
     return {r.file: dump_identity(r.identity) for r in plan.replicas.values()}
 
 

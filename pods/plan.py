@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pods.identity import IdentityPlan, identity_files, needs_identities, plan_identities, sidecar_args
 from pods.prometheus import CONFIG_FILE as PROMETHEUS_CONFIG
@@ -28,8 +28,9 @@ from pods.source import Problem
 from pods.topology import Dependency, MetricsSpec, PodSpec, PrometheusSpec, PublishSpec, Topology, TracingSpec
 from pods.tracing import POD_NAME as TRACING_POD
 from pods.tracing import TracingPlan, tracing_plan, with_tracing
-from sidecar.config import Bootstrap, ConfigError
-from sidecar.mesh_tracing import apply_tracing
+
+if TYPE_CHECKING:  # the sidecar's model is imported only where a mesh has sidecars (see pods/sidecars.py)
+    from sidecar.config import Bootstrap
 
 #: The seed's and HTTP's default: a pod that declares no port is taken to serve on 80.
 DEFAULT_POD_PORT = 80
@@ -291,6 +292,8 @@ def plan_mesh(topology: Topology, state_root: Path, facts: HostFacts, prometheus
 
 def _probe_boots(layout: ReplicaLayout) -> dict[str, Bootstrap]:
     """Each sidecar's model compiled once, for the stand-in alias (compile errors were reported already)."""
+    from sidecar.config import ConfigError
+
     boots = {}
     for name, launch in layout.sidecars.items():
         try:
@@ -305,6 +308,9 @@ def _probe_boots(layout: ReplicaLayout) -> dict[str, Bootstrap]:
 def _plan_tracing(layout: ReplicaLayout, spec: TracingSpec, problems: list[Problem]) -> TracingPlan:
     """The collector's address, given to every process (env) and every sidecar (argv, or the real Envoy's
     bootstrap); a sidecar whose configuration cannot take the mesh's tracer is a problem at its line."""
+    from sidecar.config import ConfigError
+    from sidecar.mesh_tracing import apply_tracing
+
     traced = tracing_plan(spec, layout.replicas[TRACING_POD][0].ip)
     layout.mesh_env = traced.mesh_env()
     layout.direct_hosts = (traced.ip,)
@@ -335,6 +341,8 @@ def _envoy_files(layout: ReplicaLayout, problems: list[Problem], identity: Ident
     for name, launch in layout.sidecars.items():
         if launch.engine != "envoy":
             continue
+        from sidecar.config import ConfigError
+
         for replica in layout.replicas.get(name, []):
             ident = identity.replicas.get(replica.name) if identity is not None else None
             mesh_ident = ident.identity if ident else None

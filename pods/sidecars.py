@@ -14,24 +14,25 @@ the real Envoy (``engine: envoy``), which runs the Envoy v3 bootstrap that
 
 from __future__ import annotations
 
-import inspect
+import functools
 import json
 import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pods.replica import Replica, SidecarLaunch
 from pods.source import Problem
 from pods.topology import PodSpec, Topology
-from sidecar.config import Bootstrap, ConfigError
-from sidecar.envoy_config import load_envoy
-from sidecar.envoy_export import export_envoy_yaml, sds_files
-from sidecar.http_filters import add_live_faults
-from sidecar.mesh_identity import MeshIdentity, apply_identity
-from sidecar.mesh_tracing import MeshTracing, apply_tracing
-from sidecar.short_config import compile_short
+
+# The sidecar's compilers are imported where they run: a mesh without sidecars (and the supervisor, which
+# only runs the plan) never pays for them.
+if TYPE_CHECKING:
+    from sidecar.config import Bootstrap
+    from sidecar.mesh_identity import MeshIdentity
+    from sidecar.mesh_tracing import MeshTracing
 
 #: Compile-time stand-in for a replica's alias; ports and names do not depend on it.
 _PROBE_IP = PROBE_IP = "127.0.0.2"
@@ -69,6 +70,8 @@ class CompiledSidecars:
 
 def _source(pod: PodSpec, topo: Topology) -> tuple[str, str]:
     """("envoy", absolute path) or ("short", the short form as JSON): what ``compile_source`` compiles."""
+    from sidecar.config import ConfigError
+
     section = dict(pod.sidecar or {})
     if "envoy" in section:
         extra = sorted(set(section) - set(_META_KEYS))
@@ -99,8 +102,15 @@ def _anchor_files(short: dict, base: Path) -> dict:
     return {**short, "ingress": ingress}
 
 
-#: Whether the short form names RBAC principals by pod (``allow: [{from: [a]}]``), which needs the trust domain.
-_SHORT_TAKES_TRUST_DOMAIN = "trust_domain" in inspect.signature(compile_short).parameters
+@functools.cache
+def _short_takes_trust_domain() -> bool:
+    """Whether the short form names RBAC principals by pod (``allow: [{from: [a]}]``), which needs the trust
+    domain."""
+    import inspect
+
+    from sidecar.short_config import compile_short
+
+    return "trust_domain" in inspect.signature(compile_short).parameters
 
 
 def compile_source(source: tuple[str, str], pod_ip: str, public_admin: bool,
@@ -109,11 +119,17 @@ def compile_source(source: tuple[str, str], pod_ip: str, public_admin: bool,
     what a short-form ``from: [a]`` means as a SPIFFE id (the sidecar gets it from its identity file).
     ``live_faults``: with the inactive fault overrides `meshctl fault` switches on (off for `meshctl export`
     to other platforms, where nothing switches them)."""
+    from sidecar.http_filters import add_live_faults
+
     kind, text = source
     if kind == "envoy":
+        from sidecar.envoy_config import load_envoy
+
         boot = load_envoy(text, pod_ip, public_admin=public_admin)
     else:
-        extra = {"trust_domain": trust_domain} if trust_domain and _SHORT_TAKES_TRUST_DOMAIN else {}
+        from sidecar.short_config import compile_short
+
+        extra = {"trust_domain": trust_domain} if trust_domain and _short_takes_trust_domain() else {}
         boot = compile_short(json.loads(text), pod_ip, public_admin=public_admin, source="sidecar", **extra)
     # What `meshctl fault` switches on; the sidecar gets --live-faults.
     return add_live_faults(boot) if live_faults else boot
@@ -129,6 +145,8 @@ def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_so
     ``sds_dir``: certificates through SDS files there (``envoy_sds_files``), which Envoy reloads on rotation;
     None: named in the bootstrap (read once: what ``meshctl export envoy`` prints for a standalone Envoy).
     """
+    from sidecar.envoy_export import export_envoy_yaml
+
     boot = _envoy_model(launch, replica, mesh, identity, tracing)
     origin = launch.source[1] if launch.source[0] == "envoy" else f"pod {replica.pod}'s short-form sidecar"
     header = (f"Envoy v3 bootstrap of {replica.name} (mesh {mesh}, alias {replica.ip}), written by meshctl "
@@ -140,6 +158,9 @@ def envoy_bootstrap(launch: SidecarLaunch, replica: Replica, mesh: str, admin_so
 
 def _envoy_model(launch: SidecarLaunch, replica: Replica, mesh: str, identity: MeshIdentity | None,
                  tracing: MeshTracing | None = None) -> Bootstrap:
+    from sidecar.mesh_identity import apply_identity
+    from sidecar.mesh_tracing import apply_tracing
+
     # The trust domain only with an identity: our sidecar compiles the same way (it learns it from the file).
     boot = compile_source(launch.source, replica.ip, launch.public_admin,
                           identity.trust_domain if identity is not None else None)
@@ -159,6 +180,8 @@ def envoy_sds_files(launch: SidecarLaunch, replica: Replica, mesh: str, identity
     from the file system, which the plan does not read (the symlink does not exist before the first issue),
     so the plan says it.
     """
+    from sidecar.envoy_export import sds_files
+
     out: dict[Path, str] = {}
     for path, text in sds_files(_envoy_model(launch, replica, mesh, identity, tracing), str(sds_dir)).items():
         doc = json.loads(text)
@@ -174,6 +197,8 @@ def envoy_sds_files(launch: SidecarLaunch, replica: Replica, mesh: str, identity
 
 def _engine(pod: PodSpec, override: str | None) -> tuple[str, int]:
     """The pod's sidecar engine (``up --sidecar-engine`` wins over the pod's ``engine:``) and its concurrency."""
+    from sidecar.config import ConfigError
+
     section = pod.sidecar or {}
     engine = override or section.get("engine", "meshctl")
     if engine not in ENGINES:
@@ -196,6 +221,8 @@ def compile_sidecars(topo: Topology, config_dir: Path, engine: str | None = None
     for pod in topo.pods.values():
         if pod.sidecar is None:
             continue
+        from sidecar.config import ConfigError
+
         path, line = str(topo.path), pod.sidecar_line
         where = f"pod '{pod.name}' sidecar"
         try:

@@ -10,14 +10,18 @@ validator only sees final values.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import yaml
-from yaml.constructor import SafeConstructor
+from typing import TYPE_CHECKING, Any
 
 from pods.interpolation import InterpolationError, interpolate
+
+# PyYAML is imported where a document is read: the supervisor unpickles Problems from this module and reads
+# no YAML.
+if TYPE_CHECKING:
+    import yaml
+    from yaml.constructor import SafeConstructor
 
 _TAG = "tag:yaml.org,2002:"
 _MERGE = _TAG + "merge"
@@ -26,7 +30,13 @@ _MERGE = _TAG + "merge"
 # ``VERSION: 2024-01-01`` in an env block means anyway.
 _TYPED = {_TAG + t for t in ("null", "bool", "int", "float")}
 _AS_TEXT = {_TAG + t for t in ("timestamp", "binary")}
-_CONSTRUCTOR = SafeConstructor()
+
+
+@functools.cache
+def _constructor() -> SafeConstructor:
+    from yaml.constructor import SafeConstructor
+
+    return SafeConstructor()
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,8 @@ Node = Scalar | Seq | Map
 
 def compose(text: str, report: Report) -> yaml.Node | None:
     """Parse ``text`` into a YAML node tree; a syntax error is reported, not raised."""
+    import yaml
+
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -151,11 +163,15 @@ class _Builder:
         self.active: set[int] = set()
 
     def build(self, node: yaml.Node, skip_top_level: Callable[[str], bool]) -> Node:
+        import yaml
+
         if isinstance(node, yaml.MappingNode):
             return self._map(node, skip_top_level)
         return self.node(node)
 
     def node(self, node: yaml.Node) -> Node:
+        import yaml
+
         key = id(node)
         if key in self.done:
             return self.done[key]
@@ -176,6 +192,8 @@ class _Builder:
         return out
 
     def _map(self, node: yaml.MappingNode, skip: Callable[[str], bool]) -> Map:
+        import yaml
+
         result = Map({}, line_of(node))
         merged: dict[str, Entry] = {}
         for key_node, value_node in node.value:
@@ -199,6 +217,8 @@ class _Builder:
 
     def _merge(self, value_node: yaml.Node, into: dict[str, Entry]) -> None:
         """YAML ``<<: *anchor`` merge keys: explicit keys win, earlier merges win over later ones."""
+        import yaml
+
         sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
         for source in sources:
             built = self.node(source)
@@ -213,7 +233,8 @@ class _Builder:
         if node.tag == _TAG + "str":
             return self._interpolated(node.value, line)
         if node.tag in _TYPED:
-            return Scalar(SafeConstructor.yaml_constructors[node.tag](_CONSTRUCTOR, node), line)
+            constructor = _constructor()
+            return Scalar(constructor.yaml_constructors[node.tag](constructor, node), line)
         if node.tag in _AS_TEXT:
             return Scalar(node.value, line)
         self.report.error(line, f"unsupported YAML tag {node.tag!r}")

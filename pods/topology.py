@@ -9,7 +9,6 @@ Nothing here starts processes or touches the network.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -1017,6 +1016,8 @@ def dependency_cycles(pods: Mapping[str, PodSpec]) -> list[list[str]]:
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    import difflib  # only for a typo's suggestion
+
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

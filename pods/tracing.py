@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pods.topology import MetricsSpec, PodSpec, ProcessSpec, ReadyProbe, Topology, TracingSpec
-from sidecar.mesh_tracing import MeshTracing
+
+if TYPE_CHECKING:
+    from sidecar.mesh_tracing import MeshTracing
 
 POD_NAME = "tracing"
 SPANS_PATH = "/api/v2/spans"
@@ -59,6 +61,8 @@ class TracingPlan:
 
     def mesh_tracing(self, pod: str) -> MeshTracing:
         """A pod's sidecar settings in the vocabulary ``apply_tracing`` takes (the real Envoy's export)."""
+        from sidecar.mesh_tracing import MeshTracing
+
         return MeshTracing(self.ip, self.port, self.sampling, pod)
 
     def sidecar_args(self, pod: str) -> tuple[str, ...]:

@@ -26,7 +26,6 @@ from meshctl.supervisor.dependencies import Pulse, gates
 from meshctl.supervisor.forwarder import Forwarder
 from meshctl.supervisor.listening import ListeningWatch, Target
 from meshctl.supervisor.logfile import RotatingLog
-from meshctl.supervisor.printer import Printer
 from meshctl.supervisor.process import ManagedProcess
 from meshctl.supervisor.reaper import kill_groups_since, kill_run
 from meshctl.supervisor.states import BROKEN, State, completed
@@ -35,6 +34,7 @@ from pods.plan import MeshPlan
 
 if TYPE_CHECKING:
     from meshctl.identity.rotation import Rotation
+    from meshctl.supervisor.printer import Printer  # the foreground's (click): never imported under `up -d`
 
 log = logging.getLogger(__name__)
 
