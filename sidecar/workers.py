@@ -309,7 +309,10 @@ class Parent(Sidecar):
         slot.started_at = time.monotonic()
         slot.runtime_version = self.runtime_version
         # The worker reads this before it starts serving: the runtime overrides and health state it must have.
-        parent_end.sendall(frame(("init", self._worker_state())))
+        try:
+            parent_end.sendall(frame(("init", self._worker_state())))
+        except OSError:
+            pass  # it died already: the watcher below sees the socket close and handles its exit
         task = asyncio.get_running_loop().create_task(self._watch(slot, parent_end, slot.gen))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -397,9 +400,16 @@ class Parent(Sidecar):
 
     # -- asking the workers ------------------------------------------------------------------------------------------
 
-    def _send(self, slot: Slot, msg: Any) -> None:
-        if slot.writer is not None:
-            slot.writer.write(frame(msg))
+    def _send(self, slot: Slot, msg: Any) -> bool:
+        """Queue ``msg`` to the worker; False when it is gone (its watcher handles the exit)."""
+        writer = slot.writer
+        if writer is None or writer.is_closing():
+            return False
+        try:
+            writer.write(frame(msg))
+        except (OSError, RuntimeError):
+            return False
+        return True
 
     async def ask(self, slot: Slot, op: str, arg: Any = None, timeout: float = ASK_TIMEOUT_S) -> Any:
         if slot.writer is None or not slot.ready:
@@ -408,7 +418,9 @@ class Parent(Sidecar):
         seq = slot.seq
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         slot.pending[seq] = fut
-        slot.writer.write(frame(("req", seq, op, arg)))
+        if not self._send(slot, ("req", seq, op, arg)):
+            slot.pending.pop(seq, None)
+            raise WorkerGone()
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
