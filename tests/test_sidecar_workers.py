@@ -317,7 +317,7 @@ def test_sigterm_stops_every_worker_gracefully(workers):
     pids = [p.pid for p in workers.workers()]
     conn = http.client.HTTPConnection(POD, workers.ingress, timeout=10)
     conn.request("GET", "/delay/0.5?t=drain")  # in flight when the SIGTERM arrives: it completes
-    time.sleep(0.1)
+    wait_until(lambda: workers.upstream.count("/delay/0.5?t=drain") == 1, "the request to reach the upstream")
     assert workers.proc is not None
     workers.proc.send_signal(signal.SIGTERM)
     r = conn.getresponse()
