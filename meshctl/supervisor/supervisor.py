@@ -26,7 +26,7 @@ from meshctl.supervisor.dependencies import Pulse, gates
 from meshctl.supervisor.forwarder import Forwarder
 from meshctl.supervisor.listening import ListeningWatch, Target
 from meshctl.supervisor.logfile import RotatingLog
-from meshctl.supervisor.process import ManagedProcess
+from meshctl.supervisor.process import ManagedProcess, ProbePacer
 from meshctl.supervisor.reaper import kill_groups_since, kill_run
 from meshctl.supervisor.states import BROKEN, State, completed
 from pods.atomic_file import write_atomic
@@ -83,6 +83,8 @@ class Supervisor:
         self.rotation: Rotation | None = None
         #: Fired at every change of any process: what pods waiting on depends_on re-check.
         self._pulse = Pulse()
+        #: The probe budget of the processes that are not ready yet.
+        self.pacer = ProbePacer()
 
     # -- events from processes ----------------------------------------------
     def _on_line(self, proc: ManagedProcess, line: str) -> None:
@@ -376,7 +378,8 @@ class Supervisor:
         for plan in self.plan.processes:
             log = RotatingLog(self.state.log_path(plan.replica.name, plan.role))
             after = sidecars.get(plan.replica.name) if plan.role == "service" else None
-            proc = ManagedProcess(plan, log, self._on_line, self._on_event, self._on_change, after=after)
+            proc = ManagedProcess(plan, log, self._on_line, self._on_event, self._on_change, after=after,
+                                  pacer=self.pacer)
             if plan.role == "sidecar":
                 sidecars[plan.replica.name] = proc
             if self.printer is not None:
