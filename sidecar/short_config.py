@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pods.addressing import is_ip
 from sidecar.config import (
@@ -62,9 +62,12 @@ from sidecar.config_fields import (
     self_routed,
     sub,
 )
-from sidecar.http_filters import FAULT, LOCAL_RATELIMIT, live_fault_prefix
-from sidecar.jwt_authn import JWT_AUTHN, HeaderLocation, JwtAuthnFilter, JwtProvider, JwtRule, Requirement, parse_jwks
-from sidecar.rbac import RBAC, Policy, RbacFilter, RbacRules, Rule, StringMatch
+from sidecar.http_filters import FAULT, JWT_AUTHN, LOCAL_RATELIMIT, RBAC, live_fault_prefix
+
+# JWT and RBAC are imported by the functions that compile them: a sidecar without `auth` never loads them.
+if TYPE_CHECKING:
+    from sidecar.jwt_authn import JwtAuthnFilter
+    from sidecar.rbac import RbacRules, Rule
 
 DEFAULT_ADMIN_PORT = 9901
 DEFAULT_ACCESS_LOG = "/dev/stdout"
@@ -474,6 +477,8 @@ def _auth_filters(ctx: Ctx, obj: dict[str, Any], path: str, trust_domain: str | 
         out.append(HttpFilter(JWT_AUTHN, _jwt(ctx, obj["jwt"], sub(path, "jwt"))))
     for key, action, stat_prefix in (("deny", "DENY", "deny."), ("allow", "ALLOW", "")):
         if obj.get(key) is not None:
+            from sidecar.rbac import RbacFilter
+
             rules = _rbac_rules(ctx, obj[key], sub(path, key), action, trust_domain)
             out.append(HttpFilter(RBAC, RbacFilter(rules=rules, rules_stat_prefix=stat_prefix)))
     return tuple(out)
@@ -481,6 +486,8 @@ def _auth_filters(ctx: Ctx, obj: dict[str, Any], path: str, trust_domain: str | 
 
 def _path_rule(ctx: Ctx, value: Any, path: str) -> Rule:
     """``/x/*`` is the prefix ``/x/``; anything else an exact path."""
+    from sidecar.rbac import Rule, StringMatch
+
     text = as_str(ctx, value, path)
     if not text.startswith("/"):
         raise ctx.error(path, f"a path starts with '/', got {text!r}")
@@ -496,6 +503,8 @@ def _path_rule(ctx: Ctx, value: Any, path: str) -> Rule:
 
 def _rbac_rules(ctx: Ctx, value: Any, path: str, action: str, trust_domain: str | None) -> RbacRules:
     """``allow``/``deny: [{from, methods, paths}]``: one policy per entry; an absent key matches anything."""
+    from sidecar.rbac import Policy, RbacRules, Rule, StringMatch
+
     policies = []
     entries = as_list(ctx, value, path)
     if not entries:
@@ -555,6 +564,8 @@ def _peer_id(ctx: Ctx, value: Any, path: str, trust_domain: str | None) -> str:
 def _jwt(ctx: Ctx, value: Any, path: str) -> JwtAuthnFilter:
     """``jwt: {issuer, audiences, jwks: FILE, from_header, forward_payload_header, paths}``: one provider
     (``jwt``), required on ``paths`` (default: every path); the token is not forwarded (Envoy's default)."""
+    from sidecar.jwt_authn import HeaderLocation, JwtAuthnFilter, JwtProvider, JwtRule, Requirement, parse_jwks
+
     obj = as_dict(ctx, value, path, allow_none=False)
     check_keys(ctx, obj, path, ("issuer", "audiences", "jwks", "from_header", "forward_payload_header", "paths",
                                 "forward"))

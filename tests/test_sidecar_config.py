@@ -463,3 +463,25 @@ def test_short_form_takes_a_quoted_port_as_the_ingress_target():
     """`to: "${PORT}"` interpolates to a string in a topology: it is the port all the same."""
     boot = compile_short({"ingress": {"port": 8080, "to": "3000"}}, POD)
     assert boot.cluster("local_service").endpoints[0].port == 3000
+
+
+def test_rbac_and_jwt_load_only_when_configured():
+    """A plain sidecar never imports the RBAC and JWT modules (start-up time, issue 18); their filter names are
+    the ones http_filters knows, and a configuration with them still compiles to their filters."""
+    import subprocess
+    import sys
+
+    from sidecar import http_filters, jwt_authn, rbac
+
+    assert (http_filters.RBAC, http_filters.JWT_AUTHN) == (rbac.RBAC, jwt_authn.JWT_AUTHN)
+    code = ("import json, sys; from sidecar.short_config import compile_short; "
+            "from sidecar.http_filters import add_live_faults; "
+            "add_live_faults(compile_short({'ingress': {'port': 8080, 'to': 8000}, 'admin': {'port': 9901}}, "
+            "'127.0.0.2')); print(json.dumps(sorted(m for m in sys.modules if m in "
+            "('sidecar.rbac', 'sidecar.jwt_authn'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert json.loads(out) == []
+    boot = compile_short({"ingress": {"port": 8080, "to": 8000, "allow": [{"paths": ["/ok"]}]}}, "127.0.0.2")
+    names = [f.name for lst in boot.listeners for f in lst.hcm.http_filters]
+    assert rbac.RBAC in names
