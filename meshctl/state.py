@@ -162,14 +162,14 @@ def aliases_by_mesh() -> dict[str, frozenset[str]]:
 
 
 def listening_aliases() -> frozenset[str]:
-    """Loopback addresses with listening sockets: meshes under another MESHCTL_HOME, or any other program."""
-    import psutil
+    """Loopback addresses with listening sockets: meshes under another MESHCTL_HOME, or any other program.
 
-    taken: set[str] = set()
+    Asked of the kernel's sock_diag (listening sockets only, as `ss -lt`): psutil's net_connections parsed the
+    whole TCP table, TIME_WAIT included (30 ms of `up` on a machine that had just run a benchmark)."""
+    from meshctl.supervisor.listen_table import listen_table
+
     try:
-        for c in psutil.net_connections(kind="inet4"):
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.ip.startswith("127."):
-                taken.add(c.laddr.ip)
-    except (psutil.AccessDenied, OSError):
-        pass
-    return frozenset(taken)
+        table = listen_table()
+    except OSError:
+        return frozenset()
+    return frozenset(ip for ip, _ in table.values() if ip.startswith("127."))
