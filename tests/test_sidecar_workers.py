@@ -450,6 +450,9 @@ def test_concurrency_2_in_a_mesh(meshctl):
     assert side["state"] == "running" and side["ready"]
     children = psutil.Process(side["pid"]).children()
     assert len(children) == 2 and all("--worker" in " ".join(c.cmdline()) for c in children)
+    # ps counts the workers' memory with the sidecar's: the parent alone is one interpreter's worth.
+    own = psutil.Process(side["pid"]).memory_info().rss
+    assert side["rss_bytes"] >= own + sum(c.memory_info().rss for c in children) * 0.8, (side["rss_bytes"], own)
     info = json.loads(meshctl("admin", "a", "/server_info").stdout)
     assert info["command_line_options"]["concurrency"] == 2
     out = json.loads(meshctl("traffic", "a", "--n", "300", "-c", "8", "--json", "-p", "workers2").stdout)

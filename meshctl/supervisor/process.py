@@ -128,6 +128,7 @@ class ManagedProcess:
         self.error: str | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         self._psutil: psutil.Process | None = None
+        self._children: dict[int, psutil.Process] = {}  # a worker-forking sidecar's workers, for status()
         self._stop = False
         self._wake = asyncio.Event()
         self._probe_wake: asyncio.Event | None = None  # while starting: set by output, to probe sooner
@@ -426,6 +427,35 @@ class ManagedProcess:
     def is_alive(self) -> bool:
         return self._exited is not None and not self._exited.done()
 
+    @property
+    def _forks_workers(self) -> bool:
+        """A sidecar with ``--concurrency N`` (N > 1) serves from worker processes: its CPU and memory are
+        theirs. Only then are the children walked (a /proc scan), never for the other processes."""
+        argv = self.plan.argv
+        try:
+            return int(argv[argv.index("--concurrency") + 1]) > 1 and self.plan.role == "sidecar"
+        except (ValueError, IndexError):
+            return False
+
+    def _add_workers(self, cpu: float, rss: int) -> tuple[float, int]:
+        """The process's CPU and RSS plus its children's (their psutil objects kept: cpu_percent measures
+        since the previous call on the same object)."""
+        assert self._psutil is not None
+        try:
+            children = self._psutil.children(recursive=True)
+        except psutil.Error:
+            return cpu, rss
+        known = self._children
+        self._children = {c.pid: known.get(c.pid, c) for c in children}
+        for child in self._children.values():
+            try:
+                with child.oneshot():
+                    cpu += child.cpu_percent(None)
+                    rss += child.memory_info().rss
+            except psutil.Error:
+                continue
+        return cpu, rss
+
     def status(self, resources: bool = True) -> dict[str, Any]:
         """``resources=False`` skips the /proc reads (CPU, RSS): `up -d` polls often while pods start."""
         cpu = rss = None
@@ -437,6 +467,8 @@ class ManagedProcess:
                     rss = self._psutil.memory_info().rss
             except psutil.Error:
                 pass
+            if cpu is not None and rss is not None and self._forks_workers:
+                cpu, rss = self._add_workers(cpu, rss)
         r = self.plan.replica
         return {
             "pod": r.pod, "replica": r.name, "ip": r.ip, "role": self.plan.role,
