@@ -96,11 +96,16 @@ def run(quick: bool) -> tuple[list[Row], dict[str, Any]]:
             rows.append(_row(f"mTLS server CPU per handshake, {what}", ms[f"handshake_{key}_cpu_us"], "us",
                              me[f"handshake_{key}_cpu_us"], "envoy (BoringSSL)"))
 
-    lg = part("loadgen", lambda: loadgen.measure(20_000 if quick else 50_000, 1 if quick else 3))
-    rows.append(_row("meshctl traffic -c10 -> nginx", lg["traffic"]["rps"], "rps", lg["hey"]["rps"], "hey",
-                     ">= 2x hey", lg["traffic_vs_hey"] >= 2,
+    # issue 18: traffic >= 0.9x wrk and >= 2.5x hey at -c 10 (ratios paired per repetition; bench/loadgen.py says
+    # what each tool may use on this 2-core machine)
+    lg = part("loadgen", lambda: loadgen.measure(None, 1 if quick else 3, 2 if quick else 3))
+    rows.append(_row("meshctl traffic -c10 -> nginx vs wrk -t1", lg["traffic"]["rps"], "rps", lg["wrk"]["rps"], "wrk",
+                     f">= {loadgen.GOAL_VS_WRK}x wrk", lg["traffic_vs_wrk"] >= loadgen.GOAL_VS_WRK,
+                     ratio=lg["traffic_vs_wrk"],
                      spread=f"{lg['traffic']['rps_min']:.0f}-{lg['traffic']['rps_max']:.0f}"))
-    rows.append(_row("meshctl traffic vs wrk", lg["traffic"]["rps"], "rps", lg["wrk"]["rps"], "wrk"))
+    rows.append(_row("meshctl traffic -c10 -> nginx vs hey", lg["traffic"]["rps"], "rps", lg["hey"]["rps"], "hey",
+                     f">= {loadgen.GOAL_VS_HEY}x hey", lg["traffic_vs_hey"] >= loadgen.GOAL_VS_HEY,
+                     ratio=lg["traffic_vs_hey"]))
 
     sd = part("seed", lambda: seed.measure(reps=1 if quick else 3))
     rows.append(_row("seed: 1000 requests, wall time", sd["traffic"]["wall_s"], "s", sd["curl"]["wall_s"],
@@ -111,10 +116,14 @@ def run(quick: bool) -> tuple[list[Row], dict[str, Any]]:
                      "curl loop", "~0.80"))
 
     st = part("startup", lambda: startup.measure(1 if quick else 3))
-    rows.append(_row("seed demo (sidecar) up -d to ready", st["seed_up_s"], "s", goal="<= 1.5 s",
-                     met=st["seed_up_s"] <= 1.5))
-    rows.append(_row("50 pods (100 processes) up -d to ready", st["fifty_up_s"], "s", goal="<= 15 s",
-                     met=st["fifty_up_s"] <= 15, spread=f"{st['fifty_up_min_s']:.1f}-{st['fifty_up_max_s']:.1f}"))
+    # issue 18: seed direct <= 0.5 s, seed sidecar <= 1.0 s, 50 pods <= 8 s
+    rows.append(_row("seed direct up -d to ready", st["seed_direct_up_s"], "s", goal="<= 0.5 s",
+                     met=st["seed_direct_up_s"] <= 0.5,
+                     spread=f"{st['seed_direct_up_min_s']:.2f}-{st['seed_direct_up_max_s']:.2f}"))
+    rows.append(_row("seed demo (sidecar) up -d to ready", st["seed_up_s"], "s", goal="<= 1.0 s",
+                     met=st["seed_up_s"] <= 1.0, spread=f"{st['seed_up_min_s']:.2f}-{st['seed_up_max_s']:.2f}"))
+    rows.append(_row("50 pods (100 processes) up -d to ready", st["fifty_up_s"], "s", goal="<= 8 s",
+                     met=st["fifty_up_s"] <= 8, spread=f"{st['fifty_up_min_s']:.1f}-{st['fifty_up_max_s']:.1f}"))
     rows.append(_row("supervisor idle CPU, 100 processes", st["supervisor_idle_cpu_pct"], "%", goal="<= 1 %",
                      met=st["supervisor_idle_cpu_pct"] <= 1))
     rows.append(_row("RSS: sidecar (idle)", st["sidecar_rss_mb"], "MB", goal="<= 25 MB",
