@@ -31,6 +31,7 @@ from pods.replica import ProcessPlan
 
 if TYPE_CHECKING:
     from meshctl.supervisor.dependencies import StartGate
+    from meshctl.supervisor.start_pacer import StartPacer
 
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 10.0
@@ -102,7 +103,7 @@ class ManagedProcess:
     def __init__(self, plan: ProcessPlan, log: RotatingLog, on_line: LineSink | None,
                  on_event: EventSink, on_change: Callable[[ManagedProcess], None],
                  after: ManagedProcess | None = None, gate: StartGate | None = None,
-                 pacer: ProbePacer | None = None) -> None:
+                 pacer: ProbePacer | None = None, starts: StartPacer | None = None) -> None:
         self.plan = plan
         #: Started only once this one is ready (the service waits for its sidecar).
         self.after = after
@@ -110,6 +111,8 @@ class ManagedProcess:
         self.gate = gate
         #: Shared by the mesh's processes (None: a pacer of this process's own).
         self.pacer = pacer or ProbePacer()
+        #: Shared by the mesh's processes: how many may be busy starting at once (None: no limit).
+        self.starts = starts
         self.ready_event = asyncio.Event()
         self.shutting_down = False  # set by the supervisor for good when the mesh stops
         self._lifecycle = asyncio.Lock()  # one stop/restart at a time
@@ -201,6 +204,7 @@ class ManagedProcess:
             except (ProcessLookupError, PermissionError):
                 pass
             code = popen.wait()
+            self._start_over()
             self.ready = False  # at once: `up -d` must never see a dead process as ready
             self.ready_event.clear()
             if self._exited is not None and not self._exited.done():
@@ -216,8 +220,13 @@ class ManagedProcess:
         while not self._stop:
             self.error = None
             self.ready = False
+            if not await self._admitted():
+                break
             self._set(State.STARTING)
-            if not await self._spawn():
+            spawned = await self._spawn()
+            if self.starts is not None:
+                self.starts.started(self, self.pid if spawned else None)
+            if not spawned:
                 self._set(State.FAILED)
                 return
             self.on_event(self, f"started (pid {self.pid})")
@@ -260,6 +269,20 @@ class ManagedProcess:
             if not await self._unless_stopped(self.after.ready_event.wait()):
                 return False
         return True
+
+    async def _admitted(self) -> bool:
+        """Our turn to start (meshctl/supervisor/start_pacer.py): services before sidecars. False: stopped
+        meanwhile."""
+        if self.starts is None:
+            return True
+        if await self._unless_stopped(self.starts.admit(self, 0 if self.plan.role == "service" else 1)):
+            return True
+        self._start_over()  # admitted as it was stopped: the turn goes to the next one
+        return False
+
+    def _start_over(self) -> None:
+        if self.starts is not None:
+            self.starts.forget(self)
 
     async def _unless_stopped(self, awaitable: Awaitable[object]) -> bool:
         """Wait for ``awaitable`` or a stop, whichever comes first; False: stopped."""
@@ -328,6 +351,7 @@ class ManagedProcess:
         await asyncio.sleep(PROBE_ON_OUTPUT_S)
 
     def _mark_ready(self, event: str = "ready") -> None:
+        self._start_over()
         self.ready = True
         self.ready_event.set()
         self._set(State.RUNNING)
@@ -399,6 +423,7 @@ class ManagedProcess:
                 return
             await self._stop_locked(None)
             self._stop = False
+            self._wake.clear()  # the stop above set it: the new start must not take it for another stop
             self.failures = 0
             self.restarts += 1
             self.start()

@@ -28,6 +28,7 @@ from meshctl.supervisor.listening import ListeningWatch, Target
 from meshctl.supervisor.logfile import RotatingLog
 from meshctl.supervisor.process import ManagedProcess, ProbePacer
 from meshctl.supervisor.reaper import kill_groups_since, kill_run
+from meshctl.supervisor.start_pacer import StartPacer
 from meshctl.supervisor.states import BROKEN, State, completed
 from pods.atomic_file import write_atomic
 from pods.plan import MeshPlan
@@ -85,6 +86,8 @@ class Supervisor:
         self._pulse = Pulse()
         #: The probe budget of the processes that are not ready yet.
         self.pacer = ProbePacer()
+        #: How many processes may be busy starting at once (one more than the cores).
+        self.starts = StartPacer()
 
     # -- events from processes ----------------------------------------------
     def _on_line(self, proc: ManagedProcess, line: str) -> None:
@@ -379,7 +382,7 @@ class Supervisor:
             log = RotatingLog(self.state.log_path(plan.replica.name, plan.role))
             after = sidecars.get(plan.replica.name) if plan.role == "service" else None
             proc = ManagedProcess(plan, log, self._on_line, self._on_event, self._on_change, after=after,
-                                  pacer=self.pacer)
+                                  pacer=self.pacer, starts=self.starts)
             if plan.role == "sidecar":
                 sidecars[plan.replica.name] = proc
             if self.printer is not None:
@@ -394,6 +397,7 @@ class Supervisor:
             proc.start()
 
     async def _shutdown(self) -> None:
+        self.starts.close()
         if self.rotation is not None:
             self.rotation.stop()
         if self.processes:
