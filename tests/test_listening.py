@@ -32,6 +32,25 @@ def test_scan_finds_this_process_listening_and_ignores_a_connected_socket():
         assert scan([me]) == {me: [(ip, server.getsockname()[1])]}
 
 
+def test_the_kernels_children_lists_and_the_process_table_agree():
+    """A few targets' descendants come from /proc/PID/task/TID/children, many from one process-table pass."""
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                               "kids = [subprocess.Popen(['sleep', '60']) for _ in range(2)]; sys.stdin.read(); "
+                               "[k.kill() for k in kids]"], stdin=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: len(listening._tree(parent.pid, listening.children_map())) == 3, 10)
+        if listening._has_children_files():
+            assert (sorted(listening._tree(parent.pid, listening.KernelChildren()))
+                    == sorted(listening._tree(parent.pid, listening.children_map())))
+    finally:
+        assert parent.stdin is not None
+        parent.stdin.close()
+        parent.wait(10)
+
+
 def test_sock_diag_and_the_proc_fallback_agree():
     with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6:
         v4.bind(("127.0.184.1", 0))

@@ -18,10 +18,11 @@ took 15 ms, sock_diag 0.03 ms).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 # The listening-socket table lives in its own module, without asyncio: `up` asks it for the taken aliases.
@@ -88,6 +89,41 @@ def children_map() -> dict[int, list[int]]:
     return children
 
 
+@functools.cache
+def _has_children_files() -> bool:
+    """Whether this kernel lists each task's children in /proc (CONFIG_PROC_CHILDREN)."""
+    return os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+class KernelChildren(Mapping[int, list[int]]):
+    """Parent pid -> child pids, asked of the kernel per process (``/proc/PID/task/TID/children``): for a few
+    targets (a process that just became ready) much cheaper than a pass over the whole process table."""
+
+    def __getitem__(self, pid: int) -> list[int]:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return []
+        out: list[int] = []
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                    out.extend(int(c) for c in f.read().split())
+            except OSError:  # the thread or the process is gone
+                continue
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+#: Up to this many targets, their descendants are asked of the kernel process by process.
+FEW_TARGETS = 8
+
+
 def _tree(pid: int, children: Mapping[int, list[int]]) -> list[int]:
     out, todo = [], [pid]
     while todo:
@@ -102,7 +138,8 @@ def scan(targets: Iterable[Target]) -> dict[Target, list[tuple[str, int]]]:
     targets = list(targets)
     if not targets:
         return {}
-    children = children_map()
+    children: Mapping[int, list[int]] = (KernelChildren() if len(targets) <= FEW_TARGETS and _has_children_files()
+                                         else children_map())
     table = listen_table()
     out = {}
     for t in targets:
