@@ -268,12 +268,117 @@ def read_plan(stream: Any) -> MeshPlan:
     return plan
 
 
+class _Forked:
+    """The forked supervisor, with the little of ``subprocess.Popen`` that waiting for it needs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _fork_supervisor(plan: MeshPlan, state: StateDir, lock: int) -> _Forked | None:
+    """This process, forked, becomes the supervisor: it has imported and planned everything already, where a new
+    interpreter would start, import and unpickle the plan first (~100 ms before the first pod starts, and as
+    much CPU). None: not here (threads would not survive the fork; no fork on this platform)."""
+    import threading
+
+    if threading.active_count() != 1 or not hasattr(os, "fork"):
+        return None
+    log = os.open(state.supervisor_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(log)
+        return None
+    if pid:
+        os.close(log)
+        return _Forked(pid)
+    code = 1
+    try:  # the child: never returns into the command line
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        _close_inherited(keep=lock)
+        _set_title(f"meshctl supervise --project {plan.mesh}")
+        code = run_supervisor(plan, state, foreground=False)
+    except BaseException:  # noqa: BLE001 - whatever it was, it goes to supervisor.log
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            import logging
+
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _close_inherited(keep: int) -> None:
+    """Close what `up` inherited from its own parent (a test harness's pipes: whoever waits for them to close
+    must not wait for the mesh), as the exec'd supervisor's close_fds did; Python's own descriptors are
+    close-on-exec and stay. The mesh's lock stays, and no program the supervisor starts inherits it."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                if os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:  # the listing's own descriptor, closed meanwhile
+                pass
+    os.set_inheritable(keep, False)
+
+
+def _set_title(title: str) -> None:
+    """What ps shows for this process (its command line), as setproctitle does: the kernel reads it from the
+    argv area of the process's own memory, which Python copied at start and no longer uses."""
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+    except (OSError, ValueError, IndexError):
+        return
+    first = os.fsencode(sys.orig_argv[0]) + b"\0" if sys.orig_argv else b""
+    if not first or not 0 < start < end <= start + (1 << 20) or ctypes.string_at(start, len(first)) != first:
+        return  # not the argv area we expect: leave it alone
+    text = b"\0".join(arg.encode() for arg in title.split(" "))[: end - start - 1]
+    ctypes.memmove(start, text + b"\0" * (end - start - len(text)), end - start)
+
+
 def start_detached(plan: MeshPlan, state: StateDir, lock: int, wait_timeout: float) -> tuple[dict[str, Any], float]:
     """Start the supervisor in the background with this very plan; wait until every process is ready.
 
     Returns the final status and the seconds it took. On failure the mesh is stopped and MeshError says why.
     """
     start = time.monotonic()
+    forked = _fork_supervisor(plan, state, lock)
+    if forked is not None:
+        os.close(lock)  # the supervisor holds the lock now
+        try:
+            return _wait_ready(plan, state, forked, start, wait_timeout), time.monotonic() - start
+        except KeyboardInterrupt:
+            stop_supervisor(state, forked.pid)
+            raise MeshError(f"interrupted: mesh '{plan.mesh}' stopped", 130) from None
     with open(state.supervisor_log, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "meshctl.supervisor", "supervise", "--project", plan.mesh], stdin=subprocess.PIPE,
@@ -291,7 +396,7 @@ def start_detached(plan: MeshPlan, state: StateDir, lock: int, wait_timeout: flo
         raise MeshError(f"interrupted: mesh '{plan.mesh}' stopped", 130) from None
 
 
-def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes], start: float,
+def _wait_ready(plan: MeshPlan, state: StateDir, proc: subprocess.Popen[bytes] | _Forked, start: float,
                 wait_timeout: float) -> dict[str, Any]:
     """Until every process is ready: the supervisor answers a status request once the mesh has settled (every
     process ready or done, or one broken), so this asks about once, not every few milliseconds."""
@@ -352,7 +457,7 @@ def _blocked(procs: list[dict[str, Any]], pod: str) -> list[str]:
     return out
 
 
-def _fail_startup(plan: MeshPlan, state: StateDir, bad: dict[str, Any], proc: subprocess.Popen[bytes],
+def _fail_startup(plan: MeshPlan, state: StateDir, bad: dict[str, Any], proc: subprocess.Popen[bytes] | _Forked,
                   timed_out: float | None = None, blocked: list[str] | None = None) -> None:
     key = f"{bad['replica']}/{bad['role']}"
     why = (f"not ready after {timed_out:g}s" if timed_out else

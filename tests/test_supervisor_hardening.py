@@ -208,3 +208,35 @@ time.sleep(300)
     out = (meshctl.workdir / "followed.txt").read_text()
     numbers = [int(line[:6]) for line in out.splitlines() if line[:6].isdigit()]
     assert numbers and numbers == list(range(numbers[0], n)), (len(numbers), numbers[:3], numbers[-3:])
+
+
+def test_up_d_forks_its_supervisor_which_keeps_none_of_ups_inherited_descriptors(meshctl):
+    """`up -d` becomes the supervisor by forking (no second interpreter start); like the exec'd one it keeps
+    nothing `up` inherited (whoever waits for such a pipe to close must not wait for the mesh), shows as
+    `meshctl supervise --project NAME`, and is its own session."""
+    import select
+
+    topo = meshctl.write("fork.yaml", """
+        pods:
+          web:
+            ip: 127.0.138.1
+            service:
+              command: [python, -m, http.server, --bind, "${POD_IP}", "8000"]
+              ready: {tcp: 8000}
+    """)
+    read_end, write_end = os.pipe()
+    try:
+        up = subprocess.Popen([sys.executable, "-m", "meshctl", "up", str(topo), "-d", "-p", "forked"],
+                              env=meshctl.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              pass_fds=(write_end,))
+        meshctl.started.append("forked")
+        os.close(write_end)
+        out, err = up.communicate(timeout=60)
+        assert up.returncode == 0, err
+        readable, _, _ = select.select([read_end], [], [], 10)
+        assert readable and os.read(read_end, 1) == b"", "the supervisor kept up's inherited pipe open"
+    finally:
+        os.close(read_end)
+    sup = psutil.Process(meshctl.record("forked")["supervisor"]["pid"])
+    assert [a for a in sup.cmdline() if a] == ["meshctl", "supervise", "--project", "forked"]
+    assert os.getsid(sup.pid) == sup.pid
