@@ -111,6 +111,7 @@ def test_two_responses_in_one_read_are_two_responses():
     r = drive(script)
     assert r.status == {200: 3}
     assert groups(r) == {("200", "one"): 1, ("200", "two"): 1, ("200", "three"): 1}
+    assert r.hist.count == 3 and r.hist.min == 0.0  # "two" came before its request went out: 0, not negative
 
 
 def test_chunked_responses():

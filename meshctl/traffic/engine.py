@@ -73,7 +73,7 @@ class _Client(HeadResponseParsing, asyncio.Protocol):
 
     __slots__ = ("engine", "transport", "parser", "stale_parser", "busy", "sent_at", "body", "status", "addr",
                  "alive", "keep_alive", "close_delimited", "head", "request", "hist", "mid", "completed",
-                 "answer", "memo", "memo_status", "memo_key", "hits", "expect")
+                 "answer", "memo", "memo_status", "memo_key", "hits", "expect", "arrived")
 
     def __init__(self, engine: Engine, addr: tuple[str, int]) -> None:
         self.engine = engine
@@ -99,6 +99,7 @@ class _Client(HeadResponseParsing, asyncio.Protocol):
         self.memo_key = ("", "")
         self.hits = 0  # responses answered by the memo, not yet in the counters
         self.expect = b""  # the memo while a request waits on a parser between messages, else b""
+        self.arrived = 0.0  # when the read being parsed came: a response's latency ends there
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -143,6 +144,7 @@ class _Client(HeadResponseParsing, asyncio.Protocol):
             self.expect = b""
             engine.next_request(self)
             return
+        self.arrived = perf_counter()
         clean = not self.mid
         self.completed = 0
         self.answer = None
@@ -206,6 +208,7 @@ class _Client(HeadResponseParsing, asyncio.Protocol):
         if self.busy and self.status and self.close_delimited and exc is None:
             self.busy = False  # a body without framing ends with the connection: that is a response
             self.keep_alive = False
+            self.arrived = perf_counter()
             self.engine.on_response(self)
         elif self.busy:
             self.busy = False
@@ -314,7 +317,12 @@ class Engine:
         return self.results.requests + sum(c.hits for c in self.connections)
 
     def on_response(self, conn: _Client) -> None:
-        seconds = perf_counter() - conn.sent_at
+        # From the send (or the scheduled send) to the read that completed the response, as on the memo's
+        # path: the parse is not part of the latency. 0 for a response that came in the read before its
+        # request went out (a second response in one read: the server answered what was not asked yet).
+        seconds = conn.arrived - conn.sent_at
+        if seconds < 0.0:
+            seconds = 0.0
         r = self.results
         h = r.hist  # LatencyHistogram.record, inline (and in _Client.data_received)
         i = ceil(log(seconds if seconds > MIN_VALUE else MIN_VALUE) / LOG_GAMMA)
