@@ -1,14 +1,15 @@
 """Envoy-format access logs that never block the event loop.
 
-Why a writer thread: a log destination may be slow or stalled (stdout is a
-pipe to the supervisor; if nobody reads it, a ``write`` blocks). The data
-path therefore only *formats* a line and appends it to a ``deque`` (atomic
-under the GIL: no lock on the hot path). A daemon thread per destination wakes
-every ``FLUSH_INTERVAL_S`` (or as soon as ``FLUSH_BYTES`` of new lines were
-queued), joins what is queued and ``os.write``s it; a write that blocks only
-blocks that thread. ``close()`` drains everything, so nothing is lost at
-shutdown. Loggers writing to the same path share one writer, so lines from two
-listeners logging to /dev/stdout never interleave mid-line.
+A log destination may be slow or stalled (stdout is a pipe to the supervisor;
+if nobody reads it, a blocking ``write`` waits). The data path therefore only
+*formats* a line and appends it to a ``deque``; every ``FLUSH_INTERVAL_S`` (or
+as soon as ``FLUSH_BYTES`` of new lines were queued) what is queued is joined
+and written: by the event loop itself, without ever blocking (a regular file,
+or a pipe through a non-blocking descriptor of our own: a full pipe parks the
+rest until the loop sees it writable), or, where that is impossible (a socket,
+no loop), by a daemon writer thread. ``close()`` drains everything, so nothing
+is lost at shutdown. Loggers writing to the same path share one queue, so
+lines from two listeners logging to /dev/stdout never interleave mid-line.
 
 Formats are compiled once into a generated Python function (one ``"".join``
 of attribute reads), and START_TIME caches the formatted seconds so per
@@ -17,6 +18,7 @@ request only the milliseconds are formatted.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
 import logging
@@ -286,7 +288,15 @@ def compile_format(fmt: str) -> Formatter:
 
 
 class _Sink:
-    """One destination (fd) with its queue and writer thread; shared by all loggers of that path."""
+    """One destination (fd) with its queue; shared by all loggers of that path in this process.
+
+    Written from the event loop when ``start()`` ran in one and the destination allows it: a regular file
+    (writes land in the page cache), or a pipe / terminal through a non-blocking description of our own, where
+    a full pipe parks the unwritten rest until the loop reports the pipe writable (``add_writer``) and lines
+    queue meanwhile (bounded by ``MAX_QUEUED_LINES``). Anything else (a socket, no loop) gets a writer thread.
+    The loop is preferred because a second Python thread is not free even when idle: its GIL hand-offs cost
+    the data path ~7 us per request (bench/NOTES.md, issue 18).
+    """
 
     def __init__(self, key: str, path: str) -> None:
         self.key = key
@@ -298,10 +308,19 @@ class _Sink:
         else:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             self.owns_fd = True
-        self.atomic = PIPE_ATOMIC and not _is_regular_file(self.fd)
+        self.regular = _is_regular_file(self.fd)
+        self.atomic = PIPE_ATOMIC and not self.regular
         self.queue: collections.deque[str] = collections.deque()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # loop mode: who writes for us
+        self.out_fd = -1  # the descriptor written in loop mode (our non-blocking one for a pipe)
+        self.tail = b""  # loop mode: the batch being written, from tail_pos on
+        self.tail_pos = 0
+        self.tail_lines = 0
+        self.parked = False  # loop mode: the destination is full; the loop calls us back when it is writable
+        self.armed = False  # a flush is scheduled (loop mode), or the writer thread polls anyway
+        self.timer: asyncio.TimerHandle | None = None
         self.stopping = False
         self.refs = 0
         self.dropped = 0  # lines lost: queue full, or the destination refused them (counted, never silent)
@@ -312,11 +331,139 @@ class _Sink:
         self.idle = threading.Event()  # set when the writer has nothing queued nor in flight
         self.idle.set()
 
+    # -- who writes ---------------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Loop mode when called inside a running loop and the destination allows it, else the writer thread."""
+        if self.loop is not None or self.thread is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            if self.regular:
+                self.out_fd = self.fd
+            else:
+                try:  # a description of our own: O_NONBLOCK on the shared one would surprise whoever else holds it
+                    self.out_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                except OSError:  # a socket (ENXIO), no /proc: the thread writes
+                    self.out_fd = -1
+            if self.out_fd >= 0:
+                self.loop = loop
+                self.armed = False
+                return
+        self._start_thread()
+
+    def _start_thread(self) -> None:
         if self.thread is None:
+            self.armed = True  # it polls every FLUSH_INTERVAL_S: log() never needs to schedule anything
             self.thread = threading.Thread(target=self._run, name=f"access-log {self.path}", daemon=True)
             self.thread.start()
 
+    def _on_loop(self) -> bool:
+        """Loop mode, and its loop can still call us; a closed loop hands the writing to a thread."""
+        loop = self.loop
+        if loop is None:
+            return False
+        if loop.is_closed():
+            self._leave_loop()
+            if not self.stopping:
+                self._start_thread()
+            return False
+        return True
+
+    def _leave_loop(self) -> None:
+        loop, self.loop = self.loop, None
+        if loop is not None and not loop.is_closed():
+            if self.timer is not None:
+                self.timer.cancel()
+            if self.parked:
+                loop.remove_writer(self.out_fd)
+        self.timer = None
+        self.parked = False
+        if self.out_fd >= 0 and self.out_fd != self.fd:
+            os.set_blocking(self.out_fd, True)  # ours alone: whoever writes next (stop, the thread) may block
+        self.armed = self.thread is not None
+
+    def arm(self) -> None:
+        """A line was queued and no flush is scheduled: one within FLUSH_INTERVAL_S."""
+        if self._on_loop():
+            self.armed = True
+            self.timer = self.loop.call_later(FLUSH_INTERVAL_S, self._tick)  # type: ignore[union-attr]
+
+    def _tick(self) -> None:
+        self.timer = None
+        self.armed = False
+        self.write_some()
+
+    def kick(self) -> None:
+        """FLUSH_BYTES were queued since the last kick: write now."""
+        if self._on_loop():
+            self.write_some()
+        else:
+            self._start_thread()
+            self.wake.set()
+
+    # -- loop mode ----------------------------------------------------------------------------------------------
+    def write_some(self) -> None:
+        """Write what the destination takes without blocking; park on a full pipe."""
+        if self.parked or self.loop is None:
+            return
+        if not self._write_pending():
+            self.parked = True
+            self.loop.add_writer(self.out_fd, self._writable)
+
+    def _write_pending(self) -> bool:
+        """Write queued lines to ``out_fd`` until none are left (True) or it would block (False)."""
+        while True:
+            tail, pos = self.tail, self.tail_pos
+            if pos >= len(tail):
+                if not self.queue:
+                    return True
+                tail, self.tail_lines = self._batch()
+                self.tail, self.tail_pos, pos = tail, 0, 0
+            stop = _line_cut(tail, pos, len(tail)) if self.atomic else len(tail)  # whole lines: never interleaved
+            try:
+                n = os.write(self.out_fd, memoryview(tail)[pos:stop])
+            except BlockingIOError:
+                return False
+            except InterruptedError:
+                continue
+            except OSError as e:
+                # the rest of the batch is lost (a partly written line counts as lost); the next batch tries again
+                self._failed(e, max(1, tail.count(b"\n", pos)))
+                self.tail, self.tail_pos = b"", 0
+                continue
+            self.tail_pos = pos + n
+            if self._failing_since is not None:
+                self._recovered()
+
+    def _writable(self) -> None:
+        self.parked = False
+        if self.loop is not None:
+            self.loop.remove_writer(self.out_fd)
+        self.write_some()
+
+    def _finish_blocking(self, timeout: float | None) -> bool:
+        """Loop mode, stopping or flushing from outside the loop: write everything, waiting for room up to
+        ``timeout`` (None: forever). True when nothing is left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        loop, parked = self.loop, self.parked
+        if parked and loop is not None and not loop.is_closed():
+            loop.remove_writer(self.out_fd)
+        self.parked = False
+        while not self._write_pending():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            select.select([], [self.out_fd], [], 1.0 if left is None else min(left, 1.0))
+        done = self.tail_pos >= len(self.tail) and not self.queue
+        if parked and not done and loop is not None and not loop.is_closed() and not self.stopping:
+            self.parked = True
+            loop.add_writer(self.out_fd, self._writable)
+        return done
+
+    # -- thread mode --------------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             self.wake.wait(FLUSH_INTERVAL_S)
@@ -329,28 +476,32 @@ class _Sink:
             if self.stopping and not self.queue:
                 return
 
-    def drain(self) -> None:
-        """Write everything queued (in chunks), from whichever thread owns writing."""
+    def _batch(self) -> tuple[bytes, int]:
+        """Up to _WRITE_CHUNK of queued lines, encoded, and how many lines that is."""
         q = self.queue
-        while q:
+        parts = []
+        size = 0
+        try:
+            while size < _WRITE_CHUNK:
+                s = q.popleft()
+                parts.append(s)
+                size += len(s)
+        except IndexError:
+            pass
+        return "".join(parts).encode("utf-8", "replace"), len(parts)
+
+    def drain(self) -> None:
+        """Write everything queued (in chunks), blocking: the writer thread's way."""
+        while self.queue:
             self.idle.clear()
-            parts = []
-            size = 0
-            try:
-                while size < _WRITE_CHUNK:
-                    s = q.popleft()
-                    parts.append(s)
-                    size += len(s)
-            except IndexError:
-                pass
-            data = "".join(parts).encode("utf-8", "replace")
+            data, lines = self._batch()
             try:
                 if self.atomic:
                     self._write_lines(data)
                 else:
                     self._write(data)
             except BaseException:
-                self.dropped += len(parts)  # whatever happened, these lines are not in the file
+                self.dropped += lines  # whatever happened, these lines are not in the file
                 raise
         self.idle.set()
 
@@ -368,25 +519,29 @@ class _Sink:
             except InterruptedError:
                 continue
             except OSError as e:
-                self.write_errors += 1
-                self.dropped += max(1, bytes(view).count(b"\n"))  # (a partly written line counts as lost)
-                self._report_failure(e)
+                self._failed(e, max(1, bytes(view).count(b"\n")))  # (a partly written line counts as lost)
                 return
         if self._failing_since is not None:
-            log.warning("access log %s: writing again after %.1f s of errors; %d lines dropped in all",
-                        self.path, time.monotonic() - self._failing_since, self.dropped)
-            self._failing_since = None
+            self._recovered()
 
     def _write_lines(self, data: bytes) -> None:
         """``data`` in writes of whole lines, each at most PIPE_BUF bytes (a longer line goes alone)."""
         start, end = 0, len(data)
         while start < end:
-            stop = start + select.PIPE_BUF
-            if stop < end:
-                cut = data.rfind(b"\n", start, stop) + 1
-                stop = cut if cut > start else (data.find(b"\n", stop) + 1 or end)
+            stop = _line_cut(data, start, end)
             self._write(data[start:stop])
             start = stop
+
+    # -- failures -----------------------------------------------------------------------------------------------
+    def _failed(self, e: OSError, lines: int) -> None:
+        self.write_errors += 1
+        self.dropped += lines
+        self._report_failure(e)
+
+    def _recovered(self) -> None:
+        log.warning("access log %s: writing again after %.1f s of errors; %d lines dropped in all",
+                    self.path, time.monotonic() - (self._failing_since or 0.0), self.dropped)
+        self._failing_since = None
 
     def _report_failure(self, e: OSError) -> None:
         now = time.monotonic()
@@ -399,19 +554,52 @@ class _Sink:
         self._reported_at = now
         self._dropped_at_report = self.dropped
 
+    # -- the end ------------------------------------------------------------------------------------------------
+    def flush(self, timeout: float) -> bool:
+        """Block until everything queued so far is written; True if it was."""
+        if self.loop is not None:
+            return self._finish_blocking(timeout)
+        if self.thread is None or not self.thread.is_alive():
+            self.drain()
+            return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.wake.set()
+            if not self.queue and self.idle.wait(0.01) and not self.queue:
+                return True
+            time.sleep(0.001)
+        return False
+
     def stop(self, timeout: float | None) -> None:
         self.stopping = True
+        if self.loop is not None:
+            self._finish_blocking(timeout)
+            self._leave_loop()
         self.wake.set()
         if self.thread is not None:
             self.thread.join(timeout)
         else:
             self.drain()
+        if self.out_fd >= 0 and self.out_fd != self.fd:
+            out, self.out_fd = self.out_fd, -1
+            os.close(out)
         if self.owns_fd and self.fd >= 0 and (self.thread is None or not self.thread.is_alive()):
             fd, self.fd = self.fd, -1  # idempotent: never close a number the process may have reused
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _line_cut(data: bytes, start: int, end: int) -> int:
+    """Where a write of whole lines from ``start`` ends: at most PIPE_BUF bytes, or one longer line alone."""
+    stop = start + select.PIPE_BUF
+    if stop >= end:
+        return end
+    cut = data.rfind(b"\n", start, stop) + 1
+    if cut > start:
+        return cut
+    return data.find(b"\n", stop, end) + 1 or end
 
 
 def _is_regular_file(fd: int) -> bool:
@@ -481,31 +669,22 @@ class AccessLogger:
             self._sink.dropped += 1
             return
         q.append(line)
+        sink = self._sink
+        if not sink.armed:
+            sink.arm()
         self._pending += len(line)
         if self._pending >= FLUSH_BYTES:
             self._pending = 0
-            sink = self._sink
-            if sink.thread is None:
-                sink.start()
-            sink.wake.set()
+            sink.kick()
 
     async def start(self) -> None:
-        """Start the destination's writer thread (idempotent; shared by loggers of the same path)."""
+        """Start writing: from this loop where the destination allows, else a writer thread (idempotent;
+        shared by loggers of the same path)."""
         self._sink.start()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Block until everything queued so far is written (tests, admin); True if it was."""
-        sink = self._sink
-        if sink.thread is None or not sink.thread.is_alive():
-            sink.drain()
-            return True
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            sink.wake.set()
-            if not sink.queue and sink.idle.wait(0.01) and not sink.queue:
-                return True
-            time.sleep(0.001)
-        return False
+        return self._sink.flush(timeout)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Flush every queued line, then stop the writer when its last logger closes.

@@ -277,3 +277,88 @@ def test_writer_survives_write_errors_and_counts_drops(tmp_path, caplog):
     assert any(r.levelname == "ERROR" and "write failed" in r.getMessage() for r in caplog.records), caplog.text
     assert any(r.levelname == "WARNING" and "writing again" in r.getMessage() and "5 lines dropped" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+# --- written by the event loop (no thread) --------------------------------------------------------------------------
+
+
+async def _until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def test_loop_writes_a_file_within_the_flush_interval_without_a_thread(tmp_path):
+    """A lone line (far below FLUSH_BYTES) reaches the file on the loop's timer; no writer thread exists."""
+    path = tmp_path / "timer.log"
+    threads_before = threading.active_count()
+
+    async def main() -> None:
+        logger = AccessLogger(str(path), "%REQ(X-REQUEST-ID)%\n")
+        await logger.start()
+        logger.log(filled(request_headers={"x-request-id": "only"}))
+        await _until(lambda: path.read_text() == "only\n")
+        assert logger._sink.thread is None and threading.active_count() == threads_before
+        logger.close()
+
+    uvloop.run(main())
+    assert path.read_text() == "only\n"
+
+
+def test_loop_mode_survives_write_errors_and_counts_drops(tmp_path, caplog):
+    """The loop's writer drops and counts what a failing destination refuses, reports once, recovers."""
+    path = str(tmp_path / "failing-loop.log")
+    caplog.set_level("WARNING", logger="sidecar.access_log")
+
+    async def main() -> AccessLogger:
+        logger = AccessLogger(path, "%REQ(X-REQUEST-ID)%\n")
+        await logger.start()
+        fd = _fd_of(path)
+        saved = os.dup(fd)
+        try:
+            logger.log(filled(request_headers={"x-request-id": "before"}))
+            await _until(lambda: open(path).read() == "before\n")
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, fd)
+            os.close(full)
+            for i in range(3):
+                logger.log(filled(request_headers={"x-request-id": f"lost-{i}"}))
+            await _until(lambda: logger.dropped == 3)
+            os.dup2(saved, fd)
+            logger.log(filled(request_headers={"x-request-id": "after"}))
+            await _until(lambda: open(path).read() == "before\nafter\n")
+        finally:
+            os.close(saved)
+        assert logger._sink.thread is None
+        return logger
+
+    logger = uvloop.run(main())
+    logger.close()
+    assert open(path).read() == "before\nafter\n"
+    assert logger.dropped == 3
+    assert any(r.levelname == "ERROR" and "write failed" in r.getMessage() for r in caplog.records), caplog.text
+    assert any(r.levelname == "WARNING" and "writing again" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_loop_mode_leaves_the_shared_pipe_description_blocking():
+    """O_NONBLOCK goes on a description of our own: whoever shares the pipe's (the supervisor, a terminal) keeps
+    blocking writes."""
+    r, w = os.pipe()
+
+    async def main() -> None:
+        logger = AccessLogger(f"/proc/self/fd/{w}", "%RESPONSE_CODE%\n")
+        await logger.start()
+        assert logger._sink.loop is not None and logger._sink.out_fd != logger._sink.fd
+        assert os.get_blocking(logger._sink.fd) and os.get_blocking(w)
+        assert not os.get_blocking(logger._sink.out_fd)
+        logger.log(filled())
+        await _until(lambda: _pipe_bytes(r) == 4)
+        logger.close()
+
+    try:
+        uvloop.run(main())
+        assert os.read(r, 100) == b"200\n"
+    finally:
+        os.close(r)
+        os.close(w)
