@@ -1035,5 +1035,50 @@ def stats(project: str | None, window: str, interval: float, once: bool, watch: 
         pass
 
 
+
+@main.command(short_help="The live mesh as a picture in the browser.")
+@project_option
+@click.option("--port", type=click.IntRange(0, 65535), default=8686, show_default=True,
+              help="Port to serve on (0: any free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on. Anything but loopback shows the mesh to the network: give it on purpose.")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+@click.option("--window", default="10s", show_default=True, help="Sliding window for rates and percentiles.")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between updates.")
+@click.option("--no-token", is_flag=True,
+              help="Serve without the access token (any local process, every pod included, could read it).")
+def dashboard(project: str | None, port: int, host: str, open_browser: bool, window: str, interval: float,
+              no_token: bool) -> None:
+    """Serve a live graph of the mesh: pods (status, replicas, CPU, memory) and the traffic between them through
+    sidecars (rps, success after retries and per attempt, p99, retries/s), a panel per pod with its processes,
+    last log lines, recent traces and active faults. The same numbers as `meshctl stats -o json`. Prints the URL
+    (with its access token) and serves until Ctrl-C. Without -p: the only running mesh, or the first to start."""
+    from meshctl.observe.dashboard import Dashboard, DashboardError, new_token, serve
+    from pods.runloop import run as run_loop
+
+    seconds = _duration_option(window, "--window")
+    if interval <= 0:
+        fail("--interval must be positive", USAGE_ERROR)
+    token = None if no_token else new_token()
+
+    def ready(url: str) -> None:
+        click.echo(f"dashboard: {url}")
+        sys.stdout.flush()
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    async def main_() -> None:
+        await serve(Dashboard(project, window_s=seconds or 10.0, interval_s=interval), host, port, token, ready)
+
+    try:
+        run_loop(main_())
+    except DashboardError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
     main()

@@ -99,8 +99,8 @@ def test_stats_json_and_numbers_on_the_seed_sidecar_demo(meshctl):
     assert a["retries_per_s"] > 0 and a["upstream_5xx_per_s"] > 0
     edge = next(e for e in busy["edges"] if e["to"] == "remote_service_b")
     assert set(edge) == {"from", "to", "rps", "success", "actual_success", "retries_per_s", "timeouts_per_s",
-                         "p99_ms", "faults"}
-    assert edge["from"] == "a" and edge["rps"] > 50
+                         "p99_ms", "faults", "to_pod"}
+    assert edge["from"] == "a" and edge["to_pod"] == "b" and edge["rps"] > 50  # the cluster's endpoint is b's alias
     # B fails ~20 % of attempts; retries hide most of it from A.
     assert edge["actual_success"] < edge["success"]
     assert 0.6 < edge["actual_success"] < 0.95

@@ -87,6 +87,7 @@ class EdgeRow:
     timeouts_per_s: float | None
     p99_ms: float | None
     faults: list[dict[str, Any]] = field(default_factory=list)  # live egress faults (meshctl fault)
+    to_pod: str | None = None  # the pod the cluster's endpoints belong to (None: outside the mesh, or not known yet)
 
 
 @dataclass
@@ -121,6 +122,8 @@ class Collector:
         self.session: aiohttp.ClientSession | None = None
         #: Live faults (``meshctl.fault.active``): read from each replica's admin socket runtime.
         self.faults: list[dict[str, Any]] = []
+        #: (pod, egress cluster) -> the pod its endpoints are, from the sidecar's GET /clusters (both engines).
+        self.targets: dict[tuple[str, str], str | None] = {}
 
     async def __aenter__(self) -> Collector:
         timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
@@ -156,15 +159,40 @@ class Collector:
                 jobs[f"{p['replica']}/sidecar"] = f"http://{p['ip']}:{launch.admin_port}/stats/prometheus"
             elif p["role"] == "service" and metrics is not None:
                 jobs[f"{p['replica']}/service"] = f"http://{p['ip']}:{metrics['port']}{metrics['path']}"
-        texts, self.faults = await asyncio.gather(
+        texts, self.faults, _ = await asyncio.gather(
             asyncio.gather(*(self._get(u) for u in jobs.values())),
-            asyncio.get_running_loop().run_in_executor(None, partial(active_faults, self.status, SCRAPE_TIMEOUT_S)))
+            asyncio.get_running_loop().run_in_executor(None, partial(active_faults, self.status, SCRAPE_TIMEOUT_S)),
+            self._resolve_targets())
         now = time.monotonic()
         for key, text in zip(jobs, texts, strict=True):
             if text is None:
                 continue
             idx: Index = {(n, labels): v for n, labels, v in parse(text)}
             self.windows.setdefault(key, Window(self.window_s)).add(now, idx)
+
+    async def _resolve_targets(self) -> None:
+        """Which pod each egress cluster reaches: its endpoints' addresses against the replicas' aliases. Asked
+        once per sidecar (a cluster's endpoints are fixed for a mesh's life); a sidecar that did not answer yet is
+        asked again at the next poll."""
+        by_ip = {r["ip"]: pod["pod"] for pod in self.status["pods"] for r in pod["replicas"]}
+        jobs = []
+        for name, launch in self.launches.items():
+            if not launch.egress_clusters or all((name, c) in self.targets for c in launch.egress_clusters):
+                continue
+            replica = next((r for r in self.pods[name]["replicas"] if r.get("sidecar_admin")), None)
+            if replica is not None:
+                jobs.append((name, launch, self._get(f"http://{replica['sidecar_admin']}/clusters")))
+        for (name, launch, _), text in zip(jobs, await asyncio.gather(*(j[2] for j in jobs)), strict=True):
+            if text is None:
+                continue
+            hosts: dict[str, set[str]] = {}
+            for line in text.splitlines():  # Envoy's text form: cluster::host:port::stat::value
+                parts = line.split("::")
+                if len(parts) >= 3 and parts[1].rpartition(":")[0] in by_ip:
+                    hosts.setdefault(parts[0], set()).add(by_ip[parts[1].rpartition(":")[0]])
+            for c in launch.egress_clusters:
+                pods = hosts.get(c, set())
+                self.targets[(name, c)] = next(iter(pods)) if len(pods) == 1 else None
 
     def _span(self, key: str) -> tuple[Index | None, Index | None, float | None]:
         w = self.windows.get(key)
@@ -255,6 +283,8 @@ class Collector:
                 for p in pods:
                     if p.pod == f["pod"]:
                         p.faults.append({"cluster": f["cluster"], **short})
+        for e in merged:
+            e.to_pod = self.targets.get((e.source, e.cluster))
         return Snapshot(self.status.get("mesh", self.state.mesh), self.window_s,
                         max(spans) if spans else None, pods, merged)
 

@@ -25,7 +25,7 @@ def log_files(state: StateDir, name: str, role: str | None) -> list[tuple[str, P
     return out
 
 
-def _last_lines(path: Path, n: int | None) -> tuple[list[bytes], int]:
+def last_lines(path: Path, n: int | None) -> tuple[list[bytes], int]:
     with open(path, "rb") as f:
         data = f.read()
         pos = f.tell()
@@ -48,7 +48,7 @@ def follow_logs(files: list[tuple[str, Path]], tail: int | None, follow: bool, p
 
     for label, path in files:
         try:
-            lines, pos = _last_lines(path, tail)
+            lines, pos = last_lines(path, tail)
             offsets[path] = (os.stat(path).st_ino, pos)
         except OSError:
             continue
