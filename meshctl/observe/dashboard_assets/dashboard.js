@@ -30,6 +30,7 @@
   let layoutKey = null, pos = new Map(), bounds = null;
   const nodeEls = new Map(), extEls = new Map(), edgeEls = new Map();
   let unreachable = false;
+  let refused = false;   // the server answers 403: retrying will not help until the page is reopened
   const panelState = { kind: null, pod: null, edge: null, timer: null, inflight: false, secs: null,
                        logs: new Map() };
 
@@ -238,7 +239,7 @@
   // column) leave and enter underneath so they do not cut through the nodes between.
   function edgeGeometry(a, b, k, n) {
     const off = (k - (n - 1) / 2) * 16;
-    let p0, p1, p2, p3;
+    let p0, p1, p2, p3, text = null;
     if (a === b) {
       const x = a.x + a.w / 2, y = a.y;
       p0 = [x, y - 16]; p1 = [x + 70, y - 70]; p2 = [x + 70, y + 70]; p3 = [x + ARROW, y + 16];
@@ -247,6 +248,12 @@
       const x3 = b.x - b.w / 2 - ARROW, y3 = b.y + off;
       const dx = Math.max(40, (x3 - x0) / 2);
       p0 = [x0, y0]; p1 = [x0 + dx, y0]; p2 = [x3 - dx, y3]; p3 = [x3, y3];
+      // A label at the midpoint of a steep curve is crossed by it. The curve never rises above (or sinks
+      // below) its end, so the label goes on the far side of the end's height: above for an edge that
+      // climbs, below for one that falls; faults stack away from the line.
+      const cx = (x0 + x3) / 2;
+      if (y3 < y0 - 24) text = { x: cx, l1: y3 - 23, l2: y3 - 10, f0: y3 - 36, fstep: -13 };
+      else if (y3 > y0 + 24) text = { x: cx, l1: y3 + 20, l2: y3 + 33, f0: y3 + 46, fstep: 13 };
     } else {
       const x0 = a.x + off, y0 = a.y + a.h / 2;
       const x3 = b.x + off, y3 = b.y + b.h / 2 + ARROW;
@@ -255,8 +262,11 @@
     }
     const d = `M${p0[0].toFixed(1)},${p0[1].toFixed(1)} C${p1[0].toFixed(1)},${p1[1].toFixed(1)} ` +
               `${p2[0].toFixed(1)},${p2[1].toFixed(1)} ${p3[0].toFixed(1)},${p3[1].toFixed(1)}`;
-    const mid = [0, 1].map((i) => (p0[i] + 3 * p1[i] + 3 * p2[i] + p3[i]) / 8);
-    return { d, mid };
+    if (!text) {
+      const [mx, my] = [0, 1].map((i) => (p0[i] + 3 * p1[i] + 3 * p2[i] + p3[i]) / 8);
+      text = { x: mx, l1: my - 20, l2: my - 7, f0: my + 17, fstep: 13 };
+    }
+    return { d, text };
   }
 
   // ---------- nodes ----------
@@ -270,7 +280,7 @@
     const status = el("text", { class: "status", x: 12, y: 39 }, g);
     const res = el("text", { class: "res", x: 12, y: 56 }, g);
     const inbound = el("text", { class: "inbound", x: 12, y: 73 }, g);
-    const nosc = el("text", { class: "nosc", x: 12, y: 89 }, g);
+    const nosc = el("text", { class: "nosc", x: 12, y: 88 }, g);
     nosc.textContent = "no sidecar";
     const badge = el("g", { class: "badge" }, g);
     const badgeRect = el("rect", { x: NODE_W - 62, y: 6, width: 54, height: 17, rx: 8, ry: 8 }, badge);
@@ -356,12 +366,21 @@
     const [l1, l2] = edgeLabel(e);
     setT(x.t1, l1);
     setT(x.t2, l2);
-    const mx = geo.mid[0].toFixed(1), my = geo.mid[1];
-    setA(x.t1, "x", mx); setA(x.t1, "y", (my - 20).toFixed(1));
-    setA(x.t2, "x", mx); setA(x.t2, "y", (my - 7).toFixed(1));
+    const tp = geo.text, mx = tp.x.toFixed(1);
+    setA(x.t1, "x", mx); setA(x.t1, "y", tp.l1.toFixed(1));
+    setA(x.t2, "x", mx); setA(x.t2, "y", tp.l2.toFixed(1));
+    // One line per fault part under the edge: in one line they outgrow the gap between two columns.
     const faults = Array.isArray(e.faults) ? e.faults : [];
-    setT(x.fault, faults.length ? "⚡ " + faults.map(describeFault).join(" · ") : "");
-    setA(x.fault, "x", mx); setA(x.fault, "y", (my + 17).toFixed(1));
+    const parts = faults.flatMap((f) => describeFault(f).split(", ")).map((t) => "⚡ " + t);
+    const ftext = parts.join("") + "@" + mx + "," + tp.f0.toFixed(1) + "," + tp.fstep;
+    if (x.faultText !== ftext) {
+      x.faultText = ftext;
+      x.fault.textContent = "";
+      parts.forEach((t, i) => {
+        const ts = el("tspan", { x: mx, y: (tp.f0 + tp.fstep * i).toFixed(1) }, x.fault);
+        ts.textContent = t;
+      });
+    }
     setT(x.title, `${e.from} → ${e.to}` + (e.to_pod ? ` (pod ${e.to_pod})` : " (outside the mesh)") +
                   `\nsuccess after retries ${fmtPct(e.success)}, per attempt ${fmtPct(e.actual_success)}` +
                   `\ntimeouts ${fmtRps(e.timeouts_per_s)}/s`);
@@ -467,6 +486,11 @@
   }
 
   function renderUnreachable() {
+    if (refused) {
+      statusEl.textContent = "dashboard server refused this page's token (restarted?): " +
+                             "open the address meshctl dashboard printed";
+      return;
+    }
     statusEl.textContent = "dashboard server unreachable, retrying" +
       (view ? " · last update " + fmtClock(view.time) : "");
   }
@@ -505,6 +529,7 @@
     if (isNum(v.time) && v.time < lastTime) return;
     if (isNum(v.time)) lastTime = v.time;
     view = v;
+    refused = false;
     if (unreachable) { unreachable = false; document.body.classList.remove("unreachable"); }
     render(v);
   }
@@ -532,10 +557,8 @@
         setTimeout(connect, RECONNECT_MS);
         // An EventSource cannot tell why; a plain request can (a restarted server has a new token).
         fetch(api("/api/view"), { cache: "no-store" }).then((r) => {
-          if (r.status === 403 && unreachable) {
-            statusEl.textContent = "dashboard server refused this page's token (restarted?): " +
-                                   "open the address meshctl dashboard printed";
-          }
+          refused = r.status === 403;
+          if (unreachable) renderUnreachable();
         }).catch(() => {});
       }
     });
