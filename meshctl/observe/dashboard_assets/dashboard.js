@@ -237,23 +237,29 @@
   }
   // A cubic Bézier from the caller's right side to the callee's left side; edges that go back (or stay in a
   // column) leave and enter underneath so they do not cut through the nodes between.
-  function edgeGeometry(a, b, k, n) {
+  function edgeGeometry(a, b, k, n, fanIn, self, flatBelow) {
     const off = (k - (n - 1) / 2) * 16;
     let p0, p1, p2, p3, text = null;
-    if (a === b) {
-      const x = a.x + a.w / 2, y = a.y;
-      p0 = [x, y - 16]; p1 = [x + 70, y - 70]; p2 = [x + 70, y + 70]; p3 = [x + ARROW, y + 16];
+    if (self) {
+      // A loop on the right side, entering back leftwards a little lower.
+      const x = a.x + a.w / 2, y = a.y + off;
+      p0 = [x, y - 14]; p1 = [x + 60, y - 50]; p2 = [x + 60, y + 50]; p3 = [x + ARROW, y + 14];
+      // Above the node: the column gaps beside it belong to other edges' labels.
+      const top = a.y - a.h / 2;
+      text = { x: a.x, l1: top - 23, l2: top - 10, f0: top - 36, fstep: -13 };
     } else if (b.x - b.w / 2 > a.x + a.w / 2 + 20) {
       const x0 = a.x + a.w / 2, y0 = a.y + off;
       const x3 = b.x - b.w / 2 - ARROW, y3 = b.y + off;
       const dx = Math.max(40, (x3 - x0) / 2);
       p0 = [x0, y0]; p1 = [x0 + dx, y0]; p2 = [x3 - dx, y3]; p3 = [x3, y3];
-      // A label at the midpoint of a steep curve is crossed by it. The curve never rises above (or sinks
-      // below) its end, so the label goes on the far side of the end's height: above for an edge that
-      // climbs, below for one that falls; faults stack away from the line.
+      // A label at the midpoint of a steep curve is crossed by it. The curve stays between the heights of
+      // its ends, so the label goes just beyond one of them: the target's for a caller's fan-out (the
+      // targets' heights keep the labels apart), the caller's for a fan-in. Faults stack away from the line.
       const cx = (x0 + x3) / 2;
-      if (y3 < y0 - 24) text = { x: cx, l1: y3 - 23, l2: y3 - 10, f0: y3 - 36, fstep: -13 };
-      else if (y3 > y0 + 24) text = { x: cx, l1: y3 + 20, l2: y3 + 33, f0: y3 + 46, fstep: 13 };
+      const above = (y) => ({ x: cx, l1: y - 23, l2: y - 10, f0: y - 36, fstep: -13 });
+      const below = (y) => ({ x: cx, l1: y + 20, l2: y + 33, f0: y + 46, fstep: 13 });
+      if (y3 < y0 - 24) text = fanIn ? below(y0) : above(y3);
+      else if (y3 > y0 + 24) text = fanIn ? above(y0) : below(y3);
     } else {
       const x0 = a.x + off, y0 = a.y + a.h / 2;
       const x3 = b.x + off, y3 = b.y + b.h / 2 + ARROW;
@@ -264,7 +270,9 @@
               `${p2[0].toFixed(1)},${p2[1].toFixed(1)} ${p3[0].toFixed(1)},${p3[1].toFixed(1)}`;
     if (!text) {
       const [mx, my] = [0, 1].map((i) => (p0[i] + 3 * p1[i] + 3 * p2[i] + p3[i]) / 8);
-      text = { x: mx, l1: my - 20, l2: my - 7, f0: my + 17, fstep: 13 };
+      // Under the line when a sibling from the same caller climbs through the space above it.
+      text = flatBelow ? { x: mx, l1: my + 20, l2: my + 33, f0: my + 46, fstep: 13 }
+                       : { x: mx, l1: my - 20, l2: my - 7, f0: my + 17, fstep: 13 };
     }
     return { d, text };
   }
@@ -434,6 +442,14 @@
       if (!pairs.has(pk)) pairs.set(pk, []);
       pairs.get(pk).push(e);
     }
+    const outDeg = new Map(), inDeg = new Map(), climbs = new Set();
+    for (const pk of pairs.keys()) {
+      const [f, t] = pk.split("\u0000");
+      outDeg.set(f, (outDeg.get(f) || 0) + 1);
+      inDeg.set(t, (inDeg.get(t) || 0) + 1);
+      const a = boxOf(f), b = boxOf(t);
+      if (a && b && b.x > a.x && b.y < a.y - 24) climbs.add(f);
+    }
     const edgeSeen = new Set();
     for (const list of pairs.values()) {
       list.sort((a, b) => (a.to < b.to ? -1 : a.to > b.to ? 1 : 0));
@@ -443,7 +459,9 @@
         edgeSeen.add(k);
         let x = edgeEls.get(k);
         if (!x) { x = makeEdge(e); edgeEls.set(k, x); }
-        const geo = edgeGeometry(boxOf(e.from), boxOf(targetKey(e, known)), i, list.length);
+        const t = targetKey(e, known);
+        const geo = edgeGeometry(boxOf(e.from), boxOf(t), i, list.length, inDeg.get(t) > outDeg.get(e.from),
+                                 e.from === t, climbs.has(e.from));
         updateEdge(x, e, geo, known);
       });
     }
