@@ -257,7 +257,7 @@ prometheus = _tool("prometheus", ["prometheus"], "meshctl up --prometheus: the r
                    "prometheus")
 node = _tool("node", ["node", "nodejs"], "examples/polyglot's Node.js service", "nodejs")
 chromium = _tool("chromium", ["chromium", "chromium-browser", "google-chrome"],
-                 "the dashboard test (a headless browser)", "chromium")
+                 "make dashboard-shot and the dashboard's browser test (headless)", "chromium")
 curl = _tool("curl", ["curl"], "examples/polyglot's job pod, the demos' requests", "curl")
 openssl = _tool("openssl", ["openssl"], "inspecting mesh certificates (examples/zero-trust), make bench",
                 "openssl")
