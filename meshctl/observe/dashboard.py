@@ -59,21 +59,24 @@ class Dashboard:
         self.interval_s = interval_s
         self.state: StateDir | None = StateDir.for_mesh(project) if project else None
         self.collector: Collector | None = None
-        self.view: dict[str, Any] = self._not_running("starting")
+        self.view: dict[str, Any] = {}  # set by the first refresh(), before the page is served
         self.version = 0
         self.changed = asyncio.Condition()
 
     # -- the poller ------------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Poll forever, one view per interval."""
+        """Poll forever, one view per interval (the first view is computed by ``refresh`` before serving)."""
+        due = time.monotonic()
         try:
             while True:
-                started = time.monotonic()
-                view = await self.compute()
-                await self.publish(view)
-                await asyncio.sleep(max(0.05, self.interval_s - (time.monotonic() - started)))
+                due = max(due + self.interval_s, time.monotonic())  # after a slow poll: the next at once
+                await asyncio.sleep(due - time.monotonic())
+                await self.refresh()
         finally:
             await self._drop_collector()
+
+    async def refresh(self) -> None:
+        await self.publish(await self.compute())
 
     async def publish(self, view: dict[str, Any]) -> None:
         async with self.changed:
@@ -265,6 +268,7 @@ async def serve(dashboard: Dashboard, host: str, port: int, token: str | None,
     DashboardError (one line)."""
     runner = web.AppRunner(make_app(dashboard, token), access_log=None, handle_signals=False)
     await runner.setup()
+    await dashboard.refresh()  # the first page shows the mesh, not a placeholder
     poller = asyncio.get_running_loop().create_task(dashboard.run())
     try:
         site = web.TCPSite(runner, host, port, shutdown_timeout=0.5)
