@@ -14,7 +14,7 @@ PRIVILEGED ?= $(shell cap=$$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/statu
 PORT   ?= $(if $(PRIVILEGED),80,8000)
 SEED_SIDECAR ?= examples/seed/$(if $(PRIVILEGED),sidecar,sidecar-unprivileged).yaml
 
-.PHONY: install compile test lint demo demo-sidecar demo-envoy demo-down bench clean
+.PHONY: install compile test lint demo demo-sidecar demo-envoy demo-down dashboard-shot bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,23 @@ demo-envoy: $(STAMP) compile
 
 demo-down: $(STAMP)
 	$(BIN)/meshctl down -p seed
+
+# docs/dashboard.png, the README's picture: the seed sidecar demo under `meshctl traffic`, as `meshctl dashboard`
+# draws it in headless Chromium (1400x900, pod a's panel open; driver: tests/browser.py, which also starts and
+# stops the dashboard on a free port). Needs chromium (Debian: apt-get install chromium). The load (two
+# connections: more would overflow the seed's retry breaker) is capped at 2 minutes; the load and the mesh are
+# stopped however the recipe ends (trap; set +e in it: the load may be gone already, a failed kill must not skip
+# the down). A seed-sidecar mesh already running is left alone: the recipe stops.
+dashboard-shot: $(STAMP) compile
+	@if $(BIN)/meshctl ps -p seed-sidecar >/dev/null 2>&1; then \
+	  echo "mesh seed-sidecar is running already: meshctl down -p seed-sidecar first"; exit 1; fi; \
+	load=""; \
+	trap 'set +e; [ -z "$$load" ] || kill $$load 2>/dev/null; $(BIN)/meshctl down -p seed-sidecar' EXIT; \
+	trap 'exit 130' INT TERM; \
+	set -e; \
+	$(BIN)/meshctl up $(SEED_SIDECAR) -d; \
+	$(BIN)/meshctl traffic a -p seed-sidecar -c 2 --duration 120s --workers 1 --no-progress >/dev/null & load=$$!; \
+	$(BIN)/python -m tests.browser dashboard-shot -p seed-sidecar --panel a --size 1400x900 --out docs/dashboard.png
 
 # Benchmarks are never part of `make test`. They install their peers from Debian when missing.
 bench: $(STAMP) compile
