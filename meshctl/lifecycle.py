@@ -480,8 +480,6 @@ def _fail_startup(plan: MeshPlan, state: StateDir, bad: dict[str, Any], proc: su
 
 def stop_supervisor(state: StateDir, pid: int | None, timeout: float = 30.0) -> bool:
     """Ask the supervisor to stop; SIGTERM it if it does not answer; wait for it. False: it had to be killed."""
-    import psutil
-
     from meshctl.client import ControlError, call
 
     try:
@@ -492,19 +490,32 @@ def stop_supervisor(state: StateDir, pid: int | None, timeout: float = 30.0) -> 
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    if pid:
-        try:
-            psutil.Process(pid).wait(timeout)
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
-            os.kill(pid, signal.SIGKILL)  # its reaper now kills what it leaves; wait for both
-            try:
-                psutil.Process(pid).wait(5)
-            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
-                pass
-            return False
+    if pid and not _wait_gone(pid, timeout):
+        os.kill(pid, signal.SIGKILL)  # its reaper now kills what it leaves; wait for both
+        _wait_gone(pid, 5)
+        return False
     return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited. A zombie has: a foreground `up` started by a program that reaps its child
+    only after `down` returns (a test's Popen, a script) would otherwise hold `down` for the whole timeout."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    try:
+        proc = psutil.Process(pid)
+        while True:
+            try:
+                proc.wait(0.1)
+                return True
+            except psutil.TimeoutExpired:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+    except psutil.NoSuchProcess:
+        return True
 
 
 def down(state: StateDir, timeout: float) -> int:

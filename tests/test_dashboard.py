@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -178,3 +179,36 @@ def test_real_envoy_engine_edges(meshctl):
         pods = {p["pod"]: p for p in view["pods"]}
         assert pods["a"]["engine"] == "envoy"
         assert _edge(view)["success"] > 0.9  # 2 retries on 5xx: ~99 %
+
+
+def test_crash_loops_and_replicas(meshctl):
+    """A crash-looping pod is flagged (the page draws it red); replicas are listed; the foreground `up` a user
+    leaves running in a terminal works as well as `up -d`."""
+    topo = meshctl.write("dcl.yaml", """
+        pods:
+          ok:
+            replicas: 2
+            service: {command: [sleep, "300"]}
+          flaky:
+            service: {command: [sh, -c, "exit 4"], restart: always}
+    """)
+    fg = subprocess.Popen([sys.executable, "-m", "meshctl", "up", str(topo), "-p", "dashcl"], env=meshctl.env,
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meshctl.started.append("dashcl")
+    try:
+        with dashboard(meshctl, "-p", "dashcl") as d:
+            def looping() -> dict[str, Any] | None:
+                pods = {p["pod"]: p for p in d.view()["pods"]}
+                return pods if "flaky" in pods and pods["flaky"]["crashloop"] else None
+
+            pods = wait_for(looping, 20, interval=0.1)
+            assert pods, "flaky never flagged as crash-looping"
+            assert pods["flaky"]["status"] == "crashloop (exit 4)" and pods["flaky"]["engine"] is None
+            assert pods["ok"]["replicas"] == ["ok-0", "ok-1"] and pods["ok"]["crashloop"] is False
+            assert pods["ok"]["ready"] == "2/2"
+    finally:
+        # the foreground `up` is our child and a zombie once it exits: `down` must not wait for us to reap it
+        started = time.monotonic()
+        meshctl("down", "-p", "dashcl", check=False)
+        assert time.monotonic() - started < 10, "down waited for the exited foreground up"
+        fg.wait(timeout=30)
