@@ -40,6 +40,7 @@
   const fmtCpu = (v) => (isNum(v) ? v.toFixed(2) + " %" : "-");
   const fmtRps = (v) => (isNum(v) ? v.toFixed(1) : "-");
   const fmtMs = (v) => (isNum(v) ? (Math.abs(v) < 1 ? v.toFixed(2) : v.toFixed(1)) : "-");
+  const withMs = (v) => (isNum(v) ? fmtMs(v) + " ms" : "-"); // "-" alone: no unit on a missing number
   const fmtMiB = (b) => (isNum(b) ? (b / 1048576).toFixed(1) + " MiB" : "-");
   const fmtG = (v) => (isNum(v) ? String(+v.toFixed(2)) : "-");
   const pad2 = (n) => String(n).padStart(2, "0");
@@ -321,7 +322,7 @@
     setT(n.status, clip(status, 34 - restarts.length) + restarts);
     setT(n.res, "ready " + (p.ready ?? "-") + " · CPU " + fmtCpu(p.cpu_percent) + " · " + fmtMiB(p.rss_bytes));
     const hasIn = [p.success, p.rps, p.p99_ms].some(isNum);
-    setT(n.inbound, hasIn ? `in ${fmtPct(p.success)} · ${fmtRps(p.rps)} rps · p99 ${fmtMs(p.p99_ms)} ms` : "");
+    setT(n.inbound, hasIn ? `in ${fmtPct(p.success)} · ${fmtRps(p.rps)} rps · p99 ${withMs(p.p99_ms)}` : "");
     setShown(n.nosc, p.engine === null);
     const faults = Array.isArray(p.faults) ? p.faults : [];
     setShown(n.badge, faults.length > 0);
@@ -356,7 +357,7 @@
   }
   function edgeLabel(e) {
     return [`${fmtRps(e.rps)} rps · ${fmtPct(e.success)} (${fmtPct(e.actual_success)})`,
-            ` · p99 ${fmtMs(e.p99_ms)} ms · ${fmtRps(e.retries_per_s)} retries/s`];
+            ` · p99 ${withMs(e.p99_ms)} · ${fmtRps(e.retries_per_s)} retries/s`];
   }
   function updateEdge(x, e, geo, known) {
     const sc = successState(e.success);
@@ -808,7 +809,7 @@
         ["success per attempt", fmtPct(e.actual_success)],
         ["retries/s", fmtRps(e.retries_per_s)],
         ["timeouts/s", fmtRps(e.timeouts_per_s)],
-        ["p99", fmtMs(e.p99_ms) + " ms"],
+        ["p99", withMs(e.p99_ms)],
       ]);
       renderFaults(section("active faults"), e.faults);
     }
