@@ -65,6 +65,8 @@ _FAIL_REPLIES = {
 #: Hop-by-hop, plus the two headers the connection manager writes itself (Envoy overwrites an upstream's).
 _RESPONSE_DROP = HOP_BY_HOP | {b"server", b"date"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+#: Connection values that nominate no header beyond the hop-by-hop ones (nginx's every response says keep-alive).
+_SELF_ONLY = frozenset({b"keep-alive", b"close"})
 
 
 class ForwarderState(enum.Enum):
@@ -627,7 +629,8 @@ class Forwarder:
         for h in headers:
             n = h[0]
             if n in _RESPONSE_DROP:
-                conn_hdr = conn_hdr or n == b"connection"
+                if n == b"connection" and h[1] not in _SELF_ONLY and h[1].lower() not in _SELF_ONLY:
+                    conn_hdr = True  # it nominates other headers: scanned below
                 continue
             if n == b"content-length":
                 try:
