@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.peers import nginx, require, temp_workdir
+from bench.peers import cpu_seconds, nginx, process_tree, require, temp_workdir
 from bench.wrk import run_wrk
 
 BACKEND = ("127.0.236.1", 8080)
@@ -98,15 +98,10 @@ def _machine_busy_s() -> float:
 
 
 def _tree_cpu_s(pid: int) -> float:
-    total = 0.0
     try:
-        top = psutil.Process(pid)
-        for p in [top, *top.children(recursive=True)]:
-            t = p.cpu_times()
-            total += t.user + t.system
+        return cpu_seconds(process_tree(pid))
     except psutil.Error:
-        pass
-    return total
+        return 0.0
 
 
 def _timed(fn: Callable[[], dict[str, float]], backend_pid: int) -> dict[str, float]:

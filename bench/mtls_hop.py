@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.peers import Peer, nginx, require, temp_workdir, wait_port
-from bench.sidecar_hop import _cpu, _rss, _tree, envoy_binary
+from bench.peers import Peer, cpu_seconds, nginx, process_tree, require, rss_bytes, temp_workdir, wait_port
+from bench.sidecar_hop import envoy_binary
 from bench.wrk import run_wrk
 from meshctl.identity.ca import ensure_ca
 from pods.identity import spiffe_id
@@ -118,10 +118,10 @@ def s_time(ip: str, certs: Path, reuse: bool, seconds: int, tls12: bool = False)
 
 def handshakes(server: Peer, certs: Path, reuse: bool, seconds: int, tls12: bool = False) -> tuple[float, float]:
     """(handshakes/s, the server's CPU µs per handshake) of one s_time run."""
-    procs = _tree(server.pid)
-    cpu0 = _cpu(procs)
+    procs = process_tree(server.pid)
+    cpu0 = cpu_seconds(procs)
     rate, count = s_time(server.ip, certs, reuse, seconds, tls12)
-    return rate, (_cpu(procs) - cpu0) / max(count, 1) * 1e6
+    return rate, (cpu_seconds(procs) - cpu0) / max(count, 1) * 1e6
 
 
 def measure(duration_s: float = 5, reps: int = 3, handshake_s: int = 3) -> dict[str, dict[str, float]]:
@@ -147,11 +147,11 @@ def measure(duration_s: float = 5, reps: int = 3, handshake_s: int = 3) -> dict[
         for rep in range(reps):
             for engine in engines[rep % len(engines):] + engines[:rep % len(engines)]:
                 server, client = peers[engine]
-                procs = _tree(server.pid) + _tree(client.pid)
-                cpu0 = _cpu(procs)
+                procs = process_tree(server.pid) + process_tree(client.pid)
+                cpu0 = cpu_seconds(procs)
                 r = run_wrk(f"http://{client.ip}:{PORT}/", duration_s)
-                r["cpu_us_per_rq"] = (_cpu(procs) - cpu0) / max(r["requests"], 1) * 1e6
-                r["rss_mb"] = _rss(procs) / 1024 / 1024
+                r["cpu_us_per_rq"] = (cpu_seconds(procs) - cpu0) / max(r["requests"], 1) * 1e6
+                r["rss_mb"] = rss_bytes(procs) / 1024 / 1024
                 for key, reuse, tls12 in (("new", False, False), ("new_tls12", False, True),
                                           ("reuse_tls12", True, True)):
                     rate, cpu = handshakes(server, certs, reuse, handshake_s, tls12)

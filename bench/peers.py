@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 
 def wait_port(ip: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
@@ -122,3 +124,28 @@ backend be
 
 def temp_workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="mbench"))
+
+
+# --- what a peer costs -----------------------------------------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A peer and every process under it (workers, forked children): a proxy's cost is its whole tree's."""
+    p = psutil.Process(pid)
+    return [p, *p.children(recursive=True)]
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU of ``procs`` so far; a process that has gone counts nothing."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def rss_bytes(procs: list[psutil.Process]) -> int:
+    return sum(p.memory_info().rss for p in procs if p.is_running())

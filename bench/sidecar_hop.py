@@ -13,9 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import psutil
-
-from bench.peers import Peer, haproxy, nginx, temp_workdir, wait_port
+from bench.peers import Peer, cpu_seconds, haproxy, nginx, process_tree, rss_bytes, temp_workdir, wait_port
 from bench.wrk import run_wrk
 
 BACKEND = ("127.0.230.1", 8080)
@@ -137,26 +135,6 @@ def envoy(workdir: Path, binary: str) -> Peer:
     return Peer("envoy", argv, *ENVOY)
 
 
-def _tree(pid: int) -> list[psutil.Process]:
-    p = psutil.Process(pid)
-    return [p, *p.children(recursive=True)]
-
-
-def _cpu(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
-def _rss(procs: list[psutil.Process]) -> int:
-    return sum(p.memory_info().rss for p in procs if p.is_running())
-
-
 def measure(duration_s: float, reps: int, only_sidecars: bool = False) -> dict[str, dict[str, float]]:
     """Medians per target; ``<variant>`` rows also get ``rps_vs_plain``: the median of the per-repetition
     ratios to the plain sidecar measured just before (paired, so slow drifts of the machine cancel)."""
@@ -188,11 +166,11 @@ def measure(duration_s: float, reps: int, only_sidecars: bool = False) -> dict[s
             names = [n for n in order if n not in group] + group[k:] + group[:k]
             for name in names:
                 (ip, port), peer = targets[name]
-                procs = _tree(peer.pid)
-                cpu0 = _cpu(procs)
+                procs = process_tree(peer.pid)
+                cpu0 = cpu_seconds(procs)
                 r = run_wrk(f"http://{ip}:{port}/", duration_s)
-                r["cpu_us_per_rq"] = (_cpu(procs) - cpu0) / max(r["requests"], 1) * 1e6
-                r["rss_mb"] = _rss(procs) / 1024 / 1024
+                r["cpu_us_per_rq"] = (cpu_seconds(procs) - cpu0) / max(r["requests"], 1) * 1e6
+                r["rss_mb"] = rss_bytes(procs) / 1024 / 1024
                 samples[name].append(r)
     finally:
         for p in (*peers.values(), backend):

@@ -10,7 +10,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,43 +17,13 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.peers import Peer, nginx, temp_workdir, wait_port  # noqa: E402
+from bench.peers import Peer, cpu_seconds, nginx, process_tree, temp_workdir, wait_port  # noqa: E402
 from bench.sidecar_hop import envoy_binary, sidecar_config  # noqa: E402
-from bench.wrk import _ms  # noqa: E402
+from bench.wrk import run_wrk  # noqa: E402
 
 BACKEND = ("127.0.144.1", 8080)
 QUIET = 0.10
 TARGETS = {"ours-1": "127.0.144.2", "ours-2": "127.0.144.3", "envoy-1": "127.0.144.4", "envoy-2": "127.0.144.5"}
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    p = psutil.Process(pid)
-    return [p, *p.children(recursive=True)]
-
-
-def cpu(procs: list[psutil.Process]) -> float:
-    t = 0.0
-    for p in procs:
-        try:
-            c = p.cpu_times()
-            t += c.user + c.system
-        except psutil.Error:
-            pass
-    return t
-
-
-def wrk(url: str, seconds: int, conns: int, threads: int, pin: str | None) -> dict:
-    import re
-    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", url]
-    if pin:
-        argv = ["taskset", "-c", pin, *argv]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "requests": total, "p50_ms": _ms(lat.get("50", "")), "p99_ms": _ms(lat.get("99", "")),
-            "non_2xx": int(errors.group(1)) if errors else 0}
 
 
 def main() -> None:
@@ -94,7 +63,7 @@ def main() -> None:
             wait_port(p.ip, 9901)
             time.sleep(0.5)
         for p in peers.values():  # warm up
-            wrk(f"http://{p.ip}:8080/", 1, conns, threads, pin)
+            run_wrk(f"http://{p.ip}:8080/", 1, conns, threads, pin)
         order = list(peers)
         budget = time.monotonic() + float(os.environ.get("BUDGET_S", "600"))
         rep = 0
@@ -104,17 +73,17 @@ def main() -> None:
             rep += 1
             for name in order[k:] + order[:k]:
                 p = peers[name]
-                procs = tree(p.pid)
-                nprocs = tree(backend.pid)
-                c0, n0 = cpu(procs), cpu(nprocs)
+                procs = process_tree(p.pid)
+                nprocs = process_tree(backend.pid)
+                c0, n0 = cpu_seconds(procs), cpu_seconds(nprocs)
                 w0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 s0 = psutil.cpu_times()
                 t0 = time.monotonic()
-                r = wrk(f"http://{p.ip}:8080/", seconds, conns, threads, pin)
+                r = run_wrk(f"http://{p.ip}:8080/", seconds, conns, threads, pin)
                 wall = time.monotonic() - t0
                 w1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 s1 = psutil.cpu_times()
-                c1, n1 = cpu(procs), cpu(nprocs)
+                c1, n1 = cpu_seconds(procs), cpu_seconds(nprocs)
                 busy = lambda t: t.user + t.nice + t.system + t.irq + t.softirq  # noqa: E731
                 wrk_s = (w1.ru_utime + w1.ru_stime) - (w0.ru_utime + w0.ru_stime)
                 r["others_cores"] = (busy(s1) - busy(s0) - (c1 - c0) - (n1 - n0) - wrk_s) / wall

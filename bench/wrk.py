@@ -17,8 +17,12 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(url: str, duration_s: float = 5, connections: int = 10, threads: int = 1) -> dict[str, float]:
+def run_wrk(url: str, duration_s: float = 5, connections: int = 10, threads: int = 1,
+            pin: str | None = None) -> dict[str, float]:
+    """One wrk run; ``pin``: a CPU list for taskset (wrk kept off the cores a measured proxy uses)."""
     argv = [require("wrk"), f"-t{threads}", f"-c{connections}", f"-d{int(duration_s)}s", "--latency", url]
+    if pin:
+        argv = ["taskset", "-c", pin, *argv]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30)
     out = res.stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
