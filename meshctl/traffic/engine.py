@@ -21,12 +21,11 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from math import ceil, log
 from time import perf_counter
 
 import httptools
 
-from meshctl.traffic.histogram import LOG_GAMMA, MIN_VALUE, LatencyHistogram
+from meshctl.traffic.histogram import LatencyHistogram
 from sidecar.http1 import HeadResponseParsing
 
 BODY_KEEP = 2048  # bytes of each response body kept for grouping
@@ -120,19 +119,7 @@ class _Client(HeadResponseParsing, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if data == self.expect:  # the memo (see the class): this response again
             seconds = perf_counter() - self.sent_at
-            h = self.hist  # LatencyHistogram.record, inline
-            i = ceil(log(seconds if seconds > MIN_VALUE else MIN_VALUE) / LOG_GAMMA)
-            buckets = h.buckets
-            try:
-                buckets[i] += 1
-            except KeyError:
-                buckets[i] = 1
-            h.count += 1
-            h.total += seconds
-            if seconds < h.min:
-                h.min = seconds
-            if seconds > h.max:
-                h.max = seconds
+            self.hist.record(seconds)
             self.hits += 1
             engine = self.engine
             if engine.closed_model and engine.issued < engine.budget:  # the next request, as on_response
@@ -324,19 +311,7 @@ class Engine:
         if seconds < 0.0:
             seconds = 0.0
         r = self.results
-        h = r.hist  # LatencyHistogram.record, inline (and in _Client.data_received)
-        i = ceil(log(seconds if seconds > MIN_VALUE else MIN_VALUE) / LOG_GAMMA)
-        buckets = h.buckets
-        try:
-            buckets[i] += 1
-        except KeyError:
-            buckets[i] = 1
-        h.count += 1
-        h.total += seconds
-        if seconds < h.min:
-            h.min = seconds
-        if seconds > h.max:
-            h.max = seconds
+        r.hist.record(seconds)
         status = conn.status
         body = conn.body
         r.status[status] += 1

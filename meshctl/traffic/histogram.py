@@ -14,9 +14,9 @@ from collections.abc import Iterable
 
 RELATIVE_ACCURACY = 0.01
 _GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
-LOG_GAMMA = _LOG_GAMMA = math.log(_GAMMA)
+_LOG_GAMMA = math.log(_GAMMA)
 #: Values are seconds; anything under a microsecond is recorded as one.
-MIN_VALUE = _MIN_VALUE = 1e-6
+_MIN_VALUE = 1e-6
 
 
 class LatencyHistogram:
@@ -30,7 +30,6 @@ class LatencyHistogram:
         self.max = 0.0
 
     def record(self, seconds: float) -> None:
-        # meshctl.traffic.engine records inline, the same arithmetic: keep the two alike.
         v = seconds if seconds > _MIN_VALUE else _MIN_VALUE
         i = math.ceil(math.log(v) / _LOG_GAMMA)
         b = self.buckets
