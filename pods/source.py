@@ -11,7 +11,7 @@ validator only sees final values.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -147,6 +147,13 @@ def compose(text: str, report: Report) -> yaml.Node | None:
 
 
 def _plain_style_none(root: yaml.Node | None) -> None:
+    for node in scalar_nodes(root):
+        if node.style == "":
+            node.style = None
+
+
+def scalar_nodes(root: yaml.Node | None) -> Iterator[yaml.ScalarNode]:
+    """Every scalar of a composed document, once each (an alias shares its anchor's node)."""
     import yaml
 
     seen: set[int] = set()
@@ -157,8 +164,7 @@ def _plain_style_none(root: yaml.Node | None) -> None:
             continue
         seen.add(id(node))
         if isinstance(node, yaml.ScalarNode):
-            if node.style == "":
-                node.style = None
+            yield node
         elif isinstance(node, yaml.SequenceNode):
             stack += node.value
         elif isinstance(node, yaml.MappingNode):

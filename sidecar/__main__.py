@@ -80,16 +80,9 @@ async def serve(config: Bootstrap, pod_ip: str, hosts: str | None, source: str,
     from sidecar.app import Sidecar
 
     sidecar = Sidecar(config, pod_ip, hosts, source, admin_socket=admin_socket)
-    try:
-        await sidecar.start()
-    except OSError as exc:
-        log.error("cannot listen: %s", exc.strerror or exc)
-        await sidecar.shutdown()
-        return 1
-    except ConfigError as exc:  # certificate files that do not load (sidecar.tls)
-        log.error("%s", exc)
-        await sidecar.shutdown()
-        return 2
+    failed = await sidecar.start_or_exit_code()
+    if failed is not None:
+        return failed
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sidecar.request_stop)

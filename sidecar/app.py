@@ -21,7 +21,7 @@ from pods.resolver import HostsResolver
 from sidecar.access_log import AccessLogger
 from sidecar.admin import Admin, AdminConnections
 from sidecar.cluster import ClusterRuntime
-from sidecar.config import Bootstrap, Listener
+from sidecar.config import Bootstrap, ConfigError, Listener
 from sidecar.http_filters import Runtime
 from sidecar.router import HcmRuntime
 from sidecar.server import DownstreamProtocol, Handler
@@ -67,6 +67,21 @@ class Sidecar:
         if key not in self.loggers:
             self.loggers[key] = AccessLogger(path, fmt)
         return self.loggers[key]
+
+    async def start_or_exit_code(self) -> int | None:
+        """``start()``; if it fails, why is logged, what started is shut down, and the process's exit code is
+        returned: 1 a listener cannot be bound, 2 a configuration that does not load (certificate files)."""
+        try:
+            await self.start()
+            return None
+        except OSError as exc:
+            log.error("cannot listen: %s", exc.strerror or exc)
+            code = 1
+        except ConfigError as exc:
+            log.error("%s", exc)
+            code = 2
+        await self.shutdown()
+        return code
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

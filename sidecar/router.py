@@ -629,7 +629,7 @@ class Forwarder:
         for h in headers:
             n = h[0]
             if n in _RESPONSE_DROP:
-                if n == b"connection" and h[1] not in _SELF_ONLY and h[1].lower() not in _SELF_ONLY:
+                if n == b"connection" and h[1].lower() not in _SELF_ONLY:
                     conn_hdr = True  # it nominates other headers: scanned below
                 continue
             if n == b"content-length":

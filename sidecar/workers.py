@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.app import Sidecar
-from sidecar.config import Bootstrap, CircuitBreakers, ConfigError
+from sidecar.config import Bootstrap, CircuitBreakers
 from sidecar.server import Stream
 from sidecar.stats import ServerStats
 from sidecar.stats_merge import MergedStore, Snapshot, Totals, snapshot
@@ -631,16 +631,9 @@ async def _serve_worker(config: Bootstrap, pod_ip: str, hosts: str | None, sourc
                         ctrl: socket.socket, socks: list[socket.socket], init: dict[str, Any]) -> int:
     sidecar = Sidecar(config, pod_ip, hosts, source, listen_socks=socks)
     sidecar.runtime.values.update(init["runtime"])  # before the filters are built: they arm from these
-    try:
-        await sidecar.start()
-    except OSError as exc:
-        log.error("cannot listen: %s", exc.strerror or exc)
-        await sidecar.shutdown()
-        return 1
-    except ConfigError as exc:
-        log.error("%s", exc)
-        await sidecar.shutdown()
-        return 2
+    failed = await sidecar.start_or_exit_code()
+    if failed is not None:
+        return failed
     if init["state"] == "DRAINING":
         sidecar.state = "DRAINING"
     loop = asyncio.get_running_loop()

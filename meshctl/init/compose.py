@@ -29,7 +29,7 @@ from meshctl.init import TOPOLOGY_FILE, mesh_name
 from pods.addressing import is_ip
 from pods.durations import parse_duration
 from pods.names import dns_label
-from pods.source import Entry, Map, Node, Problem, Report, Scalar, Seq, build, compose, to_python
+from pods.source import Entry, Map, Node, Problem, Report, Scalar, Seq, build, compose, scalar_nodes, to_python
 
 __all__ = ["Conversion", "convert", "convert_file"]
 
@@ -625,21 +625,10 @@ def _pod_lines(pod: _Pod) -> list[str]:
 def _as_yaml_1_2(root: yaml.Node) -> None:
     """Read plain scalars as compose does (YAML 1.2): ``no``/``on`` and ``22:22`` are strings, not PyYAML's
     YAML 1.1 booleans and base-60 numbers, so ``restart: no``, ``DEBUG: yes`` and ``- 22:22`` keep their text."""
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, yaml.ScalarNode):
-            pattern = _YAML_1_2.get(node.tag) if node.style is None else None
-            if pattern is not None and not pattern.fullmatch(node.value):
-                node.tag = _TAG + "str"
-        elif isinstance(node, yaml.SequenceNode):
-            stack += node.value
-        elif isinstance(node, yaml.MappingNode):
-            stack += [n for pair in node.value for n in pair]
+    for node in scalar_nodes(root):
+        pattern = _YAML_1_2.get(node.tag) if node.style is None else None
+        if pattern is not None and not pattern.fullmatch(node.value):
+            node.tag = _TAG + "str"
 
 
 def _flow(value: object) -> str:
