@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -85,6 +86,20 @@ def wait_for(pred: Callable[[], Any], timeout: float, interval: float = 0.05) ->
         if time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def terminate(proc: subprocess.Popen[Any] | None, grace: float = 10.0) -> int | None:
+    """SIGTERM a process we started, SIGKILL it after ``grace`` seconds; its exit code (None: never started)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from meshctl.client import UnixHTTPConnection
-from tests.conftest import require_ports
+from tests.conftest import require_ports, terminate
 from tests.upstreams import CHUNKED_BODY, CLOSE_BODY, UpstreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,17 +144,7 @@ class SidecarProc:
             return ""
 
     def stop(self) -> int | None:
-        p = self.proc
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        return p.returncode
+        return terminate(self.proc)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -28,7 +28,7 @@ import pytest
 from sidecar.access_log import _Sink
 from sidecar.stats import ServerStats, Store
 from sidecar.stats_merge import MergedStore, Totals, snapshot
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, free_port, terminate, wait_until
 from tests.test_sidecar_proxy import admin_socket_request, request
 from tests.upstreams import UpstreamServer
 
@@ -179,19 +179,9 @@ class Workers:
         return admin_socket_request(self.socket, path, method="POST")
 
     def stop(self) -> int | None:
-        p = self.proc
-        code = None
-        if p is not None:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
-            code = p.returncode
-            if self._reader is not None:
-                self._reader.join(5)
+        code = terminate(self.proc, 20)
+        if self.proc is not None and self._reader is not None:
+            self._reader.join(5)
         self.upstream.stop()
         return code
 

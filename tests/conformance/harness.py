@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, terminate
 from tests.upstreams import UpstreamServer, _Conn, _Req, _status_line
 
 HERE = Path(__file__).resolve().parent
@@ -348,14 +347,7 @@ class Engine:
             return ""
 
     def stop(self) -> None:
-        p = self.proc
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        terminate(self.proc)
         self.upstream.stop()
 
     # -- observation helpers ---------------------------------------------------------------
